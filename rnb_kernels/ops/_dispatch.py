@@ -1,0 +1,97 @@
+"""Backend resolution: one table of implementations per op, imported lazily.
+
+An implementation is named "module:function"; modules are imported on first use so that
+``import rnb_kernels`` never imports Triton or loads the CUDA extension.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+import torch
+
+from .._backends import BACKENDS, BackendUnavailableError, backend_status
+
+_IMPLS: dict[str, dict[str, str]] = {
+    "segmented_wgrad": {
+        "torch": "rnb_kernels.ops.segmented_wgrad:segmented_wgrad_torch",
+        "triton": "rnb_kernels.ops.triton.segmented_wgrad:segmented_wgrad_triton",
+        "cuda": "rnb_kernels.ops.cuda:segmented_wgrad_cuda",
+    },
+    "domain_sketch": {
+        "torch": "rnb_kernels.ops.domain_sketch:domain_sketch_torch",
+        "triton": "rnb_kernels.ops.triton.domain_sketch:domain_sketch_triton",
+        "cuda": "rnb_kernels.ops.cuda:domain_sketch_cuda",
+    },
+    "gram": {
+        "torch": "rnb_kernels.ops.gram:gram_torch",
+        "triton": "rnb_kernels.ops.triton.gram:gram_triton",
+        "cuda": "rnb_kernels.ops.cuda:gram_cuda",
+    },
+}
+
+_cache: dict[tuple[str, str], Callable | None] = {}
+
+
+def _load(op: str, backend: str) -> Callable | None:
+    key = (op, backend)
+    if key not in _cache:
+        target = _IMPLS[op].get(backend)
+        fn = None
+        if target is not None:
+            mod_name, fn_name = target.split(":")
+            try:
+                fn = getattr(importlib.import_module(mod_name), fn_name, None)
+            except ImportError:
+                fn = None
+        _cache[key] = fn
+    return _cache[key]
+
+
+def has_impl(op: str, backend: str) -> bool:
+    return _load(op, backend) is not None
+
+
+def resolve_backend(op: str, backend: str, device: torch.device) -> str:
+    """Pick the backend for ``op`` on ``device``.
+
+    ``"auto"``: cuda > triton > torch on GPU tensors, torch on CPU tensors. An explicit
+    backend that cannot run raises :class:`BackendUnavailableError` saying what to do.
+    """
+    if not isinstance(backend, str):
+        raise TypeError(f"backend must be a str, got {type(backend).__name__}")
+    if backend == "auto":
+        if device.type != "cuda":
+            return "torch"
+        for name in BACKENDS:
+            if has_impl(op, name) and backend_status(name).available:
+                return name
+        return "torch"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
+    if backend != "torch":
+        status = backend_status(backend)
+        if not status.available:
+            raise BackendUnavailableError(f"backend {backend!r} cannot run here: {status.reason}")
+        if not has_impl(op, backend):
+            raise BackendUnavailableError(
+                f"op {op!r} has no {backend!r} implementation in this build; use backend='torch'"
+            )
+    if backend == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend='cuda' needs CUDA tensors, got tensors on {device}")
+    if backend == "triton" and device.type == "cpu":
+        from .._backends import triton_interpreter
+
+        if not triton_interpreter():
+            raise ValueError(
+                "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)"
+            )
+    return backend
+
+
+def get_impl(op: str, backend: str) -> Callable:
+    fn = _load(op, backend)
+    if fn is None:
+        raise BackendUnavailableError(f"op {op!r} has no {backend!r} implementation")
+    return fn

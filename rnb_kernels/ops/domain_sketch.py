@@ -1,0 +1,138 @@
+"""segmented_wgrad (sketch): the layer's weight gradient plus a count-sketch of each domain's
+share. No ``[m, K_out, K_in]`` memory; the hash is specified in :mod:`rnb_kernels.ops.reference`."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from . import _validate as V
+from ._dispatch import get_impl, resolve_backend
+from .reference import sketch_hash_ref
+from .segmented_wgrad import group_rows
+
+_U32_MAX = 2**32 - 1
+
+
+@functools.lru_cache(maxsize=8)
+def sketch_hash(
+    k_out: int, k_in: int, sketch_dim: int, seed: int, layer: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached flat ``(bucket int32 [K_out*K_in], sign float32 [K_out*K_in])`` on ``device``."""
+    bucket, sign = sketch_hash_ref(k_out, k_in, sketch_dim, seed, layer, device=device)
+    return bucket.reshape(-1).to(torch.int32), sign.reshape(-1).to(torch.float32)
+
+
+def domain_sketch_torch(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    sketch: torch.Tensor,
+    seed: int,
+    layer: int,
+) -> torch.Tensor:
+    """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add."""
+    dw = dy.t().mm(x)
+    order, bounds, present = group_rows(domain_ids, num_domains)
+    if present:
+        bucket, sign = sketch_hash(
+            dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device
+        )
+        xs = x.index_select(0, order).float()
+        dys = dy.index_select(0, order).float()
+        b = bounds.tolist()
+        for d in present:
+            lo, hi = b[d + 1], b[d + 2]
+            tile = dys[lo:hi].t().mm(xs[lo:hi])
+            sketch[d].index_add_(0, bucket, tile.reshape(-1) * sign)
+    return dw
+
+
+@torch.library.custom_op("rnb::domain_sketch", mutates_args=("sketch",))
+def _domain_sketch_op(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    sketch: torch.Tensor,
+    seed: int,
+    layer: int,
+    backend: str,
+    check_finite: bool,
+) -> torch.Tensor:
+    V.check_id_values(domain_ids, num_domains)
+    if check_finite:
+        V.check_finite("x", x)
+        V.check_finite("dy", dy)
+    impl = get_impl("domain_sketch", backend)
+    return impl(x, dy, domain_ids, num_domains, sketch, seed, layer)
+
+
+@_domain_sketch_op.register_fake
+def _(x, dy, domain_ids, num_domains, sketch, seed, layer, backend, check_finite):
+    return x.new_empty(dy.shape[1], x.shape[1])
+
+
+def domain_sketch(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    sketch: torch.Tensor | None = None,
+    sketch_dim: int = 8192,
+    seed: int = 0,
+    layer: int = 0,
+    backend: str = "auto",
+    *,
+    check_finite: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight gradient of ``y = x Wᵀ`` plus a count-sketch of each domain's share.
+
+    Element ``(i, j)`` of domain ``d``'s gradient tile is added, times ``sign(i, j)``, to
+    ``sketch[d, bucket(i, j)]``; the hash depends only on ``(seed, layer, i, j)`` so sketches
+    add across steps and ranks, and ``<S g_a, S g_b>`` is an unbiased estimate of
+    ``<g_a, g_b>`` with variance about ``(|g_a|²|g_b|² + <g_a, g_b>²) / sketch_dim``.
+
+    Args:
+        x: ``[N, K_in]`` float16 / bfloat16 / float32 (float64 on the torch backend).
+        dy: ``[N, K_out]``, same dtype and device as ``x``.
+        domain_ids: int32/int64 ``[N]`` in ``[-1, num_domains)``; ``-1`` rows count toward
+            ``dW`` only.
+        num_domains: ``m >= 1``.
+        sketch: float32 ``[m, sketch_dim]`` contiguous, updated in place; ``None`` allocates
+            a zeroed one of width ``sketch_dim``.
+        sketch_dim: buckets ``k`` (used when ``sketch`` is None; else taken from it).
+        seed, layer: hash key, integers in ``[0, 2**32)``. Use a distinct ``layer`` per
+            tracked weight so different layers' sketches are independent.
+        backend: as in :func:`segmented_wgrad`.
+        check_finite: raise ``ValueError`` before touching ``sketch`` on NaN/Inf inputs.
+
+    Returns:
+        ``(dW, sketch)``: ``dW`` ``[K_out, K_in]`` in ``x.dtype`` and the updated sketch.
+
+    Example:
+        >>> x, dy = torch.randn(5, 4), torch.randn(5, 3)
+        >>> dw, s = domain_sketch(x, dy, torch.tensor([0, 0, 1, 1, -1]), 2, sketch_dim=64)
+        >>> s.shape
+        torch.Size([2, 64])
+    """
+    V.check_wgrad_inputs(x, dy, domain_ids, num_domains)
+    V.check_int(seed, "seed", low=0, high=_U32_MAX)
+    V.check_int(layer, "layer", low=0, high=_U32_MAX)
+    if sketch is None:
+        V.check_int(sketch_dim, "sketch_dim", low=1)
+        sketch = torch.zeros(num_domains, sketch_dim, dtype=torch.float32, device=x.device)
+    else:
+        V.check_tensor(sketch, "sketch", ndim=2)
+        V.check_accumulator(sketch, "sketch", (num_domains, sketch.shape[1]), x)
+        if sketch.shape[1] < 1:
+            raise ValueError("sketch must have at least one column (sketch_dim >= 1)")
+    be = resolve_backend("domain_sketch", backend, x.device)
+    if be != "torch" and x.dtype == torch.float64:
+        raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
+    dw = _domain_sketch_op(
+        x, dy, domain_ids, num_domains, sketch, seed, layer, be, bool(check_finite)
+    )
+    return dw, sketch

@@ -1,0 +1,88 @@
+"""gram: ``A Aᵀ`` (or ``A bᵀ``) over per-domain accumulators, float64 result."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _validate as V
+from ._dispatch import get_impl, resolve_backend
+
+# Columns per float64 chunk: bounds the temporary to ~m * 2**20 * 8 bytes however large P is.
+_CHUNK = 1 << 20
+
+
+def gram_torch(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """Torch backend: float64 products over column chunks of ``a`` (and ``b``)."""
+    rows_b = a if b is None else b
+    out = torch.zeros(a.shape[0], rows_b.shape[0], dtype=torch.float64, device=a.device)
+    for lo in range(0, a.shape[1], _CHUNK):
+        ac = a[:, lo : lo + _CHUNK].to(torch.float64)
+        bc = ac if b is None else b[:, lo : lo + _CHUNK].to(torch.float64)
+        out.addmm_(ac, bc.t())
+    if b is None:
+        # Exact symmetry, whatever order the BLAS summed the two triangles in.
+        out = torch.triu(out) + torch.triu(out, 1).t()
+    return out
+
+
+@torch.library.custom_op("rnb::gram", mutates_args=())
+def _gram_op(
+    a: torch.Tensor, b: torch.Tensor | None, backend: str, check_finite: bool
+) -> torch.Tensor:
+    if check_finite:
+        V.check_finite("a", a)
+        if b is not None:
+            V.check_finite("b", b)
+    return get_impl("gram", backend)(a, b)
+
+
+@_gram_op.register_fake
+def _(a, b, backend, check_finite):
+    r = a.shape[0] if b is None else b.shape[0]
+    return a.new_empty(a.shape[0], r, dtype=torch.float64)
+
+
+def gram(
+    a: torch.Tensor,
+    b: torch.Tensor | None = None,
+    backend: str = "auto",
+    *,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """Gram products of per-domain gradient rows, in float64.
+
+    Args:
+        a: ``[m, P]`` float32 (also float16 / bfloat16; float64 on the torch backend), rows =
+            per-domain accumulators flattened (``acc.view(m, -1)``).
+        b: ``None`` for ``A Aᵀ``; a target row ``[P]`` or rows ``[r, P]`` for ``A bᵀ``.
+            Same dtype and device as ``a``.
+        backend: as in :func:`segmented_wgrad`.
+        check_finite: raise ``ValueError`` on NaN/Inf inputs (costs a pass).
+
+    Returns:
+        float64 ``[m, m]`` (exactly symmetric) for ``b=None``, ``[m]`` for ``b`` of shape
+        ``[P]``, ``[m, r]`` for ``b`` of shape ``[r, P]``.
+
+    Example:
+        >>> a = torch.randn(3, 10)
+        >>> torch.allclose(gram(a), a.double() @ a.double().T)
+        True
+    """
+    V.check_tensor(a, "a", ndim=2, dtypes=V.FLOAT_DTYPES)
+    vector_b = False
+    if b is not None:
+        V.check_tensor(b, "b", dtypes=V.FLOAT_DTYPES)
+        if b.dim() == 1:
+            vector_b, b = True, b.unsqueeze(0)
+        if b.dim() != 2:
+            raise ValueError(f"b must be 1-D [P] or 2-D [r, P], got shape {tuple(b.shape)}")
+        if b.shape[1] != a.shape[1]:
+            raise ValueError(f"b has {b.shape[1]} columns but a has {a.shape[1]}; they must match")
+        if b.dtype != a.dtype:
+            raise TypeError(f"b has dtype {b.dtype} but a has {a.dtype}; they must match")
+        V.check_same_device(a, "a", b=b)
+    be = resolve_backend("gram", backend, a.device)
+    if be != "torch" and a.dtype == torch.float64:
+        raise TypeError(f"a: float64 inputs are supported by backend='torch' only, not {be!r}")
+    out = _gram_op(a, b, be, bool(check_finite))
+    return out[:, 0] if vector_b else out

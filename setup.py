@@ -1,0 +1,154 @@
+"""Build rnb_kernels, compiling the CUDA extension rnb_kernels._C when nvcc is available.
+
+The extension is framework-free CUDA C++ (csrc/) plus a pybind11 binding (python/), compiled
+with nvcc and the host C++ compiler through a generated ninja file, and linked against the
+static CUDA runtime so it imports on machines without a GPU. torch is never needed to build.
+
+Environment:
+    RNB_SKIP_CUDA_BUILD=1   install the pure-Python package only
+    RNB_CUDA_ARCHS="80;90"  SM architectures (default 80 and 90; "90a" enables Hopper-only code)
+    CUDA_HOME / CUDA_PATH   toolkit location (else the nvcc found on PATH)
+    MAX_JOBS=N              parallel compile jobs (default: CPU count)
+    NVCC_APPEND_FLAGS       extra nvcc flags
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_ARCHS = "80;90"
+
+
+def _say(msg: str) -> None:
+    print(f"rnb_kernels setup: {msg}", file=sys.stderr, flush=True)
+
+
+def find_nvcc() -> str | None:
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home) / "bin" / "nvcc")
+    found = shutil.which("nvcc")
+    if found:
+        return found
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return str(default) if default.exists() else None
+
+
+def parse_archs(spec: str) -> list[str]:
+    archs = [a.strip().replace("sm_", "").replace(".", "") for a in spec.replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
+    for a in archs:
+        if not (a.rstrip("af").isdigit()):
+            raise ValueError(f"RNB_CUDA_ARCHS: cannot parse architecture {a!r} in {spec!r}")
+    return archs
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for a in archs:
+        flags += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+    # PTX of the newest plain architecture lets future GPUs JIT the kernels.
+    plain = [a for a in archs if a.isdigit()]
+    if plain:
+        newest = max(plain, key=int)
+        flags += ["-gencode", f"arch=compute_{newest},code=compute_{newest}"]
+    return flags
+
+
+class NinjaCudaBuild(build_ext):
+    """Compiles CUDA/C++ sources of an extension with nvcc + the host compiler via ninja."""
+
+    def build_extension(self, ext: Extension) -> None:
+        nvcc = find_nvcc()
+        cuda_home = Path(nvcc).resolve().parent.parent
+        archs = parse_archs(os.environ.get("RNB_CUDA_ARCHS", DEFAULT_ARCHS))
+        import pybind11
+
+        build_dir = Path(self.build_temp).resolve() / "rnb_C"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+
+        arch_define = f'-DRNB_CUDA_ARCHS=\\"{";".join(archs)}\\"'
+        includes = [
+            f"-I{ROOT / 'csrc'}",
+            f"-I{cuda_home / 'include'}",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+        ]
+        cxx = os.environ.get("CXX", "c++")
+        nvcc_flags = [
+            "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
+            "-Xcompiler=-Wall", "-lineinfo", *gencode_flags(archs),
+            *shlex.split(os.environ.get("NVCC_APPEND_FLAGS", "")),
+        ]
+        cxx_flags = ["-O2", "-std=c++17", "-fPIC", "-Wall", "-fvisibility=hidden", arch_define]
+        lib_dir = cuda_home / "lib64"
+        if not lib_dir.exists():
+            lib_dir = cuda_home / "lib"
+        ldflags = [f"-L{lib_dir}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+
+        lines = [
+            "ninja_required_version = 1.3",
+            f"nvcc = {nvcc}",
+            f"cxx = {cxx}",
+            f"nvcc_flags = {' '.join(nvcc_flags)} {' '.join(includes)}",
+            f"cxx_flags = {' '.join(cxx_flags)} {' '.join(includes)}",
+            f"ldflags = {' '.join(ldflags)}",
+            "rule nvcc",
+            "  command = $nvcc $nvcc_flags -c $in -o $out",
+            "  description = nvcc $in",
+            "rule cxx",
+            "  command = $cxx $cxx_flags -c $in -o $out",
+            "  description = c++ $in",
+            "rule link",
+            "  command = $cxx -shared $in -o $out $ldflags",
+            "  description = link $out",
+        ]
+        objects = []
+        for src in ext.sources:
+            src_path = (ROOT / src).resolve()
+            obj = build_dir / (src_path.name + ".o")
+            rule = "nvcc" if src_path.suffix == ".cu" else "cxx"
+            lines.append(f"build {obj}: {rule} {src_path}")
+            objects.append(str(obj))
+        lines.append(f"build {out_path}: link {' '.join(objects)}")
+        (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+
+        ninja = shutil.which("ninja")
+        if ninja is None:
+            try:
+                import ninja as ninja_pkg
+
+                ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
+            except ImportError as e:
+                raise RuntimeError("building rnb_kernels._C needs ninja: pip install ninja") from e
+        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+        _say(f"building rnb_kernels._C with {nvcc} for sm {','.join(archs)} ({jobs} jobs)")
+        subprocess.run([ninja, "-f", str(build_dir / "build.ninja"), "-j", jobs], check=True)
+
+
+def extensions() -> list[Extension]:
+    if os.environ.get("RNB_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        _say("RNB_SKIP_CUDA_BUILD is set: installing the pure-Python package without rnb_kernels._C")
+        return []
+    if find_nvcc() is None:
+        _say("nvcc not found (set CUDA_HOME): installing the pure-Python package without rnb_kernels._C")
+        return []
+    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "python").glob("*.cpp"))
+    return [Extension("rnb_kernels._C", sources=sources)]
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": NinjaCudaBuild})
