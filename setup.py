@@ -45,6 +45,16 @@ def find_nvcc() -> str | None:
     return str(default) if default.exists() else None
 
 
+def find_cuda_home(nvcc: str) -> Path:
+    """Toolkit root holding include/cuda_runtime_api.h (nvcc on PATH may be a wrapper script)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    candidates += [str(Path(nvcc).resolve().parent.parent), "/usr/local/cuda"]
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_runtime_api.h").exists():
+            return Path(c)
+    raise RuntimeError(f"found nvcc at {nvcc} but no CUDA headers; set CUDA_HOME to the toolkit")
+
+
 def parse_archs(spec: str) -> list[str]:
     archs = [a.strip().replace("sm_", "").replace(".", "") for a in spec.replace(",", ";").split(";")]
     archs = [a for a in archs if a]
@@ -71,7 +81,7 @@ class NinjaCudaBuild(build_ext):
 
     def build_extension(self, ext: Extension) -> None:
         nvcc = find_nvcc()
-        cuda_home = Path(nvcc).resolve().parent.parent
+        cuda_home = find_cuda_home(nvcc)
         archs = parse_archs(os.environ.get("RNB_CUDA_ARCHS", DEFAULT_ARCHS))
         import pybind11
 
@@ -80,7 +90,8 @@ class NinjaCudaBuild(build_ext):
         out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
         out_path.parent.mkdir(parents=True, exist_ok=True)
 
-        arch_define = f'-DRNB_CUDA_ARCHS=\\"{";".join(archs)}\\"'
+        # Comma-separated: a ';' would end the shell command that ninja runs.
+        arch_define = f'-DRNB_CUDA_ARCHS=\\"{",".join(archs)}\\"'
         includes = [
             f"-I{ROOT / 'csrc'}",
             f"-I{cuda_home / 'include'}",

@@ -96,7 +96,7 @@ cudaError_t launch_typed(const void* a, const void* b, int64_t m, int64_t r, int
   if (chunks > 65535) chunks = 65535;
   const int64_t chunk = ceil_div(ceil_div(p, chunks), kBK) * kBK;
   chunks = ceil_div(p, chunk);
-  dim3 grid(unsigned(tiles), unsigned(chunks));
+  const dim3 grid(static_cast<unsigned int>(tiles), static_cast<unsigned int>(chunks));
   _gram_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(a),
                                                   static_cast<const T*>(b), m, r, p, lda, ldb,
                                                   chunk, tiles_r, symmetric, out);
