@@ -56,7 +56,9 @@ def find_cuda_home(nvcc: str) -> Path:
 
 
 def parse_archs(spec: str) -> list[str]:
-    archs = [a.strip().replace("sm_", "").replace(".", "") for a in spec.replace(",", ";").split(";")]
+    archs = [
+        a.strip().replace("sm_", "").replace(".", "") for a in spec.replace(",", ";").split(";")
+    ]
     archs = [a for a in archs if a]
     for a in archs:
         if not (a.rstrip("af").isdigit()):
@@ -100,8 +102,13 @@ class NinjaCudaBuild(build_ext):
         ]
         cxx = os.environ.get("CXX", "c++")
         nvcc_flags = [
-            "-O3", "-std=c++17", "--expt-relaxed-constexpr", "-Xcompiler=-fPIC",
-            "-Xcompiler=-Wall", "-lineinfo", *gencode_flags(archs),
+            "-O3",
+            "-std=c++17",
+            "--expt-relaxed-constexpr",
+            "-Xcompiler=-fPIC",
+            "-Xcompiler=-Wall",
+            "-lineinfo",
+            *gencode_flags(archs),
             *shlex.split(os.environ.get("NVCC_APPEND_FLAGS", "")),
         ]
         cxx_flags = ["-O2", "-std=c++17", "-fPIC", "-Wall", "-fvisibility=hidden", arch_define]
@@ -112,6 +119,7 @@ class NinjaCudaBuild(build_ext):
 
         lines = [
             "ninja_required_version = 1.3",
+            f"builddir = {build_dir}",  # keeps .ninja_log out of the source tree
             f"nvcc = {nvcc}",
             f"cxx = {cxx}",
             f"nvcc_flags = {' '.join(nvcc_flags)} {' '.join(includes)}",
@@ -152,10 +160,14 @@ class NinjaCudaBuild(build_ext):
 
 def extensions() -> list[Extension]:
     if os.environ.get("RNB_SKIP_CUDA_BUILD", "0") not in ("", "0"):
-        _say("RNB_SKIP_CUDA_BUILD is set: installing the pure-Python package without rnb_kernels._C")
+        _say(
+            "RNB_SKIP_CUDA_BUILD is set: installing the pure-Python package without rnb_kernels._C"
+        )
         return []
     if find_nvcc() is None:
-        _say("nvcc not found (set CUDA_HOME): installing the pure-Python package without rnb_kernels._C")
+        _say(
+            "nvcc not found (set CUDA_HOME): installing the pure-Python package without rnb_kernels._C"
+        )
         return []
     sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
     sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "python").glob("*.cpp"))

@@ -55,7 +55,9 @@ def backend_status(name: str) -> BackendStatus:
     if name == "cuda":
         ext, err = _load_extension()
         if ext is None:
-            return BackendStatus(False, f"extension rnb_kernels._C not built ({err}); {REBUILD_HINT}")
+            return BackendStatus(
+                False, f"extension rnb_kernels._C not built ({err}); {REBUILD_HINT}"
+            )
         archs = ",".join(ext.built_archs())
         if torch.version.cuda is None:
             return BackendStatus(

@@ -32,7 +32,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
     modules: dict[str, object] = {}
     for name, mod_name in _SUBCOMMANDS.items():
         try:
-            mod = sys.modules[__name__] if mod_name == __name__ else importlib.import_module(mod_name)
+            mod = (
+                sys.modules[__name__] if mod_name == __name__ else importlib.import_module(mod_name)
+            )
         except ImportError:
             continue
         mod.add_parser(sub)

@@ -37,9 +37,7 @@ def domain_sketch_torch(
     dw = dy.t().mm(x)
     order, bounds, present = group_rows(domain_ids, num_domains)
     if present:
-        bucket, sign = sketch_hash(
-            dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device
-        )
+        bucket, sign = sketch_hash(dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device)
         xs = x.index_select(0, order).float()
         dys = dy.index_select(0, order).float()
         b = bounds.tolist()

@@ -142,8 +142,10 @@ def gram_ref(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         return out
     b64 = b.to(torch.float64)
     if b64.dim() == 1:
-        return torch.stack([torch.dot(a64[i], b64) for i in range(a.shape[0])]) if len(a) else (
-            torch.zeros(0, dtype=torch.float64, device=a.device)
+        return (
+            torch.stack([torch.dot(a64[i], b64) for i in range(a.shape[0])])
+            if len(a)
+            else (torch.zeros(0, dtype=torch.float64, device=a.device))
         )
     out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
     for i in range(a.shape[0]):
