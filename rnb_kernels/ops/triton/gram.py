@@ -112,12 +112,7 @@ def _gram_kernel(
             part = tl.dot(a, tl.trans(b), part, input_precision=PRECISION)
         total += part.to(tl.float64)
 
-    out = (
-        part_ptr
-        + pid_c.to(tl.int64) * M * R
-        + offs_i.to(tl.int64)[:, None] * R
-        + offs_j[None, :]
-    )
+    out = part_ptr + pid_c.to(tl.int64) * M * R + offs_i.to(tl.int64)[:, None] * R + offs_j[None, :]
     tl.store(out, total, mask=mask_i[:, None] & mask_j[None, :])
 
 
