@@ -1,0 +1,368 @@
+"""Balancer: tracker + mixer + sampler wired into a user's training loop in a few lines.
+
+Example:
+    >>> mixer = RnB(num_domains=m, eval_proportions=p_eval, lam=2.0, update_every=50)  # doctest: +SKIP
+    >>> balancer = Balancer(model, mixer, log_dir="runs/rnb")  # doctest: +SKIP
+    >>> loader = DataLoader(ds, batch_size=B,  # doctest: +SKIP
+    ...                     sampler=balancer.make_sampler(labels, batch_size=B))
+    >>> for batch in loader:  # doctest: +SKIP
+    ...     with balancer.step(batch["domain"]) as s:
+    ...         loss_vec = per_sample_loss(model, batch)
+    ...         s.record_loss(loss_vec)
+    ...         loss_vec.mean().backward()
+    ...     optimizer.step(); optimizer.zero_grad()
+    ...     balancer.after_step()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import distributed as rdist
+from .mixing.base import Mixer
+from .sampling import MixtureSampler
+from .tracking import DomainGradientTracker, _as_ids
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Balancer"]
+
+_GRADIENT_STATS = ("gram", "alignment")
+
+
+class _Step:
+    """Handle yielded by :meth:`Balancer.step` (one micro-batch)."""
+
+    def __init__(self, balancer: Balancer, domain_ids: torch.Tensor) -> None:
+        self._balancer = balancer
+        self.domain_ids = domain_ids
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Per-sample ``[B]`` or per-token ``[B, T]`` losses of this micro-batch (detached)."""
+        self._balancer.record_loss(loss, self.domain_ids)
+
+
+class Balancer:
+    """Online data mixing around an existing training loop.
+
+    Per micro-batch, ``with balancer.step(domain_ids):`` wraps the backward (the tracker records
+    per-domain gradients); per optimizer step, ``balancer.after_step()`` counts steps and every
+    ``update_every`` steps gathers the round's statistics (all-reduced under
+    ``torch.distributed``), updates the mixer, checks that every rank got identical weights,
+    resets the round and logs. A :class:`~rnb_kernels.MixtureSampler` built on the mixer (see
+    :meth:`make_sampler`) follows the new weights from its next batch.
+
+    What is gathered is what the mixer declares in ``mixer.requires``: ``gram``/``counts``
+    (R&B), ``alignment``/``counts``/``target_count`` (DGA, from the tracker's target row, or
+    ``alignment_fn``), ``losses``/``counts`` (ODM, from :meth:`record_loss`).
+
+    Args:
+        model: the model (used to build the tracker).
+        mixer: a :class:`~rnb_kernels.mixing.Mixer`.
+        sampler: optional sampler to include in :meth:`state_dict`.
+        tracker: ``None`` (built when the mixer needs gradients: last ``nn.Linear``, exact
+            mode), a dict of :class:`~rnb_kernels.DomainGradientTracker` keyword arguments, or a
+            tracker.
+        update_every: optimizer steps per round (default ``mixer.update_every``).
+        log_dir: directory for ``mixture.csv`` (weights per update), ``mixture.jsonl`` (weights,
+            counts, per-domain loss, update time, skip counters) and TensorBoard scalars when
+            ``torch.utils.tensorboard`` is importable. Written by rank 0 only.
+        target_fn: DGA: ``target_fn() -> loss`` of a specific-set batch, recorded into the
+            tracker's target row right before each update.
+        alignment_fn: DGA, paper-style: ``alignment_fn() -> float [m]`` mean-gradient
+            alignments (e.g. :func:`~rnb_kernels.mixing.domain_gradient_alignment`), used instead
+            of the tracker.
+        verify_ranks: after each update, all-reduce min/max of the weights and raise
+            ``RuntimeError`` if ranks disagree (one tiny collective per round).
+
+    Attributes:
+        global_step: optimizer steps seen. update_time_s: total seconds spent in updates
+            (statistics gathering + mixer), for overhead reporting. history: one dict per update.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mixer: Mixer,
+        sampler: MixtureSampler | None = None,
+        tracker: DomainGradientTracker | dict[str, Any] | None = None,
+        update_every: int | None = None,
+        log_dir: str | os.PathLike | None = None,
+        *,
+        target_fn: Callable[[], torch.Tensor] | None = None,
+        alignment_fn: Callable[[], Any] | None = None,
+        verify_ranks: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not isinstance(mixer, Mixer):
+            raise TypeError(f"mixer must be a rnb_kernels Mixer, got {type(mixer).__name__}")
+        if update_every is None:
+            update_every = mixer.update_every
+        if isinstance(update_every, bool) or not isinstance(update_every, int):
+            raise TypeError(f"update_every must be an int, got {type(update_every).__name__}")
+        if update_every < 1:
+            raise ValueError(f"update_every must be >= 1, got {update_every}")
+        for name, fn in (("target_fn", target_fn), ("alignment_fn", alignment_fn)):
+            if fn is not None and not callable(fn):
+                raise TypeError(f"{name} must be callable")
+        self.model = model
+        self.mixer = mixer
+        self.sampler = sampler
+        self.update_every = update_every
+        self.target_fn = target_fn
+        self.alignment_fn = alignment_fn
+        self.verify_ranks = bool(verify_ranks)
+        self.num_domains = getattr(mixer, "stat_domains", mixer.num_domains)
+        needs_grads = any(r in mixer.requires for r in _GRADIENT_STATS) and alignment_fn is None
+        if isinstance(tracker, DomainGradientTracker):
+            if tracker.num_domains != self.num_domains:
+                raise ValueError(
+                    f"tracker has num_domains={tracker.num_domains}, the mixer's statistics "
+                    f"need {self.num_domains}"
+                )
+            self.tracker: DomainGradientTracker | None = tracker
+        elif isinstance(tracker, dict):
+            self.tracker = DomainGradientTracker(model, self.num_domains, **tracker)
+        elif tracker is None:
+            self.tracker = DomainGradientTracker(model, self.num_domains) if needs_grads else None
+        else:
+            raise TypeError(f"tracker must be None, a dict or a tracker, got {type(tracker).__name__}")
+        dev = self.tracker.device if self.tracker is not None else _model_device(model)
+        self._loss_sums = torch.zeros(self.num_domains, dtype=torch.float64, device=dev)
+        self._loss_counts = torch.zeros(self.num_domains, dtype=torch.float64, device=dev)
+        self.global_step = 0
+        self.num_rounds = 0
+        self.update_time_s = 0.0
+        self.history: list[dict[str, Any]] = []
+        self.log_dir = None if log_dir is None else os.fspath(log_dir)
+        self._tb = None
+        self._csv_header_done = False
+        if self.log_dir is not None and rdist.rank() == 0:
+            os.makedirs(self.log_dir, exist_ok=True)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(self.log_dir)
+            except ImportError:
+                logger.info("tensorboard not installed; logging CSV and JSONL only")
+
+    # ------------------------------------------------------------------ loop hooks
+    def make_sampler(self, domain_labels: Any, batch_size: int, seed: int = 0,
+                     **kwargs: Any) -> MixtureSampler:
+        """Build a :class:`~rnb_kernels.MixtureSampler` following this balancer's mixer (and
+        keep it for :meth:`state_dict`)."""
+        self.sampler = MixtureSampler(
+            domain_labels, weights=self.mixer, batch_size=batch_size, seed=seed, **kwargs
+        )
+        return self.sampler
+
+    @contextlib.contextmanager
+    def step(self, domain_ids: Any, grad_scale: Any = None) -> Iterator[_Step]:
+        """Context for one micro-batch: run its backward inside.
+
+        Args:
+            domain_ids: int ``[B]`` or ``[B, T]``, ``-1`` = ignore.
+            grad_scale: float or ``GradScaler`` when the backward runs on a scaled loss.
+
+        Yields:
+            a handle whose ``record_loss(loss_per_sample)`` feeds per-domain losses.
+        """
+        ids = _as_ids(domain_ids, "domain_ids", self.num_domains)
+        handle = _Step(self, ids)
+        if self.tracker is None:
+            yield handle
+            return
+        with self.tracker.domains(ids, grad_scale=grad_scale):
+            yield handle
+
+    def record_loss(self, loss: torch.Tensor, domain_ids: Any) -> None:
+        """Accumulate per-domain loss sums: ``loss`` has the shape of ``domain_ids``
+        (``[B]`` or ``[B, T]``); entries with id ``-1`` are ignored."""
+        ids = _as_ids(domain_ids, "domain_ids", self.num_domains)
+        if not isinstance(loss, torch.Tensor):
+            raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
+        if tuple(loss.shape) != tuple(ids.shape):
+            raise ValueError(
+                f"loss has shape {tuple(loss.shape)} but domain_ids {tuple(ids.shape)}; "
+                "pass per-sample or per-token losses (reduction='none')"
+            )
+        dev = self._loss_sums.device
+        flat_ids = ids.reshape(-1).to(dev) + 1
+        vals = loss.detach().reshape(-1).to(dev, torch.float64)
+        sums = torch.zeros(self.num_domains + 1, dtype=torch.float64, device=dev)
+        cnts = torch.zeros_like(sums)
+        sums.index_add_(0, flat_ids, vals)
+        cnts.index_add_(0, flat_ids, torch.ones_like(vals))
+        self._loss_sums += sums[1:]
+        self._loss_counts += cnts[1:]
+
+    def record_target(self, loss: torch.Tensor, mask: Any = None) -> None:
+        """DGA: record a specific-set loss's gradient into the tracker's target row."""
+        if self.tracker is None:
+            raise RuntimeError("record_target needs a tracker (the mixer uses no gradients)")
+        self.tracker.record_target(loss, mask=mask)
+
+    def after_step(self) -> torch.Tensor | None:
+        """Call once per optimizer step; returns the new weights when a round closed."""
+        self.global_step += 1
+        if self.global_step % self.update_every == 0:
+            return self.update()
+        return None
+
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> torch.Tensor | None:
+        """``optimizer.step()`` (through ``scaler`` if given), ``zero_grad()``, then
+        :meth:`after_step`."""
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return self.after_step()
+
+    # ------------------------------------------------------------------ the update
+    def _gather(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        req = self.mixer.requires
+        tr = self.tracker
+        stats: dict[str, Any] = {}
+        if tr is not None:
+            tr.sync()
+        rdist.all_reduce_sum_([self._loss_sums, self._loss_counts])
+        loss_counts = self._loss_counts.cpu()
+        losses = torch.where(
+            loss_counts > 0, self._loss_sums.cpu() / loss_counts.clamp(min=1), float("nan")
+        )
+        if "gram" in req:
+            stats["gram"] = tr.gram().cpu()
+        if "alignment" in req:
+            if self.alignment_fn is not None:
+                stats["alignment"] = self.alignment_fn()
+            else:
+                stats["alignment"] = tr.target_alignment().cpu()
+                stats["counts"] = tr.counts().cpu()
+                stats["target_count"] = tr.target_count()
+        if "losses" in req:
+            stats["losses"] = losses
+            stats["counts"] = loss_counts
+        elif "counts" in req and "counts" not in stats and self.alignment_fn is None:
+            stats["counts"] = tr.counts().cpu()
+        log: dict[str, torch.Tensor] = {"loss": losses, "loss_counts": loss_counts}
+        if tr is not None:
+            log["counts"] = tr.counts().cpu()
+        return stats, log
+
+    def update(self) -> torch.Tensor:
+        """Close the round now: gather statistics, update the mixer, reset, log."""
+        t0 = time.perf_counter()
+        if self.target_fn is not None and self.tracker is not None:
+            self.tracker.record_target(self.target_fn())
+        stats, log = self._gather()
+        weights = self.mixer.update(**stats)
+        if self.verify_ranks:
+            rdist.check_consistent(weights, "mixture weights")
+        if self.tracker is not None:
+            self.tracker.reset()
+        self._loss_sums.zero_()
+        self._loss_counts.zero_()
+        dt = time.perf_counter() - t0
+        self.update_time_s += dt
+        self.num_rounds += 1
+        record = {
+            "step": self.global_step,
+            "round": self.num_rounds,
+            "weights": weights.tolist(),
+            "counts": log["counts"].tolist() if "counts" in log else log["loss_counts"].tolist(),
+            "loss": [None if v != v else float(v) for v in log["loss"].tolist()],
+            "update_time_s": dt,
+            "skipped_updates": self.mixer.skipped_updates,
+            "nonfinite_skips": self.tracker.nonfinite_skips if self.tracker is not None else 0,
+        }
+        self.history.append(record)
+        self._log(record)
+        return weights
+
+    def _log(self, record: dict[str, Any]) -> None:
+        logger.info(
+            "round %d (step %d): weights %s", record["round"], record["step"],
+            [round(w, 4) for w in record["weights"]],
+        )
+        if self.log_dir is None or rdist.rank() != 0:
+            return
+        path = os.path.join(self.log_dir, "mixture.csv")
+        m = len(record["weights"])
+        with open(path, "a", newline="") as f:
+            w = csv.writer(f)
+            if not self._csv_header_done and f.tell() == 0:
+                w.writerow(["step", "round", *[f"w{i}" for i in range(m)], "update_time_s"])
+            self._csv_header_done = True
+            w.writerow([record["step"], record["round"], *record["weights"],
+                        record["update_time_s"]])
+        with open(os.path.join(self.log_dir, "mixture.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            step = record["step"]
+            for i, v in enumerate(record["weights"]):
+                self._tb.add_scalar(f"mixture/w{i}", v, step)
+            for i, v in enumerate(record["loss"]):
+                if v is not None:
+                    self._tb.add_scalar(f"loss/domain{i}", v, step)
+            self._tb.add_scalar("mixture/update_time_s", record["update_time_s"], step)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, Any]:
+        """Mixer, tracker, sampler and round state; restores the run bit-exactly."""
+        return {
+            "version": 1,
+            "global_step": self.global_step,
+            "num_rounds": self.num_rounds,
+            "update_time_s": self.update_time_s,
+            "loss_sums": self._loss_sums.clone(),
+            "loss_counts": self._loss_counts.clone(),
+            "mixer": self.mixer.state_dict(),
+            "tracker": None if self.tracker is None else self.tracker.state_dict(),
+            "sampler": None if self.sampler is None else self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output."""
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        if (state["tracker"] is None) != (self.tracker is None):
+            raise ValueError("state and this balancer disagree on having a tracker")
+        if state["sampler"] is not None and self.sampler is None:
+            raise ValueError("state holds a sampler; build it (make_sampler) before loading")
+        self.mixer.load_state_dict(state["mixer"])
+        if self.tracker is not None:
+            self.tracker.load_state_dict(state["tracker"])
+        if self.sampler is not None and state["sampler"] is not None:
+            self.sampler.load_state_dict(state["sampler"])
+        self._loss_sums.copy_(state["loss_sums"])
+        self._loss_counts.copy_(state["loss_counts"])
+        self.global_step = int(state["global_step"])
+        self.num_rounds = int(state["num_rounds"])
+        self.update_time_s = float(state["update_time_s"])
+
+    def close(self) -> None:
+        """Flush TensorBoard and remove the tracker from the model."""
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+        if self.tracker is not None:
+            self.tracker.remove()
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
