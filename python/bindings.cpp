@@ -69,4 +69,52 @@ PYBIND11_MODULE(_C, mod) {
       py::arg("a"), py::arg("b"), py::arg("dtype"), py::arg("m"), py::arg("r"), py::arg("p"),
       py::arg("lda"), py::arg("ldb"), py::arg("symmetric"), py::arg("out"), py::arg("stream"),
       "out[m, r] (float64) = A[m, p] . B[r, p]^T; symmetric computes the upper triangle only");
+  mod.def(
+      "segmented_workspace_elems",
+      [](int dtype, int64_t n, int64_t k_in, int64_t k_out) {
+        return rnb::segmented_workspace_elems(rnb::DType(dtype), n, k_in, k_out);
+      },
+      py::arg("dtype"), py::arg("n"), py::arg("k_in"), py::arg("k_out"),
+      "fp32 elements of split-K workspace segmented_wgrad / domain_sketch need on the current "
+      "device (0: pass workspace=0)");
+  mod.def(
+      "segmented_wgrad",
+      [](std::uintptr_t x, std::uintptr_t dy, std::uintptr_t order, std::uintptr_t bounds,
+         int dtype, int64_t n, int64_t k_in, int64_t k_out, int64_t ldx, int64_t ldy,
+         int64_t num_domains, std::uintptr_t acc, std::uintptr_t dw, std::uintptr_t workspace,
+         int64_t workspace_len, std::uintptr_t stream) {
+        check(rnb::segmented_wgrad_launch(
+                  ptr<const void>(x), ptr<const void>(dy), ptr<const int64_t>(order),
+                  ptr<const int64_t>(bounds), rnb::DType(dtype), n, k_in, k_out, ldx, ldy,
+                  num_domains, ptr<float>(acc), ptr<void>(dw), ptr<float>(workspace),
+                  workspace_len, stream_of(stream)),
+              "segmented_wgrad");
+      },
+      py::arg("x"), py::arg("dy"), py::arg("order"), py::arg("bounds"), py::arg("dtype"),
+      py::arg("n"), py::arg("k_in"), py::arg("k_out"), py::arg("ldx"), py::arg("ldy"),
+      py::arg("num_domains"), py::arg("acc"), py::arg("dw"), py::arg("workspace"),
+      py::arg("workspace_len"), py::arg("stream"),
+      "dw[k_out, k_in] = dy^T x over all rows; acc[d] (fp32) += dy^T x over the rows of domain "
+      "d, rows taken in `order` with segment offsets `bounds` [num_domains + 2]");
+  mod.def(
+      "domain_sketch",
+      [](std::uintptr_t x, std::uintptr_t dy, std::uintptr_t order, std::uintptr_t bounds,
+         int dtype, int64_t n, int64_t k_in, int64_t k_out, int64_t ldx, int64_t ldy,
+         int64_t num_domains, std::uintptr_t sketch, int64_t sketch_dim, uint32_t seed,
+         uint32_t layer, std::uintptr_t dw, std::uintptr_t workspace, int64_t workspace_len,
+         std::uintptr_t stream) {
+        check(rnb::domain_sketch_launch(
+                  ptr<const void>(x), ptr<const void>(dy), ptr<const int64_t>(order),
+                  ptr<const int64_t>(bounds), rnb::DType(dtype), n, k_in, k_out, ldx, ldy,
+                  num_domains, ptr<float>(sketch), sketch_dim, seed, layer, ptr<void>(dw),
+                  ptr<float>(workspace), workspace_len, stream_of(stream)),
+              "domain_sketch");
+      },
+      py::arg("x"), py::arg("dy"), py::arg("order"), py::arg("bounds"), py::arg("dtype"),
+      py::arg("n"), py::arg("k_in"), py::arg("k_out"), py::arg("ldx"), py::arg("ldy"),
+      py::arg("num_domains"), py::arg("sketch"), py::arg("sketch_dim"), py::arg("seed"),
+      py::arg("layer"), py::arg("dw"), py::arg("workspace"), py::arg("workspace_len"),
+      py::arg("stream"),
+      "dw[k_out, k_in] = dy^T x over all rows; sketch[d] (fp32 [num_domains, sketch_dim]) += "
+      "count-sketch of domain d's dy^T x under the (seed, layer) hash");
 }

@@ -25,7 +25,9 @@ def dtype_code(t: torch.Tensor, name: str) -> int:
     try:
         return _DTYPE_CODES[t.dtype]
     except KeyError:
-        raise TypeError(f"{name}: the cuda backend takes float32/float16/bfloat16, got {t.dtype}")
+        raise TypeError(
+            f"{name}: the cuda backend takes float32/float16/bfloat16, got {t.dtype}"
+        ) from None
 
 
 def current_stream(t: torch.Tensor) -> int:
@@ -36,6 +38,108 @@ def _unit_col_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocation of every output the kernels must fully overwrite (tests poison it)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand the kernels can read: unit column stride, row stride >= its width."""
+    if t.stride(-1) == 1 and t.stride(0) >= max(t.shape[1], 1):
+        return t
+    return t.contiguous()
+
+
+def sort_by_domain(domain_ids: torch.Tensor, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row order and segment offsets the segmented kernels walk, without a host sync.
+
+    Args:
+        domain_ids: int32/int64 ``[N]`` in ``[-1, num_domains)`` on the GPU.
+        num_domains: ``m``.
+
+    Returns:
+        ``(order, bounds)``: int64 ``[N]`` stable permutation putting rows of one domain
+        together (ignored ``-1`` rows first) and int64 ``[m + 2]`` offsets, rows of domain
+        ``d`` being ``order[bounds[d + 1]:bounds[d + 2]]`` -- the layout of
+        :func:`rnb_kernels.ops.segmented_wgrad.group_rows`, computed with ``searchsorted``
+        instead of ``bincount`` (whose CUDA version syncs to size its output).
+    """
+    sorted_ids, order = torch.sort(domain_ids, stable=True)
+    edges = torch.arange(-1, num_domains + 1, dtype=sorted_ids.dtype, device=sorted_ids.device)
+    bounds = torch.searchsorted(sorted_ids, edges)
+    return order, bounds
+
+
+def _segmented_call(kernel: str, x, dy, domain_ids, num_domains, extra) -> torch.Tensor:
+    """Shared body of the two segmented launchers; ``extra`` are the kernel-specific args."""
+    ext = extension()
+    x, dy = _rows(x), _rows(dy)
+    n, k_in = x.shape
+    k_out = dy.shape[1]
+    code = dtype_code(x, "x")
+    dw = _empty((k_out, k_in), x.dtype, x.device)
+    with torch.cuda.device(x.device):
+        order, bounds = sort_by_domain(domain_ids, num_domains)
+        ws_len = ext.segmented_workspace_elems(code, n, k_in, k_out)
+        ws = torch.empty(ws_len, dtype=torch.float32, device=x.device) if ws_len else None
+        getattr(ext, kernel)(
+            x.data_ptr(), dy.data_ptr(), order.data_ptr(), bounds.data_ptr(), code,
+            n, k_in, k_out, x.stride(0), dy.stride(0), num_domains, *extra, dw.data_ptr(),
+            0 if ws is None else ws.data_ptr(), ws_len, current_stream(x),
+        )  # fmt: skip
+    return dw
+
+
+def segmented_wgrad_cuda(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    acc: torch.Tensor,
+) -> torch.Tensor:
+    """``_segmented_wgrad_kernel``: ``dW = dyᵀ x`` and ``acc[d] += dyᵀ x`` over domain ``d``'s rows.
+
+    Args:
+        x: ``[N, K_in]`` float32 / float16 / bfloat16 on CUDA.
+        dy: ``[N, K_out]``, same dtype and device.
+        domain_ids: int32/int64 ``[N]`` in ``[-1, num_domains)``; ``-1`` rows go to ``dW`` only.
+        num_domains: ``m``.
+        acc: float32 ``[m, K_out, K_in]`` contiguous, updated in place (domains without rows
+            untouched).
+
+    Returns:
+        ``dW`` ``[K_out, K_in]`` in ``x.dtype``. Runs on the current stream of ``x.device``.
+    """
+    return _segmented_call("segmented_wgrad", x, dy, domain_ids, num_domains, (acc.data_ptr(),))
+
+
+def domain_sketch_cuda(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    sketch: torch.Tensor,
+    seed: int,
+    layer: int,
+) -> torch.Tensor:
+    """``_domain_sketch_kernel``: ``dW = dyᵀ x`` and ``sketch[d] +=`` count-sketch of domain ``d``'s
+    ``dyᵀ x`` (hash of :mod:`rnb_kernels.ops.reference`).
+
+    Args:
+        x: ``[N, K_in]`` float32 / float16 / bfloat16 on CUDA.
+        dy: ``[N, K_out]``, same dtype and device.
+        domain_ids: int32/int64 ``[N]`` in ``[-1, num_domains)``.
+        num_domains: ``m``.
+        sketch: float32 ``[m, k]`` contiguous, updated in place.
+        seed, layer: hash key, integers in ``[0, 2**32)``.
+
+    Returns:
+        ``dW`` ``[K_out, K_in]`` in ``x.dtype``. Runs on the current stream of ``x.device``.
+    """
+    extra = (sketch.data_ptr(), sketch.shape[1], int(seed), int(layer))
+    return _segmented_call("domain_sketch", x, dy, domain_ids, num_domains, extra)
+
+
 def gram_cuda(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """``a [m, P]`` (and ``b [r, P]``) on CUDA -> float64 ``[m, r]`` via ``_gram_kernel``."""
     ext = extension()
@@ -44,11 +148,20 @@ def gram_cuda(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     bb = a if sym else _unit_col_stride(b)
     m, p = a.shape
     r = bb.shape[0]
-    out = torch.empty(m, r, dtype=torch.float64, device=a.device)
+    out = _empty((m, r), torch.float64, a.device)
     with torch.cuda.device(a.device):
         ext.gram(
-            a.data_ptr(), bb.data_ptr(), dtype_code(a, "a"), m, r, p,
-            a.stride(0), bb.stride(0), sym, out.data_ptr(), current_stream(a),
+            a.data_ptr(),
+            bb.data_ptr(),
+            dtype_code(a, "a"),
+            m,
+            r,
+            p,
+            a.stride(0),
+            bb.stride(0),
+            sym,
+            out.data_ptr(),
+            current_stream(a),
         )
     if sym:
         out = torch.triu(out) + torch.triu(out, 1).t()
