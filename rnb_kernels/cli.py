@@ -10,6 +10,8 @@ import sys
 _SUBCOMMANDS = {
     "backends": "rnb_kernels.cli",
     "regroup": "rnb_kernels.regroup.cli",
+    "demo": "rnb_kernels.demo",
+    "bench": "rnb_kernels.bench.cli",
 }
 
 

@@ -1,0 +1,522 @@
+"""Reference training loop: a small GPT trained under a data-mixing method via the Balancer.
+
+The pieces a user would copy:
+
+* :func:`encode_texts` — texts -> fixed-length ``[n, T]`` inputs / shifted labels.
+* :func:`evaluate` — eval loss overall and per domain (token-weighted).
+* :func:`train` — the loop: :class:`~rnb_kernels.Balancer` draws each batch from the
+  current mixture, tracks per-domain gradients of the LM head during the ordinary backward,
+  and updates the mixture every ``update_every`` optimizer steps. tqdm progress, periodic
+  eval, logs (``train_log.jsonl``, ``eval_log.jsonl``, weights history) in ``out_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .models import GPT, IGNORE_INDEX, GPTConfig, per_sample_loss
+from .tokenizer import CompactVocab
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EncodedData",
+    "METHODS",
+    "TrainConfig",
+    "TrainResult",
+    "encode_texts",
+    "evaluate",
+    "train",
+]
+
+
+@dataclass
+class EncodedData:
+    """Fixed-length token rows with a domain label per row.
+
+    Attributes:
+        inputs: ``int64[n, T]`` token ids (right-padded).
+        labels: ``int64[n, T]`` next-token targets, ``-100`` on padding.
+        domains: ``int64[n]`` domain of each row (the mixer's domains for training data).
+    """
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    domains: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.inputs.shape[0])
+
+    def subset(self, idx: np.ndarray | Sequence[int]) -> EncodedData:
+        idx = np.asarray(idx, dtype=np.int64)
+        t = torch.from_numpy(idx)
+        return EncodedData(self.inputs[t], self.labels[t], self.domains[idx])
+
+    def with_domains(self, domains: np.ndarray) -> EncodedData:
+        """Same rows, other labels (e.g. regrouped clusters instead of original domains)."""
+        domains = np.asarray(domains, dtype=np.int64)
+        if domains.shape != (len(self),):
+            raise ValueError(f"domains has shape {domains.shape}; expected ({len(self)},)")
+        return EncodedData(self.inputs, self.labels, domains)
+
+
+def encode_texts(
+    texts: Sequence[str],
+    tokenizer: Any,
+    context: int,
+    domains: np.ndarray | Sequence[int],
+    vocab: CompactVocab | None = None,
+) -> EncodedData:
+    """Tokenize, append EOS, truncate to ``context + 1`` tokens, shift, pad.
+
+    Args:
+        texts: ``n`` strings.
+        tokenizer: has ``encode_batch(texts) -> list[list[int]]`` and ``eos_id``.
+        context: model context ``T``.
+        domains: ``int[n]`` domain per text.
+        vocab: optional :class:`~rnb_kernels.tokenizer.CompactVocab` to remap ids.
+
+    Returns:
+        :class:`EncodedData` with ``inputs``/``labels`` of shape ``[n, T]``.
+    """
+    domains = np.asarray(domains, dtype=np.int64)
+    if domains.shape != (len(texts),):
+        raise ValueError(f"domains has shape {domains.shape}; expected ({len(texts)},)")
+    if context < 1:
+        raise ValueError(f"context must be >= 1; got {context}")
+    n = len(texts)
+    eos = CompactVocab.EOS if vocab is not None else tokenizer.eos_id
+    inputs = np.full((n, context), eos, dtype=np.int64)
+    labels = np.full((n, context), IGNORE_INDEX, dtype=np.int64)
+    for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
+        seq = np.asarray(ids[:context], dtype=np.int64)
+        if vocab is not None:
+            seq = vocab(seq)
+        # EOS first as a BOS so the first real token is predicted too, and last to learn to stop.
+        seq = np.concatenate([[eos], seq, [eos]])[: context + 1]
+        L = seq.shape[0] - 1
+        inputs[i, :L] = seq[:-1]
+        labels[i, :L] = seq[1:]
+    return EncodedData(torch.from_numpy(inputs), torch.from_numpy(labels), domains)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module,
+    data: EncodedData,
+    num_domains: int,
+    batch_size: int = 256,
+    groups: np.ndarray | None = None,
+) -> tuple[float, np.ndarray]:
+    """Token-weighted eval loss, overall and per domain.
+
+    Args:
+        data: eval rows.
+        num_domains: number of groups ``g``.
+        groups: ``int64[n]`` group per row (default ``data.domains``).
+
+    Returns:
+        ``(loss, per_domain)``: mean nats/token over all rows, and ``float64[g]`` per group
+        (NaN for a group with no eval rows).
+    """
+    groups = data.domains if groups is None else np.asarray(groups, dtype=np.int64)
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    tok_sum = np.zeros(num_domains, dtype=np.float64)
+    tok_cnt = np.zeros(num_domains, dtype=np.float64)
+    for s in range(0, len(data), batch_size):
+        x = data.inputs[s : s + batch_size].to(dev)
+        y = data.labels[s : s + batch_size].to(dev)
+        n_tok = (y != IGNORE_INDEX).sum(1)
+        loss = per_sample_loss(model(x), y) * n_tok
+        g = groups[s : s + batch_size]
+        np.add.at(tok_sum, g, loss.double().cpu().numpy())
+        np.add.at(tok_cnt, g, n_tok.double().cpu().numpy())
+    model.train(was_training)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per = tok_sum / tok_cnt
+    return float(tok_sum.sum() / max(tok_cnt.sum(), 1.0)), per
+
+
+# Methods of the demo and the mixing benchmark. "dga" takes its per-domain gradients from the
+# training backward (tracker, no extra pass); "dga-extra" is the paper's extra forward/backward
+# per domain every round. "rnb" uses whatever domains the data carries (original or regrouped).
+METHODS = ("stratified", "static", "odm", "dga", "dga-extra", "rnb")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and mixing settings shared by every method of a comparison.
+
+    Attributes:
+        steps: optimizer steps (token budget = ``steps * batch_size * context``).
+        batch_size: sequences per step.
+        lr, min_lr_frac, warmup, weight_decay, grad_clip: AdamW with linear warmup then
+            cosine decay to ``lr * min_lr_frac``.
+        eval_every: steps between evaluations (also evaluated at step 0 and at the end).
+        update_every: ``K``, optimizer steps per mixture round.
+        rnb_lam: R&B softmax temperature ``λ``.
+        dga_step_size, dga_ema: DGA ``η`` and ``β``.
+        dga_extra_batch: samples per domain in the paper-style extra passes.
+        tracker_mode, backend: how per-domain gradients are tracked.
+        seed: model init, sampling and target batches.
+        device: where the model and batches live (data stays on the CPU until batched).
+    """
+
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_frac: float = 0.1
+    warmup: int = 20
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    eval_every: int = 50
+    update_every: int = 10
+    rnb_lam: float = 2.0
+    dga_step_size: float = 1.0
+    dga_ema: float = 0.5
+    dga_extra_batch: int = 4
+    tracker_mode: str = "exact"
+    backend: str = "auto"
+    seed: int = 0
+    device: str = "cpu"
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
+        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * cos)
+
+
+@dataclass
+class TrainResult:
+    """What one run produced.
+
+    Attributes:
+        method: method name (plus a suffix such as ``"rnb-regrouped"`` chosen by the caller).
+        eval_steps, eval_losses: the eval curve.
+        final_eval: final overall eval loss (nats/token).
+        per_domain_eval: ``float64[g]`` final eval loss per reporting group (NaN if empty).
+        weight_steps, weights: mixture weights after each update (``float64[u, m]``; row 0 is
+            the initial mixture at step 0).
+        train_s: wall time of the optimisation loop (eval excluded).
+        mix_s: part of ``train_s`` spent on the mixture: reading statistics, the mixer update,
+            target-gradient recording (DGA) and the extra passes (DGA paper style).
+        domain_counts: ``float64[m]`` samples drawn per domain over the run.
+        skipped_updates: mixer updates skipped for numerical reasons.
+    """
+
+    method: str
+    eval_steps: list[int] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    final_eval: float = float("nan")
+    per_domain_eval: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    weight_steps: list[int] = field(default_factory=list)
+    weights: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    train_s: float = 0.0
+    mix_s: float = 0.0
+    domain_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    skipped_updates: int = 0
+
+    @property
+    def overhead_pct(self) -> float:
+        """Mixture work as a percentage of the rest of training time."""
+        base = self.train_s - self.mix_s
+        return 100.0 * self.mix_s / base if base > 0 else float("nan")
+
+    def summary(self) -> dict[str, Any]:
+        per = self.per_domain_eval[np.isfinite(self.per_domain_eval)]
+        return {
+            "method": self.method,
+            "eval_loss": self.final_eval,
+            "domain_mean": float(per.mean()) if per.size else float("nan"),
+            "domain_worst": float(per.max()) if per.size else float("nan"),
+            "train_s": self.train_s,
+            "mix_s": self.mix_s,
+            "overhead_pct": self.overhead_pct,
+            "updates": max(0, len(self.weight_steps) - 1),
+            "skipped_updates": self.skipped_updates,
+            "final_weight_max": float(self.weights[-1].max()) if self.weights.size else 1.0,
+        }
+
+
+def _make_mixer(method: str, m: int, cfg: TrainConfig, train: EncodedData, p_eval: np.ndarray):
+    from .mixing import DGA, ODM, RnB, Static, Stratified
+
+    K = cfg.update_every
+    if method == "stratified":
+        return Stratified(m, update_every=K)
+    if method == "static":
+        mixer = Static.natural(np.bincount(train.domains, minlength=m))
+        mixer.update_every = K  # nothing changes; only keeps the weight log at the same cadence
+        return mixer
+    if method == "odm":
+        return ODM(m, update_every=1)  # the ODM paper's bandit observes every batch
+    if method in ("dga", "dga-extra"):
+        return DGA(m, step_size=cfg.dga_step_size, ema=cfg.dga_ema, update_every=K)
+    if method == "rnb":
+        return RnB(m, eval_proportions=p_eval, lam=cfg.rnb_lam, update_every=K)
+    raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+
+
+class _DomainSampler:
+    """Seeded categorical draw of a domain per sample, then an example of that domain without
+    replacement (reshuffled when exhausted). Follows ``weights`` as the caller changes them.
+
+    Used when :class:`rnb_kernels.MixtureSampler` is not importable; same semantics.
+    """
+
+    def __init__(self, domains: np.ndarray, m: int, seed: int) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.members = [np.flatnonzero(domains == d) for d in range(m)]
+        self.order = [self.rng.permutation(ix) for ix in self.members]
+        self.pos = [0] * m
+
+    def draw(self, weights: np.ndarray, n: int) -> np.ndarray:
+        w = np.where([len(ix) > 0 for ix in self.members], weights, 0.0)
+        w = w / w.sum()
+        ds = self.rng.choice(len(w), size=n, p=w)
+        out = np.empty(n, dtype=np.int64)
+        for i, d in enumerate(ds):
+            if self.pos[d] >= len(self.order[d]):
+                self.order[d] = self.rng.permutation(self.members[d])
+                self.pos[d] = 0
+            out[i] = self.order[d][self.pos[d]]
+            self.pos[d] += 1
+        return out
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases, LayerNorm gains and position embeddings (GPT-2/nanoGPT practice).
+    seen: set[int] = set()
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if id(p) in seen or not p.requires_grad:
+            continue
+        seen.add(id(p))
+        (decay if p.dim() >= 2 and "pos_emb" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _jsonl(path: Path | None, record: dict[str, Any]) -> None:
+    if path is not None:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train(
+    model_cfg: GPTConfig,
+    train_data: EncodedData,
+    eval_data: EncodedData,
+    method: str,
+    cfg: TrainConfig,
+    *,
+    num_domains: int | None = None,
+    p_eval: np.ndarray | None = None,
+    eval_groups: np.ndarray | None = None,
+    num_groups: int | None = None,
+    target: EncodedData | None = None,
+    name: str | None = None,
+    out_dir: str | Path | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Train a fresh :class:`~rnb_kernels.models.GPT` under one mixing method.
+
+    Args:
+        model_cfg: model size (a fresh model seeded with ``cfg.seed`` is built, so every
+            method starts from the same weights).
+        train_data: training rows; ``train_data.domains`` are the mixer's domains ``[0, m)``.
+        eval_data: eval rows; ``eval_data.domains`` in the same domain space (used for
+            ``p_eval`` when not given).
+        method: one of :data:`METHODS`.
+        cfg: optimisation / mixing settings.
+        num_domains: ``m`` (default ``max(train_data.domains) + 1``).
+        p_eval: ``float[m]`` eval share per domain for R&B (default from ``eval_data``).
+        eval_groups, num_groups: how eval losses are reported per domain (default: the
+            mixer's domains). Use the original domains to compare original vs regrouped runs.
+        target: the specific set DGA aligns with (default: ``eval_data``).
+        name: label of the run in results and logs (default ``method``).
+        out_dir: where ``<name>.train.jsonl`` / ``.eval.jsonl`` / ``.weights.jsonl`` go.
+        progress: show a tqdm bar.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if len(train_data) == 0 or len(eval_data) == 0:
+        raise ValueError("train_data and eval_data must be non-empty")
+    name = name or method
+    m = int(num_domains if num_domains is not None else train_data.domains.max() + 1)
+    if p_eval is None:
+        p_eval = np.bincount(eval_data.domains, minlength=m).astype(np.float64)
+    eval_groups = eval_data.domains if eval_groups is None else eval_groups
+    g = int(num_groups if num_groups is not None else max(int(eval_groups.max()) + 1, m))
+    target = eval_data if target is None else target
+    logs = None
+    if out_dir is not None:
+        logs = Path(out_dir)
+        logs.mkdir(parents=True, exist_ok=True)
+        for suffix in ("train", "eval", "weights"):
+            (logs / f"{name}.{suffix}.jsonl").unlink(missing_ok=True)
+
+    torch.manual_seed(cfg.seed)
+    dev = torch.device(cfg.device)
+    model = GPT(model_cfg).to(dev)
+    model.train()
+    opt = _optimizer(model, cfg)
+    mixer = _make_mixer(method, m, cfg, train_data, p_eval)
+    tracker = None
+    if method in ("dga", "rnb"):
+        from .tracking import DomainGradientTracker
+
+        tracker = DomainGradientTracker(
+            model, m, mode=cfg.tracker_mode, backend=cfg.backend, seed=cfg.seed
+        )
+    sampler = _DomainSampler(train_data.domains, m, cfg.seed)
+    # Separate streams so that target batches do not shift the training sample sequence.
+    target_rng = np.random.default_rng(cfg.seed + 1)
+    res = TrainResult(method=name)
+    res.domain_counts = np.zeros(m)
+    weights_hist = [mixer.sampling_weights.numpy().copy()]
+    res.weight_steps = [0]
+    loss_sum, loss_cnt = np.zeros(m), np.zeros(m)
+
+    def do_eval(step: int) -> None:
+        loss, per = evaluate(model, eval_data, g, groups=eval_groups)
+        res.eval_steps.append(step)
+        res.eval_losses.append(loss)
+        res.per_domain_eval = per
+        _jsonl(logs and logs / f"{name}.eval.jsonl", {"step": step, "eval_loss": loss})
+        logger.info("%s step %d: eval loss %.4f", name, step, loss)
+
+    do_eval(0)
+    bar = tqdm_bar(cfg.steps, name, progress)
+    t_start = time.perf_counter()
+    eval_s = 0.0
+    for step in range(cfg.steps):
+        idx = sampler.draw(mixer.sampling_weights.numpy(), cfg.batch_size)
+        t_idx = torch.from_numpy(idx)
+        x, y = train_data.inputs[t_idx].to(dev), train_data.labels[t_idx].to(dev)
+        dom = train_data.domains[idx]
+        np.add.at(res.domain_counts, dom, 1.0)
+        ps = per_sample_loss(model(x), y)
+        loss = ps.mean()
+        loss_v = loss.item()
+        if tracker is not None:
+            with tracker.domains(torch.from_numpy(dom).to(dev)):
+                loss.backward()
+        else:
+            loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        lr = cfg.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if method == "odm":
+            np.add.at(loss_sum, dom, ps.detach().double().cpu().numpy())
+            np.add.at(loss_cnt, dom, 1.0)
+
+        if mixer.should_update(step + 1):
+            t_mix = time.perf_counter()
+            _mixture_update(
+                method, mixer, tracker, model, cfg, train_data, target, target_rng, loss_sum,
+                loss_cnt,
+            )  # fmt: skip
+            res.mix_s += time.perf_counter() - t_mix
+            weights_hist.append(mixer.sampling_weights.numpy().copy())
+            res.weight_steps.append(step + 1)
+            _jsonl(
+                logs and logs / f"{name}.weights.jsonl",
+                {"step": step + 1, "weights": weights_hist[-1].round(6).tolist()},
+            )
+        _jsonl(
+            logs and logs / f"{name}.train.jsonl",
+            {"step": step + 1, "loss": loss_v, "lr": lr},
+        )
+        bar.set_postfix(loss=f"{loss_v:.3f}", refresh=False)
+        bar.update(1)
+        if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            t_eval = time.perf_counter()
+            do_eval(step + 1)
+            eval_s += time.perf_counter() - t_eval
+    bar.close()
+    res.train_s = time.perf_counter() - t_start - eval_s
+    res.final_eval = res.eval_losses[-1]
+    res.weights = np.stack(weights_hist)
+    res.skipped_updates = mixer.skipped_updates
+    if tracker is not None:
+        tracker.remove()
+    return res
+
+
+def tqdm_bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+def _mixture_update(
+    method, mixer, tracker, model, cfg, train_data, target, rng, loss_sum, loss_cnt
+) -> None:
+    """Close a round: read this round's statistics, update the mixer, start a new round."""
+    if method == "rnb":
+        mixer.update(gram=tracker.gram(), counts=tracker.counts())
+        tracker.reset()
+    elif method == "dga":
+        # The target gradient costs one forward and a backward that stops at the LM head.
+        t = torch.from_numpy(rng.choice(len(target), size=cfg.batch_size, replace=False))
+        dev = next(model.parameters()).device
+        tl = per_sample_loss(model(target.inputs[t].to(dev)), target.labels[t].to(dev)).sum()
+        tracker.record_target(tl)
+        mixer.update(
+            alignment=tracker.target_alignment(),
+            counts=tracker.counts(),
+            target_count=tracker.target_count(),
+        )
+        tracker.reset()
+    elif method == "dga-extra":
+        from .mixing import domain_gradient_alignment
+
+        # Batches are (data, indices) so one loss function serves domain and target batches.
+        batches: list[Any] = []
+        for d in range(mixer.num_domains):
+            members = np.flatnonzero(train_data.domains == d)
+            take = min(cfg.dga_extra_batch, members.size)
+            batches.append(
+                (train_data, rng.choice(members, size=take, replace=False)) if take else None
+            )
+        spe = (target, rng.choice(len(target), size=cfg.batch_size, replace=False))
+
+        def pair_loss(mod: torch.nn.Module, batch: tuple[EncodedData, np.ndarray]) -> torch.Tensor:
+            data, ix = batch
+            tt = torch.from_numpy(ix)
+            dev = next(mod.parameters()).device
+            return per_sample_loss(mod(data.inputs[tt].to(dev)), data.labels[tt].to(dev)).mean()
+
+        a = domain_gradient_alignment(model, pair_loss, batches, spe)
+        mixer.update(alignment=a)
+    elif method == "odm":
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.where(loss_cnt > 0, loss_sum / np.maximum(loss_cnt, 1), 0.0)
+        mixer.update(losses=mean, counts=loss_cnt.copy())
+        loss_sum[:] = 0.0
+        loss_cnt[:] = 0.0
