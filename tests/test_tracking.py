@@ -1,0 +1,524 @@
+"""DomainGradientTracker: per-domain gradients against brute force, param.grad identity, tied
+weights, micro-batches, autocast, checkpointing, sketch statistics, target row, persistence."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from rnb_kernels.ops.reference import count_sketch_ref, gram_ref, sketch_hash_ref
+from rnb_kernels.tracking import DomainGradientTracker, _bias_hash
+
+from _tol import assert_close
+
+M = 4  # domains
+
+
+class MLP(nn.Module):
+    """Three Linear layers on [B, T, D] inputs; the middle block can be checkpointed."""
+
+    def __init__(self, bias: bool = True, ckpt: bool = False, d: int = 6, h: int = 12, o: int = 5):
+        super().__init__()
+        self.inp = nn.Linear(d, h, bias=bias)
+        self.mid = nn.Linear(h, h, bias=bias)
+        self.head = nn.Linear(h, o, bias=bias)
+        self.ckpt = ckpt
+
+    def _block(self, h):
+        return torch.tanh(self.mid(h))
+
+    def forward(self, x):
+        h = torch.tanh(self.inp(x))
+        h = checkpoint(self._block, h, use_reentrant=False) if self.ckpt else self._block(h)
+        return self.head(h)
+
+
+class TiedLM(nn.Module):
+    """GPT-2-style: lm_head.weight is the token embedding."""
+
+    def __init__(self, vocab: int = 11, d: int = 8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.block = nn.Linear(d, d)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, tokens):
+        return self.lm_head(torch.tanh(self.block(self.wte(tokens))))
+
+
+def token_losses(model: nn.Module, batch) -> torch.Tensor:
+    """Per-token loss [B, T] for MLP (squared output) or TiedLM (next-token CE)."""
+    if isinstance(model, TiedLM):
+        logits = model(batch)
+        return F.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            reduction="none",
+        ).view(batch.shape[0], -1)
+    return model(batch).square().sum(-1)
+
+
+def brute_force(model: nn.Module, module_names, batches, token_ids) -> torch.Tensor:
+    """float64 [m, P]: for each domain, one separate backward of that domain's share of the loss,
+    taken down to each tracked layer's output; dW = dyᵀ x from the captured layer input."""
+    ref = copy.deepcopy(model).double()
+    mods = dict(ref.named_modules())
+    out = torch.zeros(M, 0, dtype=torch.float64)
+    per_layer = []
+    for name in module_names:
+        mod = mods[name]
+        rows = torch.zeros(M, mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0),
+                           dtype=torch.float64)
+        per_layer.append((mod, rows))
+    for batch, ids in zip(batches, token_ids):
+        captured = {}
+
+        def hook(mod, inp, outp):
+            captured[mod] = (inp[0], outp)
+
+        handles = [mod.register_forward_hook(hook) for mod, _ in per_layer]
+        if batch.is_floating_point():
+            batch = batch.double()
+        losses = token_losses(ref, batch)
+        for h in handles:
+            h.remove()
+        for d in range(M):
+            share = (losses * (ids[:, : losses.shape[1]] == d)).sum()
+            for mod, rows in per_layer:
+                x, y = captured[mod]
+                (dy,) = torch.autograd.grad(share, y, retain_graph=True)
+                x2, dy2 = x.detach().reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+                g = [(dy2.T @ x2).reshape(-1)]
+                if mod.bias is not None:
+                    g.append(dy2.sum(0))
+                rows[d] += torch.cat(g)
+    return torch.cat([out] + [rows for _, rows in per_layer], 1)
+
+
+def per_token(ids: torch.Tensor, t: int) -> torch.Tensor:
+    return ids[:, None].expand(-1, t) if ids.dim() == 1 else ids
+
+
+ID_KINDS = ["per-sample", "per-token", "with-ignored"]
+
+
+def make_ids(kind: str, b: int, t: int, g: torch.Generator) -> torch.Tensor:
+    if kind == "per-sample":
+        return torch.randint(0, M, (b,), generator=g)
+    ids = torch.randint(0, M, (b, t), generator=g)
+    if kind == "with-ignored":
+        ids[torch.rand(b, t, generator=g) < 0.3] = -1
+        ids[0] = -1  # a sample with no tracked token at all
+    return ids
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("kind", ID_KINDS)
+@pytest.mark.parametrize("modules", [None, ["inp", "head"]], ids=["last-linear", "two-layers"])
+def test_exact_matches_brute_force_two_micro_batches(bias, kind, modules):
+    g = torch.Generator().manual_seed(1)
+    model = MLP(bias=bias)
+    ref_model = copy.deepcopy(model)
+    tracker = DomainGradientTracker(model, M, modules=modules)
+    b, t = 5, 3
+    batches = [torch.randn(b, t, 6, generator=g) for _ in range(2)]
+    ids = [make_ids(kind, b, t, g) for _ in range(2)]
+    for x, i in zip(batches, ids):
+        with tracker.domains(i):
+            token_losses(model, x).sum().backward()
+    names = tracker.module_names
+    expected = brute_force(ref_model, names, batches, [per_token(i, t) for i in ids])
+    assert_close(tracker.domain_grads(), expected, torch.float32, "domain_grads")
+    assert_close(tracker.gram(), gram_ref(expected), torch.float32, "gram")
+    counts = sum(
+        torch.stack([(per_token(i, t) == d).any(1).sum() for d in range(M)]).double() for i in ids
+    )
+    assert torch.equal(tracker.counts(), counts)
+    tracker.remove()
+
+
+def test_tied_lm_head_tracks_only_the_head_usage():
+    g = torch.Generator().manual_seed(2)
+    model = TiedLM()
+    untracked = copy.deepcopy(model)
+    tracker = DomainGradientTracker(model, M)  # modules=None: the last nn.Linear, lm_head
+    assert tracker.module_names == ["lm_head"]
+    tokens = torch.randint(0, 11, (3, 7), generator=g)
+    ids = make_ids("with-ignored", 3, 6, g)  # per-token ids for the 6 predicted positions
+    with tracker.domains(torch.cat([ids, torch.full((3, 1), -1)], 1)):
+        token_losses(model, tokens).sum().backward()
+    token_losses(untracked, tokens).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n  # embedding + head shares, exactly as untracked
+    expected = brute_force(untracked, ["lm_head"], [tokens], [ids])
+    assert_close(tracker.domain_grads(), expected, torch.float32, "tied lm_head")
+    # The full gradient of the shared weight is NOT what is tracked: the embedding share is not.
+    full = untracked.wte.weight.grad.reshape(-1).double()
+    assert not torch.allclose(tracker.domain_grads().sum(0).double(), full)
+
+
+def test_hf_gpt2_tied_lm_head():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(vocab_size=37, n_positions=16, n_embd=16, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    untracked = copy.deepcopy(model)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    tracker = DomainGradientTracker(model, M)
+    assert tracker.module_names == ["lm_head"]
+    tokens = torch.randint(0, 37, (3, 9))
+    ids = torch.tensor([0, 2, 2])
+    with tracker.domains(ids):
+        model(tokens, labels=tokens).loss.backward()
+    untracked(tokens, labels=tokens).loss.backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+    # Brute force: per domain, d(domain share of the loss)/d(logits), times the final hidden state.
+    out = untracked(tokens, labels=tokens, output_hidden_states=True)
+    h, logits = out.hidden_states[-1].detach().double(), out.logits
+    lp = F.cross_entropy(
+        logits[:, :-1].reshape(-1, 37), tokens[:, 1:].reshape(-1), reduction="none"
+    ).view(3, -1)
+    grads = tracker.domain_grads()
+    for d in range(M):
+        share = (lp * (ids == d)[:, None]).sum() / lp.numel()
+        (dy,) = torch.autograd.grad(share, logits, retain_graph=True)
+        ref = dy.double().reshape(-1, 37).T @ h.reshape(-1, 16)
+        assert_close(grads[d], ref.reshape(-1), torch.float32, f"gpt2 domain {d}")
+    tracker.remove()
+    assert "forward" not in model.lm_head.__dict__
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("ckpt", [False, True], ids=["plain", "checkpointed"])
+def test_param_grad_bit_identical(mode, bias, ckpt):
+    g = torch.Generator().manual_seed(3)
+    model = MLP(bias=bias, ckpt=ckpt)
+    untracked = copy.deepcopy(model)
+    tracker = DomainGradientTracker(
+        model, M, modules=["inp", "mid", "head"], mode=mode, sketch_dim=64
+    )
+    for _ in range(2):  # gradient accumulation over two micro-batches
+        x = torch.randn(4, 3, 6, generator=g)
+        ids = make_ids("with-ignored", 4, 3, g)
+        with tracker.domains(ids):
+            token_losses(model, x).mean().backward()
+        token_losses(untracked, x).mean().backward()
+    x2d = torch.randn(5, 6, generator=g)  # 2-D input, backward outside any context
+    token_losses(model, x2d).sum().backward()
+    token_losses(untracked, x2d).sum().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n
+
+
+def test_checkpointing_elsewhere_matches_brute_force():
+    g = torch.Generator().manual_seed(4)
+    model = MLP(ckpt=True)
+    ref_model = copy.deepcopy(model)
+    tracker = DomainGradientTracker(model, M, modules=["inp", "head"])
+    x = torch.randn(4, 3, 6, generator=g)
+    ids = make_ids("per-token", 4, 3, g)
+    with tracker.domains(ids):
+        token_losses(model, x).sum().backward()
+    expected = brute_force(ref_model, ["inp", "head"], [x], [ids])
+    assert_close(tracker.domain_grads(), expected, torch.float32, "checkpointed model")
+
+
+def test_autocast_bf16_cpu():
+    g = torch.Generator().manual_seed(5)
+    model = MLP()
+    untracked = copy.deepcopy(model)
+    tracker = DomainGradientTracker(model, M)
+    x = torch.randn(4, 3, 6, generator=g)
+    ids = make_ids("per-sample", 4, 3, g)
+    captured = {}
+    untracked.head.register_forward_hook(lambda mod, i, o: captured.update(x=i[0], y=o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with tracker.domains(ids):
+            token_losses(model, x).float().sum().backward()
+        losses = token_losses(untracked, x).float()
+    losses.sum().backward(retain_graph=True)
+    for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
+        assert p.grad.dtype == torch.float32
+        assert torch.equal(p.grad, q.grad), n
+    # Brute force on the same bf16 activations: per domain dy (bf16) against x cast to bf16.
+    xb = captured["x"].detach().to(torch.bfloat16).double().reshape(-1, 12)
+    grads = tracker.domain_grads()
+    for d in range(M):
+        share = (losses * (ids == d)[:, None]).sum()
+        (dy,) = torch.autograd.grad(share, captured["y"], retain_graph=True)
+        dy2 = dy.double().reshape(-1, 5)
+        ref = torch.cat([(dy2.T @ xb).reshape(-1), dy2.sum(0)])
+        assert_close(grads[d], ref, torch.float32, f"bf16 domain {d}")
+
+
+def test_backward_outside_context_is_untracked():
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    token_losses(model, torch.randn(3, 2, 6)).sum().backward()
+    assert torch.equal(tracker.counts(), torch.zeros(M, dtype=torch.float64))
+    assert torch.equal(tracker.gram(), torch.zeros(M, M, dtype=torch.float64))
+    assert float(tracker.domain_grads().abs().sum()) == 0.0
+
+
+def test_bias_hash_is_the_augmented_column():
+    bucket, sign = sketch_hash_ref(7, 6, 50, seed=3, layer=2)
+    b, s = _bias_hash(7, 5, 50, seed=3, layer=2, device=torch.device("cpu"))
+    assert torch.equal(b, bucket[:, 5])
+    assert torch.equal(s.double(), sign[:, 5])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_sketch_equals_count_sketch_and_gram_within_bound(bias):
+    g = torch.Generator().manual_seed(6)
+    model = MLP(bias=bias, h=40, o=30)
+    k = 1024
+    exact_model = copy.deepcopy(model)
+    sk = DomainGradientTracker(model, M, modules=["mid", "head"], mode="sketch", sketch_dim=k,
+                               seed=11)
+    ex = DomainGradientTracker(exact_model, M, modules=["mid", "head"])
+    for _ in range(2):
+        x = torch.randn(6, 4, 6, generator=g)
+        ids = make_ids("with-ignored", 6, 4, g)
+        for mdl, tr in ((model, sk), (exact_model, ex)):
+            with tr.domains(ids):
+                token_losses(mdl, x).sum().backward()
+    # Deterministic part: the sketch is exactly the count-sketch of [dW | db] per layer.
+    grads = ex.domain_grads().double()
+    off, expected = 0, []
+    for layer, mod in enumerate([exact_model.mid, exact_model.head]):
+        ko, ki = mod.weight.shape
+        w = grads[:, off : off + ko * ki].view(M, ko, ki)
+        off += ko * ki
+        if bias:
+            w = torch.cat([w, grads[:, off : off + ko].view(M, ko, 1)], 2)
+            off += ko
+        expected.append(count_sketch_ref(w, k, seed=11, layer=layer))
+    assert_close(sk.domain_sketches(), torch.cat(expected, 1), torch.float32, "sketch")
+    # Statistical part: |G_sketch - G| within 6 sigma of the count-sketch variance, where
+    # var ≈ Σ_layers (|g_a|²|g_b|² + <g_a,g_b>²) / k.
+    var = torch.zeros(M, M, dtype=torch.float64)
+    off = 0
+    for mod in (exact_model.mid, exact_model.head):
+        p = mod.weight.numel() + (mod.bias.numel() if bias else 0)
+        gl = grads[:, off : off + p]
+        off += p
+        gg = gl @ gl.T
+        n2 = gg.diagonal()
+        var += (n2[:, None] * n2[None, :] + gg.square()) / k
+    err = (sk.gram() - ex.gram()).abs()
+    z = err / var.sqrt().clamp(min=1e-30)
+    assert float(z.max()) < 6.0, f"max z-score {float(z.max()):.2f}"
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("how", ["record_target", "target_context"])
+def test_target_row_and_alignment(mode, how):
+    g = torch.Generator().manual_seed(7)
+    model = MLP()
+    ref_model = copy.deepcopy(model)
+    tracker = DomainGradientTracker(model, M, mode=mode, sketch_dim=32)  # < P: collisions
+    x = torch.randn(5, 3, 6, generator=g)
+    ids = make_ids("per-sample", 5, 3, g)
+    with tracker.domains(ids):
+        token_losses(model, x).sum().backward()
+    before = [p.grad.clone() for p in model.parameters()]
+    xs = torch.randn(3, 3, 6, generator=g)
+    if how == "record_target":
+        tracker.record_target(token_losses(model, xs).sum())
+    else:
+        with tracker.target():
+            token_losses(model, xs).sum().backward()
+    for p, b in zip(model.parameters(), before):
+        assert torch.equal(p.grad, b)  # the target backward left training gradients alone
+    assert tracker.target_count() == 3.0
+    # Brute force target gradient of the head (weight + bias).
+    ref = copy.deepcopy(ref_model).double()
+    token_losses(ref, xs.double()).sum().backward()
+    tgt = torch.cat([ref.head.weight.grad.reshape(-1), ref.head.bias.grad])
+    dom = brute_force(ref_model, ["head"], [x], [per_token(ids, 3)])
+    if mode == "exact":
+        assert_close(tracker.target_grad(), tgt, torch.float32, "target row")
+        assert_close(tracker.target_alignment(), dom @ tgt, torch.float32, "alignment")
+    else:
+        n2 = dom.square().sum(1) * tgt.square().sum()
+        sd = ((n2 + (dom @ tgt).square()) / 32).sqrt()
+        err = (tracker.target_alignment() - dom @ tgt).abs()
+        assert bool((err <= 6 * sd + 1e-6).all()), err / sd
+
+
+def test_record_target_rejects_unrelated_loss():
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    w = torch.randn(3, requires_grad=True)
+    with pytest.raises(ValueError, match="tracked module"):
+        tracker.record_target(w.square().sum())
+    assert tracker.target_count() == 0.0
+
+
+def test_grad_scale_is_undone_exactly():
+    g = torch.Generator().manual_seed(8)
+    model, scaled_model = MLP(), None
+    scaled_model = copy.deepcopy(model)
+    plain = DomainGradientTracker(model, M)
+    scaled = DomainGradientTracker(scaled_model, M)
+    for scale in (2.0**10, 2.0**7, 2.0**7):
+        x = torch.randn(4, 3, 6, generator=g)
+        ids = make_ids("per-sample", 4, 3, g)
+        with plain.domains(ids):
+            token_losses(model, x).sum().backward()
+        with scaled.domains(ids, grad_scale=scale):
+            (token_losses(scaled_model, x).sum() * scale).backward()
+    assert torch.equal(plain.domain_grads(), scaled.domain_grads())
+    assert torch.equal(plain.gram(), scaled.gram())
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_nonfinite_micro_batch_is_skipped(mode):
+    g = torch.Generator().manual_seed(9)
+    model = MLP()
+    tracker = DomainGradientTracker(model, M, mode=mode, sketch_dim=64)
+    x = torch.randn(4, 3, 6, generator=g)
+    ids = make_ids("per-sample", 4, 3, g)
+    with tracker.domains(ids):
+        token_losses(model, x).sum().backward()
+    state = tracker.state_dict()
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        with tracker.domains(ids):  # an overflowed (scaled) loss: dy is inf
+            (token_losses(model, x).sum() * float("inf")).backward()
+    assert not bool(torch.isfinite(model.head.weight.grad).all())  # the scaler still sees it
+    assert tracker.nonfinite_skips == 1
+    after = tracker.state_dict()
+    assert torch.equal(after["counts"], state["counts"])
+    for s0, s1 in zip(state["slots"], after["slots"]):
+        for grp in s0["buffers"]:
+            for key in s0["buffers"][grp]:
+                assert torch.equal(s0["buffers"][grp][key], s1["buffers"][grp][key])
+
+
+def test_counts_are_samples_not_tokens():
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    ids = torch.tensor([[0, 0, -1], [1, 2, 2], [-1, -1, -1]])  # row 1 is a packed row: 1 and 2
+    with tracker.domains(ids):
+        token_losses(model, torch.randn(3, 3, 6)).sum().backward()
+    assert tracker.counts().tolist() == [1.0, 1.0, 1.0, 0.0]
+
+
+def test_remove_restores_module_exactly():
+    model = MLP()
+    head = model.head
+    before = dict(head.__dict__)
+    x = torch.randn(2, 3, 6)
+    y0 = model(x)
+    tracker = DomainGradientTracker(model, M, modules="*")
+    assert "forward" in head.__dict__
+    with pytest.raises(ValueError, match="already tracked"):
+        DomainGradientTracker(model, M)
+    tracker.remove()
+    assert head.__dict__.keys() == before.keys()
+    assert type(head).forward is nn.Linear.forward and head.forward.__func__ is nn.Linear.forward
+    assert not head._forward_hooks and not head._forward_pre_hooks and not head._backward_hooks
+    assert torch.equal(model(x), y0)
+    with pytest.raises(RuntimeError, match="removed"):
+        tracker.gram()
+    DomainGradientTracker(model, M).remove()  # can be tracked again
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_state_dict_round_trip_is_bit_exact(mode):
+    g = torch.Generator().manual_seed(10)
+    a_model = MLP()
+    b_model = copy.deepcopy(a_model)
+    a = DomainGradientTracker(a_model, M, mode=mode, sketch_dim=128)
+    b = DomainGradientTracker(b_model, M, mode=mode, sketch_dim=128)
+    data = [(torch.randn(4, 3, 6, generator=g), make_ids("with-ignored", 4, 3, g)) for _ in range(3)]
+    for x, ids in data[:2]:
+        with a.domains(ids, grad_scale=4.0):
+            (token_losses(a_model, x).sum() * 4).backward()
+    a.record_target(token_losses(a_model, data[0][0]).sum())
+    b.load_state_dict(a.state_dict())
+    for model, tr in ((a_model, a), (b_model, b)):
+        with tr.domains(data[2][1]):
+            token_losses(model, data[2][0]).sum().backward()
+    assert torch.equal(a.gram(), b.gram())
+    assert torch.equal(a.counts(), b.counts())
+    assert torch.equal(a.target_alignment(), b.target_alignment())
+    other = DomainGradientTracker(MLP(), M + 1, mode=mode, sketch_dim=128)
+    with pytest.raises(ValueError, match="configured"):
+        other.load_state_dict(a.state_dict())
+
+
+BAD_CONSTRUCTOR = [
+    pytest.param(dict(num_domains=0), ValueError, "num_domains", id="zero-domains"),
+    pytest.param(dict(num_domains=2.0), TypeError, "num_domains", id="float-domains"),
+    pytest.param(dict(mode="fast"), ValueError, "mode", id="bad-mode"),
+    pytest.param(dict(sketch_dim=0), ValueError, "sketch_dim", id="zero-sketch-dim"),
+    pytest.param(dict(modules="nothing*"), ValueError, "modules", id="unmatched-pattern"),
+    pytest.param(dict(modules=[nn.Linear(2, 2)]), ValueError, "modules", id="foreign-module"),
+    pytest.param(dict(modules=["*"], backend="gpu"), ValueError, "backend", id="bad-backend"),
+    pytest.param(dict(seed=-1), ValueError, "seed", id="negative-seed"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, word", BAD_CONSTRUCTOR)
+def test_bad_constructor_arguments(kwargs, exc, word):
+    model = MLP()
+    kwargs = {"num_domains": M, **kwargs}
+    with pytest.raises(exc, match=word):
+        DomainGradientTracker(model, **kwargs)
+    assert "forward" not in model.head.__dict__
+
+
+def test_non_linear_module_is_rejected():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1))
+    with pytest.raises(TypeError, match="nn.Linear"):
+        DomainGradientTracker(model, M, modules="1")
+
+
+BAD_IDS = [
+    pytest.param(torch.tensor([0.0, 1.0, 1.0]), TypeError, "dtype", id="float-ids"),
+    pytest.param(torch.tensor([True, False, True]), TypeError, "dtype", id="bool-ids"),
+    pytest.param(torch.tensor([0, 4, 1]), ValueError, "num_domains", id="id-too-large"),
+    pytest.param(torch.tensor([0, -2, 1]), ValueError, "num_domains", id="id-below-minus-one"),
+    pytest.param(torch.zeros(3, 2, 1, dtype=torch.long), ValueError, "batch", id="3d-ids"),
+    pytest.param(torch.zeros(0, dtype=torch.long), ValueError, "empty", id="empty-ids"),
+    pytest.param("abc", TypeError, "domain_ids", id="string-ids"),
+]
+
+
+@pytest.mark.parametrize("ids, exc, word", BAD_IDS)
+def test_bad_domain_ids_leave_state_unchanged(ids, exc, word):
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    with pytest.raises(exc, match=word):
+        with tracker.domains(ids):
+            token_losses(model, torch.randn(3, 2, 6)).sum().backward()
+    assert float(tracker.counts().sum()) == 0.0
+    assert float(tracker.domain_grads().abs().sum()) == 0.0
+    assert tracker._active is None
+
+
+def test_ids_not_matching_the_batch_raise_in_backward():
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    with pytest.raises(ValueError, match="domain_ids"):
+        with tracker.domains(torch.tensor([[0, 1, 2]])):  # [1, 3] ids for a [2, 2] batch
+            token_losses(model, torch.randn(2, 2, 6)).sum().backward()
+    assert float(tracker.counts().sum()) == 0.0
+    assert tracker._active is None
+
+
+def test_contexts_do_not_nest():
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    with tracker.domains(torch.tensor([0, 1])):
+        with pytest.raises(RuntimeError, match="nest"):
+            with tracker.domains(torch.tensor([0, 1])):
+                pass
