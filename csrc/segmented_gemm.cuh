@@ -5,12 +5,14 @@
 // permutation `order`, so a k-step gathers whole rows (each a contiguous, coalesced run of
 // K_out / K_in elements) and the reduction dimension is grouped by domain.
 //
-// Each CTA owns one 128 x 128 output tile and walks its range of sorted rows in steps of at
-// most 32 rows that stay inside one segment (segments.h). The tensor-core accumulator `seg`
-// then always holds one domain's partial tile; when the segment ends it is handed to the
-// caller's flush (RMW into acc[d], or count-sketch atomics) and added into a second register
-// tile `tot` that becomes dW. The CTA owns its output tile for every domain, so without a row
-// split the flush is a plain read-modify-write; with a split (small layers) it is atomic.
+// Each CTA (8 warps, each owning a 64 x 32 sub-tile) owns one 128 x 128 output tile and walks
+// its range of sorted rows in steps that stay inside one segment (segments.h): at most 32 rows
+// for 16-bit inputs, 16 for fp32, double-buffered in shared memory through cp.async. The
+// tensor-core accumulator `seg` then always holds one domain's partial tile; when the segment
+// ends it is handed to the caller's flush (RMW into acc[d], or count-sketch atomics) and added
+// into a second register tile `tot` that becomes dW. The CTA owns its output tile for every
+// domain, so without a row split the flush is a plain read-modify-write; with a split (layers
+// too small to fill the GPU with output tiles) several CTAs share a tile and flush atomically.
 //
 // Tensor cores through WMMA: fp16/bf16 inputs use m16n16k16 with fp32 accumulation (products of
 // 16-bit values are exact in fp32). fp32 inputs use m16n16k8 TF32 in the 3xTF32 scheme
