@@ -137,7 +137,9 @@ class Balancer:
         elif tracker is None:
             self.tracker = DomainGradientTracker(model, self.num_domains) if needs_grads else None
         else:
-            raise TypeError(f"tracker must be None, a dict or a tracker, got {type(tracker).__name__}")
+            raise TypeError(
+                f"tracker must be None, a dict or a tracker, got {type(tracker).__name__}"
+            )
         dev = self.tracker.device if self.tracker is not None else _model_device(model)
         self._loss_sums = torch.zeros(self.num_domains, dtype=torch.float64, device=dev)
         self._loss_counts = torch.zeros(self.num_domains, dtype=torch.float64, device=dev)
@@ -158,8 +160,9 @@ class Balancer:
                 logger.info("tensorboard not installed; logging CSV and JSONL only")
 
     # ------------------------------------------------------------------ loop hooks
-    def make_sampler(self, domain_labels: Any, batch_size: int, seed: int = 0,
-                     **kwargs: Any) -> MixtureSampler:
+    def make_sampler(
+        self, domain_labels: Any, batch_size: int, seed: int = 0, **kwargs: Any
+    ) -> MixtureSampler:
         """Build a :class:`~rnb_kernels.MixtureSampler` following this balancer's mixer (and
         keep it for :meth:`state_dict`)."""
         self.sampler = MixtureSampler(
@@ -220,7 +223,9 @@ class Balancer:
             return self.update()
         return None
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> torch.Tensor | None:
+    def optimizer_step(
+        self, optimizer: torch.optim.Optimizer, scaler: Any = None
+    ) -> torch.Tensor | None:
         """``optimizer.step()`` (through ``scaler`` if given), ``zero_grad()``, then
         :meth:`after_step`."""
         if scaler is not None:
@@ -239,7 +244,7 @@ class Balancer:
         if tr is not None:
             tr.sync()
         rdist.all_reduce_sum_([self._loss_sums, self._loss_counts])
-        loss_counts = self._loss_counts.cpu()
+        loss_counts = self._loss_counts.detach().to("cpu", copy=True)
         losses = torch.where(
             loss_counts > 0, self._loss_sums.cpu() / loss_counts.clamp(min=1), float("nan")
         )
@@ -294,7 +299,9 @@ class Balancer:
 
     def _log(self, record: dict[str, Any]) -> None:
         logger.info(
-            "round %d (step %d): weights %s", record["round"], record["step"],
+            "round %d (step %d): weights %s",
+            record["round"],
+            record["step"],
             [round(w, 4) for w in record["weights"]],
         )
         if self.log_dir is None or rdist.rank() != 0:
@@ -306,8 +313,9 @@ class Balancer:
             if not self._csv_header_done and f.tell() == 0:
                 w.writerow(["step", "round", *[f"w{i}" for i in range(m)], "update_time_s"])
             self._csv_header_done = True
-            w.writerow([record["step"], record["round"], *record["weights"],
-                        record["update_time_s"]])
+            w.writerow(
+                [record["step"], record["round"], *record["weights"], record["update_time_s"]]
+            )
         with open(os.path.join(self.log_dir, "mixture.jsonl"), "a") as f:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:

@@ -1,0 +1,487 @@
+"""Mixers (R&B, DGA, DGADistribution, Stratified, Static, ODM) and the Balancer."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from rnb_kernels.balancer import Balancer
+from rnb_kernels.mixing import (
+    DGA,
+    ODM,
+    DGADistribution,
+    RnB,
+    Static,
+    Stratified,
+    domain_gradient_alignment,
+)
+from rnb_kernels.tracking import DomainGradientTracker
+
+F64 = torch.float64
+
+
+def hand_rnb(G, n, p_eval, lam):
+    """The DESIGN.md section 1 formula, written out with numpy."""
+    G, n, p = np.asarray(G, float), np.asarray(n, float), np.asarray(p_eval, float)
+    p = p / p.sum()
+    inv = np.array([1.0 / c if c > 0 else 0.0 for c in n])
+    Gm = G * np.outer(inv, inv)
+    v = Gm @ p
+    z = lam * v / np.linalg.norm(v)
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def spd(m, seed):
+    g = np.random.default_rng(seed)
+    a = g.normal(size=(m, 3 * m))
+    return a @ a.T
+
+
+@pytest.mark.parametrize("lam", [0.5, 3.0])
+@pytest.mark.parametrize("empty_domain", [False, True], ids=["all-seen", "one-empty"])
+def test_rnb_matches_formula(lam, empty_domain):
+    m = 5
+    G = spd(m, 1)
+    n = np.array([3.0, 1.0, 7.0, 2.0, 4.0])
+    if empty_domain:
+        n[2] = 0.0
+    p_eval = [0.1, 0.2, 0.3, 0.0, 0.4]
+    mixer = RnB(m, eval_proportions=p_eval, lam=lam)
+    w = mixer.update(gram=torch.tensor(G), counts=torch.tensor(n))
+    assert w.dtype == F64
+    np.testing.assert_allclose(w.numpy(), hand_rnb(G, n, p_eval, lam), rtol=1e-12, atol=1e-15)
+    assert math.isclose(float(w.sum()), 1.0, rel_tol=1e-12)
+    # Overwrite, no carry-over: a second update with the same inputs gives the same weights.
+    assert torch.equal(mixer.update(gram=torch.tensor(G), counts=torch.tensor(n)), w)
+    assert mixer.num_updates == 2
+
+
+def test_rnb_zero_gp_keeps_weights_and_nonfinite_gram_skips():
+    mixer = RnB(3, eval_proportions=[1.0, 0.0, 0.0], init_weights=[0.2, 0.3, 0.5])
+    before = mixer.weights
+    # Domain 0 (the only evaluated one) had no samples: G p_eval = 0.
+    w = mixer.update(gram=torch.eye(3, dtype=F64), counts=torch.tensor([0.0, 2.0, 2.0]))
+    assert torch.equal(w, before) and mixer.skipped_updates == 1
+    bad = torch.eye(3, dtype=F64)
+    bad[1, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite gram"):
+        w = mixer.update(gram=bad, counts=torch.ones(3))
+    assert torch.equal(w, before)
+    assert mixer.skipped_updates == 2 and mixer.num_updates == 0
+    assert "non-finite" in mixer.last_skip_reason
+
+
+@pytest.mark.parametrize("ema", [1.0, 0.1, 0.5])
+def test_dga_step_and_ema_match_formula(ema):
+    alpha = np.array([0.5, 0.3, 0.2])
+    a = np.array([0.4, -1.0, 2.0])
+    eta = 0.7
+    mixer = DGA(3, step_size=eta, ema=ema, init_weights=alpha)
+    w = mixer.update(alignment=torch.tensor(a))
+    hat = alpha * np.exp(eta * a)
+    hat /= hat.sum()
+    np.testing.assert_allclose(w.numpy(), (1 - ema) * alpha + ema * hat, rtol=1e-12)
+
+
+def test_dga_ema_smooths():
+    """With β < 1 each step moves only a β fraction of the way; the EMA path is smoother."""
+    a = torch.tensor([1.0, -1.0])
+    raw, smooth = DGA(2, step_size=2.0, ema=1.0), DGA(2, step_size=2.0, ema=0.1)
+    w_raw, w_smooth = [raw.weights], [smooth.weights]
+    for sign in (1, -1, 1, -1, 1, -1):
+        w_raw.append(raw.update(alignment=sign * a))
+        w_smooth.append(smooth.update(alignment=sign * a))
+        alpha_prev = w_smooth[-2]
+        hat = alpha_prev * torch.exp(2.0 * sign * a)
+        hat /= hat.sum()
+        torch.testing.assert_close(w_smooth[-1], 0.9 * alpha_prev + 0.1 * hat)
+    jumps = lambda ws: max(float((x - y).abs().max()) for x, y in zip(ws, ws[1:]))  # noqa: E731
+    assert jumps(w_smooth) < 0.25 * jumps(w_raw)
+
+
+def test_dga_sums_are_divided_by_counts():
+    mixer = DGA(3, step_size=1.0, ema=1.0)
+    ref = DGA(3, step_size=1.0, ema=1.0)
+    sums = torch.tensor([6.0, 3.0, 5.0], dtype=F64)
+    counts = torch.tensor([2.0, 3.0, 0.0], dtype=F64)
+    w = mixer.update(alignment=sums, counts=counts, target_count=4.0)
+    w_ref = ref.update(alignment=torch.tensor([6 / 8, 3 / 12, 0.0]))  # empty domain: mean 0
+    torch.testing.assert_close(w, w_ref, rtol=1e-14, atol=0)
+    assert torch.equal(mixer.update(alignment=sums, counts=counts, target_count=0.0), w)
+
+
+def test_dga_nonfinite_alignment_skips():
+    mixer = DGA(2, step_size=1.0)
+    before = mixer.weights
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        w = mixer.update(alignment=torch.tensor([float("inf"), 0.0]))
+    assert torch.equal(w, before) and mixer.skipped_updates == 1
+
+
+def test_dga_converges_to_target_mixture_linear_regression():
+    """DGA paper, Theorem 1 setting: linear regression, domain i has parameter θ_i (orthonormal),
+    the specific set is mix(α*) of the domains. Our gradient source: the tracker's per-domain
+    sums of the training batches plus a recorded target row."""
+    torch.manual_seed(0)
+    d = m = 3
+    B, K, steps = 128, 4, 400
+    theta = torch.eye(d)
+    alpha_star = torch.tensor([0.6, 0.3, 0.1], dtype=F64)
+    model = nn.Linear(d, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5 / B)
+    tracker = DomainGradientTracker(model, m)
+    mixer = DGA(m, step_size=1.0, ema=0.5, update_every=K)
+    g = torch.Generator().manual_seed(1)
+
+    def batch(p, n):
+        dom = torch.multinomial(p.float(), n, replacement=True, generator=g)
+        x = torch.randn(n, d, generator=g)
+        return x, (x * theta[dom]).sum(1, keepdim=True), dom
+
+    start = float((mixer.weights - alpha_star).abs().sum())
+    late = []
+    for step in range(1, steps + 1):
+        x, y, dom = batch(mixer.weights, B)
+        with tracker.domains(dom):
+            (0.5 * (model(x) - y).square().sum()).backward()
+        opt.step()
+        opt.zero_grad()
+        if mixer.should_update(step):
+            xs, ys, _ = batch(alpha_star, 2 * B)
+            tracker.record_target(0.5 * (model(xs) - ys).square().sum())
+            mixer.update(
+                alignment=tracker.target_alignment(),
+                counts=tracker.counts(),
+                target_count=tracker.target_count(),
+            )
+            tracker.reset()
+            if step > steps // 2:
+                late.append(mixer.weights)
+    final = float((mixer.weights - alpha_star).abs().sum())
+    avg = float((torch.stack(late).mean(0) - alpha_star).abs().sum())
+    assert start > 0.5
+    assert final < 0.12, mixer.weights
+    assert avg < 0.04, torch.stack(late).mean(0)
+
+
+def test_extra_pass_alignment_equals_tracker_sums():
+    """The paper's extra forward/backward per domain and our free sums agree on a model whose
+    only parameters are the tracked Linear."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Linear(5, 2)
+    tracker = DomainGradientTracker(model, 3)
+    batches = [(torch.randn(4, 5, generator=g), torch.randn(4, 2, generator=g)) for _ in range(3)]
+    target = (torch.randn(6, 5, generator=g), torch.randn(6, 2, generator=g))
+
+    def loss_fn(mdl, b):
+        return (mdl(b[0]) - b[1]).square().sum(1).mean()
+
+    paper = domain_gradient_alignment(model, loss_fn, batches + [None], target)
+    assert paper[3] == 0.0
+    for i, b in enumerate(batches):
+        with tracker.domains(torch.full((4,), i)):
+            (model(b[0]) - b[1]).square().sum().backward()
+    tracker.record_target((model(target[0]) - target[1]).square().sum())
+    ours = tracker.target_alignment() / (tracker.counts() * tracker.target_count())
+    torch.testing.assert_close(ours, paper[:3], rtol=1e-5, atol=1e-6)
+
+
+def test_dga_distribution_sampling_and_projection():
+    B = DGADistribution.default_bases([0, 0, 3, 3, 3, 1], coarse_of_fine=[0, 0, 1, 1])
+    expected = torch.tensor(
+        [[2 / 6, 1 / 6, 0, 3 / 6], [0.5, 0.5, 0, 0], [0, 0, 0.5, 0.5]], dtype=F64
+    )
+    torch.testing.assert_close(B, expected)
+    mixer = DGADistribution(B, step_size=0.5, ema=1.0, init_weights=[0.2, 0.3, 0.5])
+    torch.testing.assert_close(mixer.sampling_weights, torch.tensor([0.2, 0.3, 0.5], dtype=F64) @ B)
+    fine = torch.tensor([1.0, -2.0, 0.5, 3.0], dtype=F64)
+    ref = DGA(3, step_size=0.5, ema=1.0, init_weights=[0.2, 0.3, 0.5])
+    w = mixer.update(alignment=fine)  # cluster level: projected as B @ a
+    torch.testing.assert_close(w, ref.update(alignment=B @ fine))
+    w2 = mixer.update(alignment=torch.tensor([0.1, 0.2, 0.3]), level="basis")
+    torch.testing.assert_close(w2, ref.update(alignment=torch.tensor([0.1, 0.2, 0.3])))
+    assert math.isclose(float(mixer.sampling_weights.sum()), 1.0)
+
+
+def test_baselines():
+    assert Stratified(4).weights.tolist() == [0.25] * 4
+    assert Stratified(4).update(gram=torch.eye(4)).tolist() == [0.25] * 4
+    assert Static([1, 3]).weights.tolist() == [0.25, 0.75]
+    assert Static.natural([100, 300, 600]).weights.tolist() == [0.1, 0.3, 0.6]
+    assert Static.importance([0, 2, 2, 2], num_domains=3).weights.tolist() == [0.25, 0.0, 0.75]
+
+
+def test_odm_matches_exp3_and_favours_high_loss():
+    m = 3
+    mixer = ODM(m, smoothing=0.9)
+    rewards = np.zeros(m)
+    pi = np.full(m, 1 / m)
+    losses = np.array([3.0, 1.0, 0.5])
+    for t in range(1, 30):
+        w = mixer.update(losses=torch.tensor(losses), counts=torch.tensor([4.0, 4.0, 0.0]))
+        seen = np.array([True, True, False])
+        rewards[seen] = 0.9 * rewards[seen] + 0.1 * losses[seen] / pi[seen]
+
+        def eps(s):
+            return min(1 / m, math.sqrt(math.log(m) / (m * s)))
+
+        e = np.exp(eps(t) * rewards - (eps(t) * rewards).max())
+        pi = (1 - m * eps(t + 1)) * e / e.sum() + eps(t + 1)
+        pi /= pi.sum()
+        np.testing.assert_allclose(w.numpy(), pi, rtol=1e-12)
+    assert w[0] > w[1] > w[2]  # unobserved domain keeps its (zero) reward
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        mixer.update(losses=torch.tensor([float("nan"), 1.0, 1.0]), counts=torch.ones(3))
+
+
+def _drive(mixer, rng):
+    m = mixer.num_domains
+    if isinstance(mixer, RnB):
+        return mixer.update(gram=torch.tensor(spd(m, int(rng.integers(1 << 30)))),
+                            counts=torch.tensor(rng.integers(0, 5, m).astype(float)))
+    if isinstance(mixer, DGADistribution):
+        return mixer.update(alignment=torch.tensor(rng.normal(size=mixer.num_clusters)))
+    if isinstance(mixer, DGA):
+        return mixer.update(alignment=torch.tensor(rng.normal(size=m)))
+    if isinstance(mixer, ODM):
+        return mixer.update(losses=torch.tensor(rng.random(m) * 3), counts=torch.ones(m))
+    return mixer.update()
+
+
+MIXERS = {
+    "rnb": lambda: RnB(4, eval_proportions=[0.1, 0.2, 0.3, 0.4], lam=2.0),
+    "dga": lambda: DGA(4, step_size=0.3, ema=0.1),
+    "dga-distribution": lambda: DGADistribution(
+        DGADistribution.default_bases([0, 1, 1, 5], [0, 0, 1, 1, 2, 2]), step_size=0.3
+    ),
+    "odm": lambda: ODM(4),
+    "stratified": lambda: Stratified(4),
+    "static": lambda: Static([1, 2, 3, 4]),
+}
+
+
+@pytest.mark.parametrize("name", list(MIXERS))
+def test_mixer_state_dict_resumes_bit_exactly(name):
+    a = MIXERS[name]()
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        _drive(a, rng)
+    state = copy.deepcopy(a.state_dict())
+    rng_state = rng.bit_generator.state
+    tail_a = [_drive(a, rng) for _ in range(3)]
+    b = MIXERS[name]()
+    b.load_state_dict(state)
+    rng.bit_generator.state = rng_state
+    tail_b = [_drive(b, rng) for _ in range(3)]
+    for x, y in zip(tail_a, tail_b):
+        assert torch.equal(x, y)
+    assert math.isclose(float(b.weights.sum()), 1.0, rel_tol=1e-12)
+
+
+def _assert_unchanged(mixer, before):
+    assert torch.equal(mixer.weights, before["weights"])
+    assert mixer.num_updates == before["num_updates"]
+    assert mixer.skipped_updates == before["skipped_updates"]
+
+
+BAD_UPDATES = [
+    pytest.param("rnb", dict(gram=torch.eye(3), counts=torch.ones(4)), ValueError, "gram",
+                 id="rnb-gram-shape"),
+    pytest.param("rnb", dict(gram="eye", counts=torch.ones(4)), TypeError, "gram",
+                 id="rnb-gram-type"),
+    pytest.param("rnb", dict(gram=torch.eye(4), counts=-torch.ones(4)), ValueError, "counts",
+                 id="rnb-negative-counts"),
+    pytest.param("rnb", dict(gram=torch.eye(4), counts=torch.tensor([1.0, float("nan"), 1, 1])),
+                 ValueError, "counts", id="rnb-nan-counts"),
+    pytest.param("dga", dict(alignment=torch.ones(3)), ValueError, "alignment",
+                 id="dga-alignment-shape"),
+    pytest.param("dga", dict(alignment=torch.ones(4), counts=torch.ones(4)), ValueError,
+                 "target_count", id="dga-missing-target-count"),
+    pytest.param("dga", dict(alignment=torch.ones(4), counts=torch.ones(4), target_count=-1.0),
+                 ValueError, "target_count", id="dga-negative-target-count"),
+    pytest.param("dga", dict(alignment=torch.ones(4, dtype=torch.complex64)), TypeError,
+                 "alignment", id="dga-complex-alignment"),
+    pytest.param("odm", dict(losses=torch.ones(4), counts=torch.ones(3)), ValueError, "counts",
+                 id="odm-counts-shape"),
+]
+
+
+@pytest.mark.parametrize("name, kwargs, exc, word", BAD_UPDATES)
+def test_bad_update_inputs_leave_state_unchanged(name, kwargs, exc, word):
+    mixer = MIXERS[name]()
+    _drive(mixer, np.random.default_rng(1))
+    before = mixer.state_dict()
+    with pytest.raises(exc, match=word):
+        mixer.update(**kwargs)
+    _assert_unchanged(mixer, before)
+
+
+BAD_CONSTRUCTORS = [
+    pytest.param(lambda: RnB(0, eval_proportions=[]), ValueError, "num_domains", id="rnb-zero-m"),
+    pytest.param(lambda: RnB(2, eval_proportions=[0.0, 0.0]), ValueError, "eval_proportions",
+                 id="rnb-eval-sum-zero"),
+    pytest.param(lambda: RnB(2, eval_proportions=[1.0, -0.5]), ValueError, "eval_proportions",
+                 id="rnb-eval-negative"),
+    pytest.param(lambda: RnB(2, eval_proportions=[1.0, float("nan")]), ValueError,
+                 "eval_proportions", id="rnb-eval-nan"),
+    pytest.param(lambda: RnB(2, eval_proportions=[1.0, 1.0, 1.0]), ValueError,
+                 "eval_proportions", id="rnb-eval-length"),
+    pytest.param(lambda: RnB(2, eval_proportions=[1, 1], lam=0.0), ValueError, "lam",
+                 id="rnb-lam-zero"),
+    pytest.param(lambda: RnB(2, eval_proportions=[1, 1], update_every=0), ValueError,
+                 "update_every", id="rnb-update-every-zero"),
+    pytest.param(lambda: DGA(2, step_size=-1.0), ValueError, "step_size", id="dga-negative-eta"),
+    pytest.param(lambda: DGA(2, step_size=1.0, ema=0.0), ValueError, "ema", id="dga-ema-zero"),
+    pytest.param(lambda: DGA(2, step_size=1.0, ema=1.5), ValueError, "ema", id="dga-ema-big"),
+    pytest.param(lambda: DGA(2, step_size="1"), TypeError, "step_size", id="dga-eta-str"),
+    pytest.param(lambda: DGA(2, 1.0, init_weights=[float("inf"), 1.0]), ValueError,
+                 "init_weights", id="dga-init-inf"),
+    pytest.param(lambda: DGADistribution([[1.0, 0.0], [0.0, 0.0]], 1.0), ValueError,
+                 r"bases\[1\]", id="dgad-empty-basis"),
+    pytest.param(lambda: Static([0.0, 0.0]), ValueError, "weights", id="static-all-zero"),
+    pytest.param(lambda: Static.natural([]), ValueError, "sizes", id="natural-empty"),
+    pytest.param(lambda: ODM(3, smoothing=1.0), ValueError, "smoothing", id="odm-smoothing-one"),
+    pytest.param(lambda: Stratified(2.5), TypeError, "num_domains", id="stratified-float-m"),
+]
+
+
+@pytest.mark.parametrize("make, exc, word", BAD_CONSTRUCTORS)
+def test_bad_constructor_arguments(make, exc, word):
+    with pytest.raises(exc, match=word):
+        make()
+
+
+def test_load_state_dict_rejects_foreign_state():
+    a, b = RnB(3, eval_proportions=[1, 1, 1]), DGA(3, step_size=1.0)
+    with pytest.raises(ValueError, match="RnB"):
+        b.load_state_dict(a.state_dict())
+    state = a.state_dict()
+    state["weights"] = torch.tensor([0.5, 0.5, float("nan")], dtype=F64)
+    before = a.state_dict()
+    with pytest.raises(ValueError, match="weights"):
+        a.load_state_dict(state)
+    _assert_unchanged(a, before)
+
+
+# ---------------------------------------------------------------------------- Balancer
+
+
+class Tiny(nn.Module):
+    def __init__(self, vocab=13, d=8):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.head = nn.Linear(d, vocab)
+
+    def forward(self, tokens):
+        return self.head(torch.tanh(self.emb(tokens)))
+
+
+def _corpus(n=240, m=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % m
+    tokens = (torch.randint(0, 13, (n, 6), generator=g) + labels[:, None] * 3) % 13
+    return tokens, labels
+
+
+def _run(balancer, model, opt, tokens, labels, sampler_iter, steps, B):
+    for _ in range(steps):
+        idx = torch.tensor([next(sampler_iter) for _ in range(B)])
+        x, ids = tokens[idx], labels[idx]
+        with balancer.step(ids) as s:
+            logits = model(x[:, :-1])
+            loss = nn.functional.cross_entropy(
+                logits.reshape(-1, 13), x[:, 1:].reshape(-1), reduction="none"
+            ).view(len(idx), -1).mean(1)
+            s.record_loss(loss)
+            loss.sum().backward()
+        balancer.optimizer_step(opt)
+
+
+@pytest.mark.parametrize("kind", ["rnb", "dga", "odm"])
+def test_balancer_loop_logs_and_resumes_identically(kind, tmp_path):
+    tokens, labels = _corpus()
+    B, m = 8, 4
+
+    def build(log_dir):
+        torch.manual_seed(0)
+        model = Tiny()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        if kind == "rnb":
+            mixer = RnB(m, eval_proportions=[0.4, 0.3, 0.2, 0.1], lam=3.0, update_every=2)
+            bal = Balancer(model, mixer, log_dir=log_dir)
+        elif kind == "dga":
+            mixer = DGA(m, step_size=5.0, ema=0.5, update_every=2)
+            spe = tokens[labels == 1][:8]
+            bal = Balancer(
+                model, mixer, log_dir=log_dir,
+                target_fn=lambda: nn.functional.cross_entropy(
+                    model(spe[:, :-1]).reshape(-1, 13), spe[:, 1:].reshape(-1), reduction="sum"
+                ),
+            )
+        else:
+            bal = Balancer(model, ODM(m, update_every=2), log_dir=log_dir)
+        sampler = bal.make_sampler(labels, batch_size=B, seed=3)
+        return model, opt, bal, sampler
+
+    model, opt, bal, sampler = build(tmp_path / "a")
+    it = iter(sampler)
+    _run(bal, model, opt, tokens, labels, it, 5, B)  # mid-round: 2 rounds + 1 step
+    assert bal.num_rounds == 2 and len(bal.history) == 2
+    ckpt = copy.deepcopy({"bal": bal.state_dict(), "model": model.state_dict(),
+                          "opt": opt.state_dict()})
+    _run(bal, model, opt, tokens, labels, it, 5, B)
+    next_a = [next(it) for _ in range(10)]
+    weights_a = [h["weights"] for h in bal.history]
+
+    model2, opt2, bal2, sampler2 = build(tmp_path / "b")
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    bal2.load_state_dict(ckpt["bal"])
+    it2 = iter(sampler2)
+    _run(bal2, model2, opt2, tokens, labels, it2, 5, B)
+    assert [h["weights"] for h in bal2.history] == weights_a[2:]  # bit-identical floats
+    assert [next(it2) for _ in range(10)] == next_a
+    assert torch.equal(bal.mixer.weights, bal2.mixer.weights)
+
+    rows = (tmp_path / "a" / "mixture.csv").read_text().strip().splitlines()
+    assert rows[0].startswith("step,round,w0") and len(rows) == 1 + len(weights_a)
+    recs = [json.loads(line) for line in (tmp_path / "a" / "mixture.jsonl").read_text().splitlines()]
+    assert [r["weights"] for r in recs] == weights_a
+    assert all(len(r["loss"]) == m and r["update_time_s"] >= 0 for r in recs)
+    assert sum(recs[0]["counts"]) > 0
+    assert bal.update_time_s > 0
+    if kind == "rnb":
+        assert bal.mixer.num_updates == len(weights_a)
+    bal.close()
+    assert "forward" not in model.head.__dict__
+
+
+def test_balancer_builds_a_tracker_only_when_needed():
+    assert Balancer(Tiny(), RnB(4, eval_proportions=[1, 1, 1, 1])).tracker is not None
+    assert Balancer(Tiny(), Stratified(4)).tracker is None
+    assert Balancer(Tiny(), ODM(4)).tracker is None
+    bal = Balancer(Tiny(), DGA(4, step_size=1.0), tracker={"mode": "sketch", "sketch_dim": 64})
+    assert bal.tracker.mode == "sketch"
+    with pytest.raises(ValueError, match="num_domains"):
+        Balancer(Tiny(), Stratified(3), tracker=DomainGradientTracker(Tiny(), 4))
+    with pytest.raises(TypeError, match="mixer"):
+        Balancer(Tiny(), "rnb")
+    with pytest.raises(ValueError, match="update_every"):
+        Balancer(Tiny(), Stratified(4), update_every=0)
+
+
+def test_balancer_record_loss_validates_shapes():
+    bal = Balancer(Tiny(), ODM(4))
+    with pytest.raises(ValueError, match="loss"):
+        bal.record_loss(torch.ones(3), torch.tensor([0, 1]))
+    bal.record_loss(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[0, 0], [2, -1]]))
+    assert bal._loss_sums.tolist() == [4.0, 0.0, 5.0, 0.0]
+    assert bal._loss_counts.tolist() == [2.0, 0.0, 1.0, 0.0]
