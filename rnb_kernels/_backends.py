@@ -61,7 +61,9 @@ def backend_status(name: str) -> BackendStatus:
         archs = ",".join(ext.built_archs())
         if torch.version.cuda is None:
             return BackendStatus(
-                False, f"_C is built (sm {archs}) but this torch is a CPU-only build"
+                False,
+                f"_C is built (sm {archs}) but this torch is a CPU-only build; "
+                "install a CUDA build of torch to use it",
             )
         if not torch.cuda.is_available():
             return BackendStatus(False, f"_C is built (sm {archs}) but no CUDA device is visible")
