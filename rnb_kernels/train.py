@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .balancer import Balancer
 from .models import GPT, IGNORE_INDEX, GPTConfig, per_sample_loss
 from .tokenizer import CompactVocab
 
@@ -271,33 +272,6 @@ def _make_mixer(method: str, m: int, cfg: TrainConfig, train: EncodedData, p_eva
     raise ValueError(f"method must be one of {METHODS}; got {method!r}")
 
 
-class _DomainSampler:
-    """Seeded categorical draw of a domain per sample, then an example of that domain without
-    replacement (reshuffled when exhausted). Follows ``weights`` as the caller changes them.
-
-    Used when :class:`rnb_kernels.MixtureSampler` is not importable; same semantics.
-    """
-
-    def __init__(self, domains: np.ndarray, m: int, seed: int) -> None:
-        self.rng = np.random.default_rng(seed)
-        self.members = [np.flatnonzero(domains == d) for d in range(m)]
-        self.order = [self.rng.permutation(ix) for ix in self.members]
-        self.pos = [0] * m
-
-    def draw(self, weights: np.ndarray, n: int) -> np.ndarray:
-        w = np.where([len(ix) > 0 for ix in self.members], weights, 0.0)
-        w = w / w.sum()
-        ds = self.rng.choice(len(w), size=n, p=w)
-        out = np.empty(n, dtype=np.int64)
-        for i, d in enumerate(ds):
-            if self.pos[d] >= len(self.order[d]):
-                self.order[d] = self.rng.permutation(self.members[d])
-                self.pos[d] = 0
-            out[i] = self.order[d][self.pos[d]]
-            self.pos[d] += 1
-        return out
-
-
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on biases, LayerNorm gains and position embeddings (GPT-2/nanoGPT practice).
     seen: set[int] = set()
@@ -382,21 +356,27 @@ def train(
     model.train()
     opt = _optimizer(model, cfg)
     mixer = _make_mixer(method, m, cfg, train_data, p_eval)
-    tracker = None
-    if method in ("dga", "rnb"):
-        from .tracking import DomainGradientTracker
-
-        tracker = DomainGradientTracker(
-            model, m, mode=cfg.tracker_mode, backend=cfg.backend, seed=cfg.seed
-        )
-    sampler = _DomainSampler(train_data.domains, m, cfg.seed)
-    # Separate streams so that target batches do not shift the training sample sequence.
-    target_rng = np.random.default_rng(cfg.seed + 1)
+    # Separate stream so that target / extra-pass batches do not shift the training samples.
+    aux_rng = np.random.default_rng(cfg.seed + 1)
+    target_fn, alignment_fn = _gradient_sources(method, model, cfg, train_data, target, aux_rng, m)
+    balancer = Balancer(
+        model,
+        mixer,
+        tracker=(
+            {"mode": cfg.tracker_mode, "backend": cfg.backend, "seed": cfg.seed}
+            if method in ("dga", "rnb")
+            else None
+        ),
+        log_dir=None if logs is None else logs / name,
+        target_fn=target_fn,
+        alignment_fn=alignment_fn,
+    )
+    sampler = balancer.make_sampler(train_data.domains, batch_size=cfg.batch_size, seed=cfg.seed)
+    batches = _batches(sampler, cfg.batch_size)
     res = TrainResult(method=name)
     res.domain_counts = np.zeros(m)
     weights_hist = [mixer.sampling_weights.numpy().copy()]
     res.weight_steps = [0]
-    loss_sum, loss_cnt = np.zeros(m), np.zeros(m)
 
     def do_eval(step: int) -> None:
         loss, per = evaluate(model, eval_data, g, groups=eval_groups)
@@ -411,37 +391,25 @@ def train(
     t_start = time.perf_counter()
     eval_s = 0.0
     for step in range(cfg.steps):
-        idx = sampler.draw(mixer.sampling_weights.numpy(), cfg.batch_size)
+        idx = next(batches)
         t_idx = torch.from_numpy(idx)
         x, y = train_data.inputs[t_idx].to(dev), train_data.labels[t_idx].to(dev)
         dom = train_data.domains[idx]
         np.add.at(res.domain_counts, dom, 1.0)
-        ps = per_sample_loss(model(x), y)
-        loss = ps.mean()
-        loss_v = loss.item()
-        if tracker is not None:
-            with tracker.domains(torch.from_numpy(dom).to(dev)):
-                loss.backward()
-        else:
+        # The five lines a user adds: step context, per-sample loss, after-step update.
+        with balancer.step(torch.from_numpy(dom).to(dev)) as s:
+            ps = per_sample_loss(model(x), y)
+            s.record_loss(ps)
+            loss = ps.mean()
             loss.backward()
+        loss_v = loss.item()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         lr = cfg.lr_at(step)
         for group in opt.param_groups:
             group["lr"] = lr
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if method == "odm":
-            np.add.at(loss_sum, dom, ps.detach().double().cpu().numpy())
-            np.add.at(loss_cnt, dom, 1.0)
-
-        if mixer.should_update(step + 1):
-            t_mix = time.perf_counter()
-            _mixture_update(
-                method, mixer, tracker, model, cfg, train_data, target, target_rng, loss_sum,
-                loss_cnt,
-            )  # fmt: skip
-            res.mix_s += time.perf_counter() - t_mix
+        new_weights = balancer.optimizer_step(opt)
+        if new_weights is not None:
             weights_hist.append(mixer.sampling_weights.numpy().copy())
             res.weight_steps.append(step + 1)
             _jsonl(
@@ -463,8 +431,10 @@ def train(
     res.final_eval = res.eval_losses[-1]
     res.weights = np.stack(weights_hist)
     res.skipped_updates = mixer.skipped_updates
-    if tracker is not None:
-        tracker.remove()
+    res.mix_s = balancer.update_time_s
+    if balancer.tracker is not None:
+        balancer.tracker.remove()
+    balancer.close()
     return res
 
 
@@ -474,49 +444,53 @@ def tqdm_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def _mixture_update(
-    method, mixer, tracker, model, cfg, train_data, target, rng, loss_sum, loss_cnt
-) -> None:
-    """Close a round: read this round's statistics, update the mixer, start a new round."""
-    if method == "rnb":
-        mixer.update(gram=tracker.gram(), counts=tracker.counts())
-        tracker.reset()
-    elif method == "dga":
-        # The target gradient costs one forward and a backward that stops at the LM head.
-        t = torch.from_numpy(rng.choice(len(target), size=cfg.batch_size, replace=False))
-        dev = next(model.parameters()).device
-        tl = per_sample_loss(model(target.inputs[t].to(dev)), target.labels[t].to(dev)).sum()
-        tracker.record_target(tl)
-        mixer.update(
-            alignment=tracker.target_alignment(),
-            counts=tracker.counts(),
-            target_count=tracker.target_count(),
-        )
-        tracker.reset()
-    elif method == "dga-extra":
+def _batches(sampler: Any, batch_size: int):
+    """Endless ``int64[B]`` index batches from a sampler (epochs continue its one stream)."""
+    while True:
+        buf: list[int] = []
+        for i in sampler:
+            buf.append(int(i))
+            if len(buf) == batch_size:
+                yield np.asarray(buf, dtype=np.int64)
+                buf = []
+
+
+def _gradient_sources(method, model, cfg, train_data, target, rng, m):
+    """DGA's specific-set loss (ours) or the paper's extra-pass alignment function."""
+    dev = torch.device(cfg.device)
+
+    def batch_loss(mod: torch.nn.Module, batch: tuple[EncodedData, np.ndarray]) -> torch.Tensor:
+        data, ix = batch
+        t = torch.from_numpy(ix)
+        return per_sample_loss(mod(data.inputs[t].to(dev)), data.labels[t].to(dev))
+
+    def target_batch() -> tuple[EncodedData, np.ndarray]:
+        return target, rng.choice(len(target), size=min(cfg.batch_size, len(target)), replace=False)
+
+    if method == "dga":
+        # Summed per-sample losses: the tracker divides alignments by the sample counts.
+        # Costs one forward and a backward that stops at the tracked LM head.
+        return (lambda: batch_loss(model, target_batch()).sum()), None
+    if method == "dga-extra":
         from .mixing import domain_gradient_alignment
 
-        # Batches are (data, indices) so one loss function serves domain and target batches.
-        batches: list[Any] = []
-        for d in range(mixer.num_domains):
-            members = np.flatnonzero(train_data.domains == d)
-            take = min(cfg.dga_extra_batch, members.size)
-            batches.append(
-                (train_data, rng.choice(members, size=take, replace=False)) if take else None
+        members = [
+            np.flatnonzero(train_data.domains == d)
+            for d in range(int(train_data.domains.max()) + 1)
+        ]
+
+        def alignment() -> torch.Tensor:
+            # One batch per domain and one of the target set, each a full forward/backward
+            # over all parameters, as in the DGA paper.
+            batches = [
+                (train_data, rng.choice(ix, size=min(cfg.dga_extra_batch, ix.size), replace=False))
+                if ix.size
+                else None
+                for ix in members
+            ]
+            return domain_gradient_alignment(
+                model, lambda mod, b: batch_loss(mod, b).mean(), batches, target_batch()
             )
-        spe = (target, rng.choice(len(target), size=cfg.batch_size, replace=False))
 
-        def pair_loss(mod: torch.nn.Module, batch: tuple[EncodedData, np.ndarray]) -> torch.Tensor:
-            data, ix = batch
-            tt = torch.from_numpy(ix)
-            dev = next(mod.parameters()).device
-            return per_sample_loss(mod(data.inputs[tt].to(dev)), data.labels[tt].to(dev)).mean()
-
-        a = domain_gradient_alignment(model, pair_loss, batches, spe)
-        mixer.update(alignment=a)
-    elif method == "odm":
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.where(loss_cnt > 0, loss_sum / np.maximum(loss_cnt, 1), 0.0)
-        mixer.update(losses=mean, counts=loss_cnt.copy())
-        loss_sum[:] = 0.0
-        loss_cnt[:] = 0.0
+        return None, alignment
+    return None, None
