@@ -153,8 +153,10 @@ def load_natural_instructions(
                 if max_per_task is not None and len(exs) > max_per_task:
                     keep = np.sort(rng.choice(len(exs), size=max_per_task, replace=False))
                     exs = [exs[i] for i in keep]
-                items = [_example_text(e, prefix, text) for e in exs]
-                per_task[sub] = [t for t in items if t.strip()]
+                # An example with a blank input is degenerate in every text mode; dropping
+                # it by input (not by final text) keeps the modes aligned row for row.
+                exs = [e for e in exs if str(e.get("input", "")).strip()]
+                per_task[sub] = [_example_text(e, prefix, text) for e in exs]
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise CorpusNotFoundError(
             f"{path} is not a readable BIG-bench archive ({exc}); delete it and "

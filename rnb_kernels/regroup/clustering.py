@@ -179,13 +179,16 @@ def kmeans_stream(
     seed: int = 0,
     chunk_size: int = 16_384,
     epochs: int = 3,
+    init_size: int | None = None,
     show_progress: bool = True,
 ) -> KMeansResult:
     """Out-of-core k-means: ``MiniBatchKMeans.partial_fit`` over row blocks of ``x``.
 
     ``x`` is typically the memmap written by :func:`~rnb_kernels.regroup.embed_to_memmap`;
-    only one block of ``chunk_size`` rows is in memory at a time. Blocks are visited in a
-    seeded random order each epoch so the centroids do not drift toward the file's tail.
+    only one block of ``chunk_size`` rows is in memory at a time. Centroids are seeded by
+    exact k-means on ``init_size`` random rows (default ``max(10_000, 20 k)``), then
+    refined for ``epochs`` passes; blocks are visited in a seeded random order each epoch
+    so the centroids do not drift toward the file's tail.
 
     Returns:
         :class:`KMeansResult` with ``backend="stream"``.
@@ -196,20 +199,19 @@ def kmeans_stream(
     n = x.shape[0]
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be between 1 and the number of examples ({n})")
-    # The first partial_fit call seeds the centroids from its block, which therefore needs
-    # comfortably more rows than clusters.
-    chunk_size = max(chunk_size, min(n, 3 * k))
     rng = np.random.default_rng(seed)
+    # Seeding from the first partial_fit block alone (sklearn's default) often merges two
+    # true clusters and splits another, and mini-batch updates rarely undo that. Instead
+    # seed with exact k-means (k-means++, restarts) on a random sample read from the memmap.
+    m = min(n, init_size if init_size is not None else max(10_000, 20 * k))
+    sample = np.asarray(x[np.sort(rng.choice(n, size=m, replace=False))], dtype=np.float32)
+    init = kmeans(sample, k, seed=seed, n_init=3, backend="kmeans").centroids
     starts = np.arange(0, n, chunk_size)
-    est = cluster.MiniBatchKMeans(n_clusters=int(k), random_state=seed, n_init=1)
+    est = cluster.MiniBatchKMeans(n_clusters=int(k), init=init, n_init=1, random_state=seed)
     total = epochs * len(starts)
     with tqdm(total=total, disable=not show_progress, desc="k-means (stream)") as bar:
-        for epoch in range(epochs):
-            order = rng.permutation(len(starts))
-            # The seeding block must hold >= k rows; the last block may be short.
-            if epoch == 0 and n - starts[order[0]] < k:
-                order = np.concatenate([[0], order[order != 0]])
-            for b in order:
+        for _ in range(epochs):
+            for b in rng.permutation(len(starts)):
                 block = np.asarray(x[starts[b] : starts[b] + chunk_size], dtype=np.float32)
                 est.partial_fit(block)
                 bar.update(1)
