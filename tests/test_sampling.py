@@ -1,0 +1,203 @@
+"""MixtureSampler: proportions, without-replacement pools, proportional batches, live weights,
+resume, rank streams and input validation."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from rnb_kernels.mixing import DGA, DGADistribution, Static
+from rnb_kernels.sampling import MixtureSampler, _largest_remainder
+
+
+def labels_of(sizes):
+    return np.repeat(np.arange(len(sizes)), sizes)
+
+
+def take(sampler, n):
+    return list(itertools.islice(iter(sampler), n))
+
+
+@pytest.mark.parametrize("mode", ["categorical", "proportional"])
+@pytest.mark.parametrize("replacement", [False, True], ids=["no-replacement", "replacement"])
+def test_deterministic_for_a_seed(mode, replacement):
+    labels = labels_of([30, 50, 20])
+    kw = dict(weights=[0.2, 0.5, 0.3], batch_size=8, mode=mode, replacement=replacement)
+    a = take(MixtureSampler(labels, seed=5, **kw), 200)
+    b = take(MixtureSampler(labels, seed=5, **kw), 200)
+    c = take(MixtureSampler(labels, seed=6, **kw), 200)
+    assert a == b and a != c
+
+
+def test_categorical_frequencies_follow_weights():
+    labels = labels_of([100, 300, 50, 200])
+    w = np.array([0.1, 0.2, 0.3, 0.4])
+    s = MixtureSampler(labels, weights=w, batch_size=16, seed=0, num_samples=20000)
+    freq = np.bincount(labels[list(s)], minlength=4) / 20000
+    np.testing.assert_allclose(freq, w, atol=0.015)
+
+
+def test_without_replacement_within_a_domain_then_reshuffled():
+    labels = labels_of([7, 5])
+    s = MixtureSampler(labels, weights=[0.0, 1.0], batch_size=3, seed=1, num_samples=15)
+    idx = list(s)
+    first, second = idx[:5], idx[5:10]
+    assert sorted(first) == list(range(7, 12)) and sorted(second) == list(range(7, 12))
+    assert first != second  # reshuffled when exhausted
+
+
+@pytest.mark.parametrize("b", [1, 7, 32])
+def test_proportional_batches_use_largest_remainder_with_carry(b):
+    labels = labels_of([100, 100, 100, 100])
+    w = np.array([0.5, 0.3, 0.15, 0.05])
+    s = MixtureSampler(labels, weights=w, batch_size=b, seed=0, mode="proportional",
+                       num_samples=b * 40)
+    idx = np.array(list(s))
+    doms = labels[idx].reshape(40, b)
+    for row in doms:
+        assert list(row) == sorted(row)  # grouped by domain
+    first = np.bincount(doms[0], minlength=4)
+    np.testing.assert_array_equal(first, _largest_remainder(b * w, b))
+    total = np.bincount(doms.ravel(), minlength=4)
+    assert np.all(np.abs(total - 40 * b * w) <= 1.0)  # carry: long-run counts within one
+
+
+def test_largest_remainder_rule():
+    np.testing.assert_array_equal(_largest_remainder(np.array([1.5, 1.5, 1.0]), 4), [2, 1, 1])
+    np.testing.assert_array_equal(_largest_remainder(np.array([0.2, 0.7, 0.1]), 1), [0, 1, 0])
+    np.testing.assert_array_equal(_largest_remainder(np.array([2.0, 6.0]), 8), [2, 6])
+
+
+@pytest.mark.parametrize("mode", ["categorical", "proportional"])
+def test_follows_mixer_weights_as_they_change(mode):
+    labels = labels_of([40, 40, 40])
+    mixer = DGA(3, step_size=1.0, ema=1.0)
+    s = MixtureSampler(labels, weights=mixer, batch_size=4, seed=0, mode=mode)
+    it = iter(s)
+    first_batch = [next(it) for _ in range(4)]
+    assert len(set(labels[first_batch])) >= 1
+    mixer.update(alignment=torch.tensor([-1e4, 1e4, -1e4]))  # all mass on domain 1
+    nxt = [next(it) for _ in range(12)]
+    assert set(labels[nxt]) == {1}
+
+
+def test_dga_distribution_drives_fine_clusters():
+    labels = labels_of([20, 20, 20, 20])
+    bases = DGADistribution.default_bases([3, 3], coarse_of_fine=[0, 0, 1, 1])
+    mixer = DGADistribution(bases, step_size=1.0, init_weights=[1.0, 0.0, 0.0])
+    idx = take(MixtureSampler(labels, weights=mixer, batch_size=4, seed=0), 40)
+    assert set(labels[idx]) == {3}
+
+
+@pytest.mark.parametrize("mode", ["categorical", "proportional"])
+@pytest.mark.parametrize("replacement", [False, True], ids=["no-replacement", "replacement"])
+def test_state_dict_resumes_to_identical_next_indices(mode, replacement):
+    labels = labels_of([13, 29, 7])
+    mixer = DGA(3, step_size=0.5, ema=0.5)
+    a = MixtureSampler(labels, weights=mixer, batch_size=5, seed=2, mode=mode,
+                       replacement=replacement, num_samples=30)
+    it = iter(a)
+    take_n = [next(it) for _ in range(37 % 30)]  # mid-batch, mid-epoch
+    assert len(take_n) == 7
+    mixer.update(alignment=torch.tensor([0.3, -0.2, 0.9]))
+    state = copy.deepcopy(a.state_dict())
+    rest_a = [next(it) for _ in range(23)] + take(a, 60)  # across the epoch boundary
+    b = MixtureSampler(labels, weights=mixer, batch_size=5, seed=2, mode=mode,
+                       replacement=replacement, num_samples=30)
+    b.load_state_dict(state)
+    rest_b = take(b, 23) + take(b, 60)
+    assert rest_a == rest_b
+
+
+def test_ranks_draw_disjoint_streams_with_the_same_weights():
+    labels = labels_of([40, 40, 40])
+    w = Static([0.5, 0.25, 0.25])
+    s0 = MixtureSampler(labels, weights=w, batch_size=4, seed=0, num_replicas=2, rank=0)
+    s1 = MixtureSampler(labels, weights=w, batch_size=4, seed=0, num_replicas=2, rank=1)
+    a, b = take(s0, 20), take(s1, 20)
+    assert not set(a) & set(b)
+    assert a != b
+    pools = set().union(*(set(p.tolist()) for p in s0._pools + s1._pools))
+    assert pools == set(range(120))  # the rank slices partition every domain
+    assert len(s0) == 60
+
+
+def test_tiny_domain_shared_when_a_rank_slice_is_empty():
+    labels = labels_of([1, 10])
+    s1 = MixtureSampler(labels, weights=[1.0, 0.0], batch_size=2, seed=0, num_replicas=2, rank=1)
+    assert set(take(s1, 6)) == {0}
+
+
+def test_zero_weight_and_empty_domains():
+    labels = labels_of([10, 0, 10])
+    s = MixtureSampler(labels, weights=[0.0, 0.0, 1.0], batch_size=4, seed=0, num_samples=40)
+    assert set(labels[list(s)]) == {2}
+    with pytest.warns(RuntimeWarning, match="no examples"):
+        s2 = MixtureSampler(labels, weights=[0.5, 0.5, 0.0], batch_size=4, seed=0)
+        idx = take(s2, 20)
+    assert set(labels[idx]) == {0}
+    s3 = MixtureSampler(labels, weights=[0.0, 1.0, 0.0], batch_size=4, seed=0)
+    with pytest.raises(ValueError, match="zero weight"), pytest.warns(RuntimeWarning):
+        take(s3, 1)
+
+
+def test_labels_minus_one_are_excluded_and_dataloader_works():
+    labels = np.array([0, -1, 1, 1, -1, 0, 1, 0])
+    data = TensorDataset(torch.arange(8))
+    s = MixtureSampler(labels, weights=[0.5, 0.5], batch_size=2, seed=0, num_samples=8)
+    got = torch.cat([b[0] for b in DataLoader(data, batch_size=2, sampler=s)]).tolist()
+    assert len(got) == 8 and not {1, 4} & set(got)
+
+
+BAD = [
+    pytest.param(dict(domain_labels=[0.0, 1.0]), TypeError, "domain_labels", id="float-labels"),
+    pytest.param(dict(domain_labels=[[0, 1]]), ValueError, "domain_labels", id="2d-labels"),
+    pytest.param(dict(domain_labels=[]), TypeError, "domain_labels", id="empty-labels"),
+    pytest.param(dict(domain_labels=np.array([], dtype=np.int64)), ValueError, "empty",
+                 id="empty-int-labels"),
+    pytest.param(dict(domain_labels=[0, 5]), ValueError, "num_domains", id="label-too-large"),
+    pytest.param(dict(domain_labels=[0, -2]), ValueError, "domain_labels", id="label-below-minus-1"),
+    pytest.param(dict(weights=[0.5, -0.5]), ValueError, "weights", id="negative-weight"),
+    pytest.param(dict(weights=[0.5, float("nan")]), ValueError, "weights", id="nan-weight"),
+    pytest.param(dict(weights="ab"), TypeError, "weights", id="string-weights"),
+    pytest.param(dict(batch_size=0), ValueError, "batch_size", id="zero-batch"),
+    pytest.param(dict(batch_size=2.0), TypeError, "batch_size", id="float-batch"),
+    pytest.param(dict(mode="greedy"), ValueError, "mode", id="bad-mode"),
+    pytest.param(dict(num_replicas=2, rank=2), ValueError, "rank", id="rank-out-of-range"),
+    pytest.param(dict(num_samples=0), ValueError, "num_samples", id="zero-samples"),
+]
+
+
+@pytest.mark.parametrize("kwargs, exc, word", BAD)
+def test_bad_inputs(kwargs, exc, word):
+    args = {"domain_labels": [0, 1, 1, 0], "weights": [0.5, 0.5], "batch_size": 2, **kwargs}
+    with pytest.raises(exc, match=word):
+        MixtureSampler(**args)
+
+
+def test_mixer_weights_turning_bad_raise_without_advancing():
+    class Src:
+        weights = np.array([0.5, 0.5])
+
+    src = Src()
+    s = MixtureSampler([0, 1, 0, 1], weights=src, batch_size=2, seed=0, num_samples=100)
+    it = iter(s)
+    [next(it) for _ in range(2)]
+    state = copy.deepcopy(s.state_dict())
+    src.weights = np.array([float("nan"), 1.0])
+    with pytest.raises(ValueError, match="weights"):
+        next(it)
+    after = s.state_dict()
+    assert after["rng"] == state["rng"] and after["batches"] == state["batches"]
+
+
+def test_load_state_dict_rejects_other_configuration():
+    a = MixtureSampler([0, 1, 0, 1], weights=[0.5, 0.5], batch_size=2, seed=0)
+    b = MixtureSampler([0, 1, 0, 1], weights=[0.5, 0.5], batch_size=3, seed=0)
+    with pytest.raises(ValueError, match="configured"):
+        b.load_state_dict(a.state_dict())
