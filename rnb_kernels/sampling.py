@@ -100,7 +100,8 @@ class MixtureSampler(Sampler[int]):
         num_domains: int | None = None,
     ) -> None:
         labels = np.asarray(
-            domain_labels.detach().cpu() if isinstance(domain_labels, torch.Tensor)
+            domain_labels.detach().cpu()
+            if isinstance(domain_labels, torch.Tensor)
             else domain_labels
         )
         if labels.dtype.kind not in "iu":
@@ -130,8 +131,9 @@ class MixtureSampler(Sampler[int]):
             raise ValueError(f"rank must be an int in [0, {num_replicas}), got {rank!r}")
         self._source = weights
         self._fixed: np.ndarray | None = None
-        if not (hasattr(weights, "sampling_weights") or hasattr(weights, "weights")
-                or callable(weights)):
+        if not (
+            hasattr(weights, "sampling_weights") or hasattr(weights, "weights") or callable(weights)
+        ):
             self._fixed = self._check_weights(weights, None)
         if num_domains is None:
             probe = self._fixed if self._fixed is not None else self._read_raw()
@@ -198,8 +200,10 @@ class MixtureSampler(Sampler[int]):
 
     def current_weights(self) -> np.ndarray:
         """float64 ``[m]`` probabilities the next batch is drawn with (empty domains zeroed)."""
-        w = self._fixed if self._fixed is not None else self._check_weights(
-            self._read_raw(), self.num_domains
+        w = (
+            self._fixed
+            if self._fixed is not None
+            else self._check_weights(self._read_raw(), self.num_domains)
         )
         if w.size != self.num_domains:
             raise ValueError(f"weights must have {self.num_domains} entries, got {w.size}")

@@ -116,9 +116,7 @@ def _as_ids(ids: Any, name: str, num_domains: int, *, mask: bool = False) -> tor
     elif ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
         raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
     if ids.dim() not in (1, 2):
-        raise ValueError(
-            f"{name} must be [batch] or [batch, seq], got shape {tuple(ids.shape)}"
-        )
+        raise ValueError(f"{name} must be [batch] or [batch, seq], got shape {tuple(ids.shape)}")
     if ids.numel() == 0:
         raise ValueError(f"{name} is empty")
     ids = ids.to(torch.int64)
@@ -422,14 +420,19 @@ class DomainGradientTracker:
         for slot in self._slots:
             slot.module.forward = _make_forward(self, slot)
         logger.debug(
-            "tracking %s in %s mode (m=%d, P=%d)", self.module_names, mode, num_domains,
+            "tracking %s in %s mode (m=%d, P=%d)",
+            self.module_names,
+            mode,
+            num_domains,
             self.num_params,
         )
 
     # ------------------------------------------------------------------ set-up
     @staticmethod
     def _resolve_modules(model: nn.Module, modules) -> list[tuple[str, nn.Linear]]:
-        all_named = list(model.named_modules())
+        # Names are taken without wrapper prefixes (DDP's "module.", torch.compile's
+        # "_orig_mod."), so patterns and saved states work with and without the wrappers.
+        all_named = [(_canonical(n), m) for n, m in model.named_modules()]
         if modules is None:
             linears = [(n, m) for n, m in all_named if isinstance(m, nn.Linear)]
             if not linears:
@@ -437,7 +440,9 @@ class DomainGradientTracker:
             return [linears[-1]]
         items = [modules] if isinstance(modules, nn.Module | str) else modules
         if not isinstance(items, Sequence) or len(items) == 0:
-            raise TypeError("modules must be None, an nn.Module, a name pattern or a non-empty list")
+            raise TypeError(
+                "modules must be None, an nn.Module, a name pattern or a non-empty list"
+            )
         chosen: set[int] = set()
         for item in items:
             if isinstance(item, str):
@@ -454,7 +459,9 @@ class DomainGradientTracker:
                 )
             for m in hits:
                 if not isinstance(m, nn.Linear):
-                    raise TypeError(f"modules: only nn.Linear can be tracked, got {type(m).__name__}")
+                    raise TypeError(
+                        f"modules: only nn.Linear can be tracked, got {type(m).__name__}"
+                    )
                 chosen.add(id(m))
         return [(n, m) for n, m in all_named if id(m) in chosen]
 
@@ -588,8 +595,9 @@ class DomainGradientTracker:
                 p.grad = g
         self._end_target(ctx, n)
 
-    def record_target(self, loss: torch.Tensor, mask=None, grad_scale=None,
-                      retain_graph: bool = False) -> None:
+    def record_target(
+        self, loss: torch.Tensor, mask=None, grad_scale=None, retain_graph: bool = False
+    ) -> None:
         """Record ``d loss / d(tracked params)`` into the target row; no ``param.grad`` changes.
 
         Runs ``torch.autograd.grad`` only down to the tracked layers (through a private anchor
@@ -807,6 +815,16 @@ class DomainGradientTracker:
             f"DomainGradientTracker(num_domains={self.num_domains}, mode={self.mode!r}, "
             f"modules={self.module_names}, P={self.num_params})"
         )
+
+
+def _canonical(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in ("module.", "_orig_mod."):
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return "" if name in ("module", "_orig_mod") else name
 
 
 def _is_tracked(module: nn.Module) -> bool:

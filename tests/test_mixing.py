@@ -245,8 +245,10 @@ def test_odm_matches_exp3_and_favours_high_loss():
 def _drive(mixer, rng):
     m = mixer.num_domains
     if isinstance(mixer, RnB):
-        return mixer.update(gram=torch.tensor(spd(m, int(rng.integers(1 << 30)))),
-                            counts=torch.tensor(rng.integers(0, 5, m).astype(float)))
+        return mixer.update(
+            gram=torch.tensor(spd(m, int(rng.integers(1 << 30)))),
+            counts=torch.tensor(rng.integers(0, 5, m).astype(float)),
+        )
     if isinstance(mixer, DGADistribution):
         return mixer.update(alignment=torch.tensor(rng.normal(size=mixer.num_clusters)))
     if isinstance(mixer, DGA):
@@ -293,24 +295,61 @@ def _assert_unchanged(mixer, before):
 
 
 BAD_UPDATES = [
-    pytest.param("rnb", dict(gram=torch.eye(3), counts=torch.ones(4)), ValueError, "gram",
-                 id="rnb-gram-shape"),
-    pytest.param("rnb", dict(gram="eye", counts=torch.ones(4)), TypeError, "gram",
-                 id="rnb-gram-type"),
-    pytest.param("rnb", dict(gram=torch.eye(4), counts=-torch.ones(4)), ValueError, "counts",
-                 id="rnb-negative-counts"),
-    pytest.param("rnb", dict(gram=torch.eye(4), counts=torch.tensor([1.0, float("nan"), 1, 1])),
-                 ValueError, "counts", id="rnb-nan-counts"),
-    pytest.param("dga", dict(alignment=torch.ones(3)), ValueError, "alignment",
-                 id="dga-alignment-shape"),
-    pytest.param("dga", dict(alignment=torch.ones(4), counts=torch.ones(4)), ValueError,
-                 "target_count", id="dga-missing-target-count"),
-    pytest.param("dga", dict(alignment=torch.ones(4), counts=torch.ones(4), target_count=-1.0),
-                 ValueError, "target_count", id="dga-negative-target-count"),
-    pytest.param("dga", dict(alignment=torch.ones(4, dtype=torch.complex64)), TypeError,
-                 "alignment", id="dga-complex-alignment"),
-    pytest.param("odm", dict(losses=torch.ones(4), counts=torch.ones(3)), ValueError, "counts",
-                 id="odm-counts-shape"),
+    pytest.param(
+        "rnb",
+        dict(gram=torch.eye(3), counts=torch.ones(4)),
+        ValueError,
+        "gram",
+        id="rnb-gram-shape",
+    ),
+    pytest.param(
+        "rnb", dict(gram="eye", counts=torch.ones(4)), TypeError, "gram", id="rnb-gram-type"
+    ),
+    pytest.param(
+        "rnb",
+        dict(gram=torch.eye(4), counts=-torch.ones(4)),
+        ValueError,
+        "counts",
+        id="rnb-negative-counts",
+    ),
+    pytest.param(
+        "rnb",
+        dict(gram=torch.eye(4), counts=torch.tensor([1.0, float("nan"), 1, 1])),
+        ValueError,
+        "counts",
+        id="rnb-nan-counts",
+    ),
+    pytest.param(
+        "dga", dict(alignment=torch.ones(3)), ValueError, "alignment", id="dga-alignment-shape"
+    ),
+    pytest.param(
+        "dga",
+        dict(alignment=torch.ones(4), counts=torch.ones(4)),
+        ValueError,
+        "target_count",
+        id="dga-missing-target-count",
+    ),
+    pytest.param(
+        "dga",
+        dict(alignment=torch.ones(4), counts=torch.ones(4), target_count=-1.0),
+        ValueError,
+        "target_count",
+        id="dga-negative-target-count",
+    ),
+    pytest.param(
+        "dga",
+        dict(alignment=torch.ones(4, dtype=torch.complex64)),
+        TypeError,
+        "alignment",
+        id="dga-complex-alignment",
+    ),
+    pytest.param(
+        "odm",
+        dict(losses=torch.ones(4), counts=torch.ones(3)),
+        ValueError,
+        "counts",
+        id="odm-counts-shape",
+    ),
 ]
 
 
@@ -326,26 +365,55 @@ def test_bad_update_inputs_leave_state_unchanged(name, kwargs, exc, word):
 
 BAD_CONSTRUCTORS = [
     pytest.param(lambda: RnB(0, eval_proportions=[]), ValueError, "num_domains", id="rnb-zero-m"),
-    pytest.param(lambda: RnB(2, eval_proportions=[0.0, 0.0]), ValueError, "eval_proportions",
-                 id="rnb-eval-sum-zero"),
-    pytest.param(lambda: RnB(2, eval_proportions=[1.0, -0.5]), ValueError, "eval_proportions",
-                 id="rnb-eval-negative"),
-    pytest.param(lambda: RnB(2, eval_proportions=[1.0, float("nan")]), ValueError,
-                 "eval_proportions", id="rnb-eval-nan"),
-    pytest.param(lambda: RnB(2, eval_proportions=[1.0, 1.0, 1.0]), ValueError,
-                 "eval_proportions", id="rnb-eval-length"),
-    pytest.param(lambda: RnB(2, eval_proportions=[1, 1], lam=0.0), ValueError, "lam",
-                 id="rnb-lam-zero"),
-    pytest.param(lambda: RnB(2, eval_proportions=[1, 1], update_every=0), ValueError,
-                 "update_every", id="rnb-update-every-zero"),
+    pytest.param(
+        lambda: RnB(2, eval_proportions=[0.0, 0.0]),
+        ValueError,
+        "eval_proportions",
+        id="rnb-eval-sum-zero",
+    ),
+    pytest.param(
+        lambda: RnB(2, eval_proportions=[1.0, -0.5]),
+        ValueError,
+        "eval_proportions",
+        id="rnb-eval-negative",
+    ),
+    pytest.param(
+        lambda: RnB(2, eval_proportions=[1.0, float("nan")]),
+        ValueError,
+        "eval_proportions",
+        id="rnb-eval-nan",
+    ),
+    pytest.param(
+        lambda: RnB(2, eval_proportions=[1.0, 1.0, 1.0]),
+        ValueError,
+        "eval_proportions",
+        id="rnb-eval-length",
+    ),
+    pytest.param(
+        lambda: RnB(2, eval_proportions=[1, 1], lam=0.0), ValueError, "lam", id="rnb-lam-zero"
+    ),
+    pytest.param(
+        lambda: RnB(2, eval_proportions=[1, 1], update_every=0),
+        ValueError,
+        "update_every",
+        id="rnb-update-every-zero",
+    ),
     pytest.param(lambda: DGA(2, step_size=-1.0), ValueError, "step_size", id="dga-negative-eta"),
     pytest.param(lambda: DGA(2, step_size=1.0, ema=0.0), ValueError, "ema", id="dga-ema-zero"),
     pytest.param(lambda: DGA(2, step_size=1.0, ema=1.5), ValueError, "ema", id="dga-ema-big"),
     pytest.param(lambda: DGA(2, step_size="1"), TypeError, "step_size", id="dga-eta-str"),
-    pytest.param(lambda: DGA(2, 1.0, init_weights=[float("inf"), 1.0]), ValueError,
-                 "init_weights", id="dga-init-inf"),
-    pytest.param(lambda: DGADistribution([[1.0, 0.0], [0.0, 0.0]], 1.0), ValueError,
-                 r"bases\[1\]", id="dgad-empty-basis"),
+    pytest.param(
+        lambda: DGA(2, 1.0, init_weights=[float("inf"), 1.0]),
+        ValueError,
+        "init_weights",
+        id="dga-init-inf",
+    ),
+    pytest.param(
+        lambda: DGADistribution([[1.0, 0.0], [0.0, 0.0]], 1.0),
+        ValueError,
+        r"bases\[1\]",
+        id="dgad-empty-basis",
+    ),
     pytest.param(lambda: Static([0.0, 0.0]), ValueError, "weights", id="static-all-zero"),
     pytest.param(lambda: Static.natural([]), ValueError, "sizes", id="natural-empty"),
     pytest.param(lambda: ODM(3, smoothing=1.0), ValueError, "smoothing", id="odm-smoothing-one"),
@@ -397,9 +465,13 @@ def _run(balancer, model, opt, tokens, labels, sampler_iter, steps, B):
         x, ids = tokens[idx], labels[idx]
         with balancer.step(ids) as s:
             logits = model(x[:, :-1])
-            loss = nn.functional.cross_entropy(
-                logits.reshape(-1, 13), x[:, 1:].reshape(-1), reduction="none"
-            ).view(len(idx), -1).mean(1)
+            loss = (
+                nn.functional.cross_entropy(
+                    logits.reshape(-1, 13), x[:, 1:].reshape(-1), reduction="none"
+                )
+                .view(len(idx), -1)
+                .mean(1)
+            )
             s.record_loss(loss)
             loss.sum().backward()
         balancer.optimizer_step(opt)
@@ -421,7 +493,9 @@ def test_balancer_loop_logs_and_resumes_identically(kind, tmp_path):
             mixer = DGA(m, step_size=5.0, ema=0.5, update_every=2)
             spe = tokens[labels == 1][:8]
             bal = Balancer(
-                model, mixer, log_dir=log_dir,
+                model,
+                mixer,
+                log_dir=log_dir,
                 target_fn=lambda: nn.functional.cross_entropy(
                     model(spe[:, :-1]).reshape(-1, 13), spe[:, 1:].reshape(-1), reduction="sum"
                 ),
@@ -435,8 +509,9 @@ def test_balancer_loop_logs_and_resumes_identically(kind, tmp_path):
     it = iter(sampler)
     _run(bal, model, opt, tokens, labels, it, 5, B)  # mid-round: 2 rounds + 1 step
     assert bal.num_rounds == 2 and len(bal.history) == 2
-    ckpt = copy.deepcopy({"bal": bal.state_dict(), "model": model.state_dict(),
-                          "opt": opt.state_dict()})
+    ckpt = copy.deepcopy(
+        {"bal": bal.state_dict(), "model": model.state_dict(), "opt": opt.state_dict()}
+    )
     _run(bal, model, opt, tokens, labels, it, 5, B)
     next_a = [next(it) for _ in range(10)]
     weights_a = [h["weights"] for h in bal.history]
@@ -453,7 +528,9 @@ def test_balancer_loop_logs_and_resumes_identically(kind, tmp_path):
 
     rows = (tmp_path / "a" / "mixture.csv").read_text().strip().splitlines()
     assert rows[0].startswith("step,round,w0") and len(rows) == 1 + len(weights_a)
-    recs = [json.loads(line) for line in (tmp_path / "a" / "mixture.jsonl").read_text().splitlines()]
+    recs = [
+        json.loads(line) for line in (tmp_path / "a" / "mixture.jsonl").read_text().splitlines()
+    ]
     assert [r["weights"] for r in recs] == weights_a
     assert all(len(r["loss"]) == m and r["update_time_s"] >= 0 for r in recs)
     assert sum(recs[0]["counts"]) > 0
@@ -485,3 +562,45 @@ def test_balancer_record_loss_validates_shapes():
     bal.record_loss(torch.tensor([[1.0, 3.0], [5.0, 7.0]]), torch.tensor([[0, 0], [2, -1]]))
     assert bal._loss_sums.tolist() == [4.0, 0.0, 5.0, 0.0]
     assert bal._loss_counts.tolist() == [2.0, 0.0, 1.0, 0.0]
+
+
+def test_balancer_paper_style_alignment_and_distribution_variant():
+    tokens, labels = _corpus()
+    model = Tiny()
+    calls = []
+
+    def alignment_fn():
+        calls.append(1)
+        return torch.tensor([1.0, 0.0, 0.0, -1.0])
+
+    bal = Balancer(model, DGA(4, step_size=1.0, ema=1.0, update_every=1), alignment_fn=alignment_fn)
+    assert bal.tracker is None
+    with bal.step(labels[:8]):
+        pass
+    w = bal.after_step()
+    ref = DGA(4, step_size=1.0, ema=1.0).update(alignment=torch.tensor([1.0, 0.0, 0.0, -1.0]))
+    assert calls == [1] and torch.equal(w, ref)
+
+    # Distribution reweighting: the tracker follows the k = 4 fine clusters in sketch mode.
+    bases = DGADistribution.default_bases([0, 1, 1], coarse_of_fine=[0, 0, 1, 1])
+    mixer = DGADistribution(bases, step_size=5.0, ema=1.0, update_every=1)
+    spe = tokens[labels == 1][:4]
+    bal = Balancer(
+        model,
+        mixer,
+        tracker={"mode": "sketch", "sketch_dim": 256},
+        target_fn=lambda: nn.functional.cross_entropy(
+            model(spe[:, :-1]).reshape(-1, 13), spe[:, 1:].reshape(-1), reduction="sum"
+        ),
+    )
+    assert bal.tracker.num_domains == 4
+    idx = torch.arange(16)
+    with bal.step(labels[idx]):
+        x = tokens[idx]
+        nn.functional.cross_entropy(
+            model(x[:, :-1]).reshape(-1, 13), x[:, 1:].reshape(-1), reduction="sum"
+        ).backward()
+    w = bal.after_step()
+    assert mixer.num_updates == 1 and not torch.equal(w, torch.full((3,), 1 / 3, dtype=F64))
+    assert bal.history[0]["counts"] == [4.0, 4.0, 4.0, 4.0]
+    bal.close()

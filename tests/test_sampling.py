@@ -55,8 +55,9 @@ def test_without_replacement_within_a_domain_then_reshuffled():
 def test_proportional_batches_use_largest_remainder_with_carry(b):
     labels = labels_of([100, 100, 100, 100])
     w = np.array([0.5, 0.3, 0.15, 0.05])
-    s = MixtureSampler(labels, weights=w, batch_size=b, seed=0, mode="proportional",
-                       num_samples=b * 40)
+    s = MixtureSampler(
+        labels, weights=w, batch_size=b, seed=0, mode="proportional", num_samples=b * 40
+    )
     idx = np.array(list(s))
     doms = labels[idx].reshape(40, b)
     for row in doms:
@@ -99,16 +100,30 @@ def test_dga_distribution_drives_fine_clusters():
 def test_state_dict_resumes_to_identical_next_indices(mode, replacement):
     labels = labels_of([13, 29, 7])
     mixer = DGA(3, step_size=0.5, ema=0.5)
-    a = MixtureSampler(labels, weights=mixer, batch_size=5, seed=2, mode=mode,
-                       replacement=replacement, num_samples=30)
+    a = MixtureSampler(
+        labels,
+        weights=mixer,
+        batch_size=5,
+        seed=2,
+        mode=mode,
+        replacement=replacement,
+        num_samples=30,
+    )
     it = iter(a)
     take_n = [next(it) for _ in range(37 % 30)]  # mid-batch, mid-epoch
     assert len(take_n) == 7
     mixer.update(alignment=torch.tensor([0.3, -0.2, 0.9]))
     state = copy.deepcopy(a.state_dict())
     rest_a = [next(it) for _ in range(23)] + take(a, 60)  # across the epoch boundary
-    b = MixtureSampler(labels, weights=mixer, batch_size=5, seed=2, mode=mode,
-                       replacement=replacement, num_samples=30)
+    b = MixtureSampler(
+        labels,
+        weights=mixer,
+        batch_size=5,
+        seed=2,
+        mode=mode,
+        replacement=replacement,
+        num_samples=30,
+    )
     b.load_state_dict(state)
     rest_b = take(b, 23) + take(b, 60)
     assert rest_a == rest_b
@@ -158,10 +173,13 @@ BAD = [
     pytest.param(dict(domain_labels=[0.0, 1.0]), TypeError, "domain_labels", id="float-labels"),
     pytest.param(dict(domain_labels=[[0, 1]]), ValueError, "domain_labels", id="2d-labels"),
     pytest.param(dict(domain_labels=[]), TypeError, "domain_labels", id="empty-labels"),
-    pytest.param(dict(domain_labels=np.array([], dtype=np.int64)), ValueError, "empty",
-                 id="empty-int-labels"),
+    pytest.param(
+        dict(domain_labels=np.array([], dtype=np.int64)), ValueError, "empty", id="empty-int-labels"
+    ),
     pytest.param(dict(domain_labels=[0, 5]), ValueError, "num_domains", id="label-too-large"),
-    pytest.param(dict(domain_labels=[0, -2]), ValueError, "domain_labels", id="label-below-minus-1"),
+    pytest.param(
+        dict(domain_labels=[0, -2]), ValueError, "domain_labels", id="label-below-minus-1"
+    ),
     pytest.param(dict(weights=[0.5, -0.5]), ValueError, "weights", id="negative-weight"),
     pytest.param(dict(weights=[0.5, float("nan")]), ValueError, "weights", id="nan-weight"),
     pytest.param(dict(weights="ab"), TypeError, "weights", id="string-weights"),

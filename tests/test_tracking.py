@@ -3,18 +3,18 @@ weights, micro-batches, autocast, checkpointing, sketch statistics, target row, 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _tol import assert_close
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from rnb_kernels.ops.reference import count_sketch_ref, gram_ref, sketch_hash_ref
 from rnb_kernels.tracking import DomainGradientTracker, _bias_hash
-
-from _tol import assert_close
 
 M = 4  # domains
 
@@ -57,7 +57,8 @@ def token_losses(model: nn.Module, batch) -> torch.Tensor:
     if isinstance(model, TiedLM):
         logits = model(batch)
         return F.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+            logits[:, :-1].reshape(-1, logits.shape[-1]),
+            batch[:, 1:].reshape(-1),
             reduction="none",
         ).view(batch.shape[0], -1)
     return model(batch).square().sum(-1)
@@ -72,13 +73,16 @@ def brute_force(model: nn.Module, module_names, batches, token_ids) -> torch.Ten
     per_layer = []
     for name in module_names:
         mod = mods[name]
-        rows = torch.zeros(M, mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0),
-                           dtype=torch.float64)
+        rows = torch.zeros(
+            M,
+            mod.weight.numel() + (mod.bias.numel() if mod.bias is not None else 0),
+            dtype=torch.float64,
+        )
         per_layer.append((mod, rows))
     for batch, ids in zip(batches, token_ids):
         captured = {}
 
-        def hook(mod, inp, outp):
+        def hook(mod, inp, outp, captured=captured):
             captured[mod] = (inp[0], outp)
 
         handles = [mod.register_forward_hook(hook) for mod, _ in per_layer]
@@ -280,8 +284,9 @@ def test_sketch_equals_count_sketch_and_gram_within_bound(bias):
     model = MLP(bias=bias, h=40, o=30)
     k = 1024
     exact_model = copy.deepcopy(model)
-    sk = DomainGradientTracker(model, M, modules=["mid", "head"], mode="sketch", sketch_dim=k,
-                               seed=11)
+    sk = DomainGradientTracker(
+        model, M, modules=["mid", "head"], mode="sketch", sketch_dim=k, seed=11
+    )
     ex = DomainGradientTracker(exact_model, M, modules=["mid", "head"])
     for _ in range(2):
         x = torch.randn(6, 4, 6, generator=g)
@@ -438,7 +443,9 @@ def test_state_dict_round_trip_is_bit_exact(mode):
     b_model = copy.deepcopy(a_model)
     a = DomainGradientTracker(a_model, M, mode=mode, sketch_dim=128)
     b = DomainGradientTracker(b_model, M, mode=mode, sketch_dim=128)
-    data = [(torch.randn(4, 3, 6, generator=g), make_ids("with-ignored", 4, 3, g)) for _ in range(3)]
+    data = [
+        (torch.randn(4, 3, 6, generator=g), make_ids("with-ignored", 4, 3, g)) for _ in range(3)
+    ]
     for x, ids in data[:2]:
         with a.domains(ids, grad_scale=4.0):
             (token_losses(a_model, x).sum() * 4).backward()
@@ -522,3 +529,32 @@ def test_contexts_do_not_nest():
         with pytest.raises(RuntimeError, match="nest"):
             with tracker.domains(torch.tensor([0, 1])):
                 pass
+
+
+def test_gradscaler_loop_matches_unscaled_run_and_skips_overflow():
+    g = torch.Generator().manual_seed(12)
+    model = MLP()
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    opt_ref = torch.optim.SGD(ref.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
+    tracker, tracker_ref = DomainGradientTracker(model, M), DomainGradientTracker(ref, M)
+    for step in range(4):
+        x = torch.randn(4, 3, 6, generator=g)
+        ids = make_ids("with-ignored", 4, 3, g)
+        overflow = step == 2
+        with pytest.warns(RuntimeWarning) if overflow else contextlib.nullcontext():
+            with tracker.domains(ids, grad_scale=scaler):  # scale changes every step
+                loss = token_losses(model, x).sum()
+                scaler.scale(loss * float("inf") if overflow else loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if not overflow:
+            with tracker_ref.domains(ids):
+                token_losses(ref, x).sum().backward()
+            opt_ref.step()
+            opt_ref.zero_grad()
+    assert tracker.nonfinite_skips == 1
+    assert torch.equal(tracker.counts(), tracker_ref.counts())
+    assert_close(tracker.domain_grads(), tracker_ref.domain_grads(), torch.float32, "scaled")

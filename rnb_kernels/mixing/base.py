@@ -69,8 +69,14 @@ def check_int(value: Any, name: str, low: int) -> int:
     return int(value)
 
 
-def check_float(value: Any, name: str, *, low: float | None = None, high: float | None = None,
-                low_open: bool = False) -> float:
+def check_float(
+    value: Any,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}")
     v = float(value)

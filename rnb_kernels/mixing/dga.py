@@ -97,9 +97,7 @@ class DGA(Mixer):
         new = (1.0 - self.ema) * alpha + self.ema * alpha_hat
         return self._commit(new / new.sum())
 
-    def update(
-        self, alignment: Any, counts: Any = None, target_count: Any = None
-    ) -> torch.Tensor:
+    def update(self, alignment: Any, counts: Any = None, target_count: Any = None) -> torch.Tensor:
         """One exponentiated-gradient step.
 
         Args:
@@ -235,7 +233,9 @@ class DGADistribution(DGA):
         if coarse.size != k:
             raise ValueError(f"coarse_of_fine must have num_fine={k} entries, got {coarse.size}")
         if spec.min() < 0 or spec.max() >= k:
-            raise ValueError(f"specific_labels must lie in [0, {k}), found [{spec.min()}, {spec.max()}]")
+            raise ValueError(
+                f"specific_labels must lie in [0, {k}), found [{spec.min()}, {spec.max()}]"
+            )
         rows = [np.bincount(spec, minlength=k).astype(np.float64)]
         for c in np.unique(coarse):
             rows.append((coarse == c).astype(np.float64))

@@ -48,7 +48,8 @@ class Static(Mixer):
         """
         m = check_int(num_domains, "num_domains", 1)
         lab = np.asarray(
-            target_labels.detach().cpu() if isinstance(target_labels, torch.Tensor)
+            target_labels.detach().cpu()
+            if isinstance(target_labels, torch.Tensor)
             else target_labels
         )
         if lab.dtype.kind not in "iu":
@@ -56,7 +57,9 @@ class Static(Mixer):
         if lab.ndim != 1 or lab.size == 0:
             raise ValueError(f"target_labels must be a non-empty 1-D array, got {lab.shape}")
         if lab.min() < 0 or lab.max() >= m:
-            raise ValueError(f"target_labels must lie in [0, {m}), found [{lab.min()}, {lab.max()}]")
+            raise ValueError(
+                f"target_labels must lie in [0, {m}), found [{lab.min()}, {lab.max()}]"
+            )
         return cls(np.bincount(lab, minlength=m).astype(np.float64))
 
     def update(self, **stats: Any) -> torch.Tensor:

@@ -1,0 +1,151 @@
+"""Two-process gloo run on CPU: the tracker's statistics are all-reduced (equal to one process
+over the union of the data) and every rank computes bit-identical weights."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from _tol import assert_close
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from rnb_kernels import distributed as rdist
+from rnb_kernels.balancer import Balancer
+from rnb_kernels.mixing import RnB
+from rnb_kernels.tracking import DomainGradientTracker
+
+WORLD, M, B, T, D = 2, 3, 4, 3, 6  # B samples per rank and micro-batch
+P_EVAL = [0.5, 0.3, 0.2]
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(D, 10), nn.Tanh(), nn.Linear(10, 7))
+
+
+def _data():
+    """Two global micro-batches of 2B samples; rank r owns rows [rB, (r+1)B)."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(2):
+        ids = torch.randint(-1, M, (WORLD * B, T), generator=g)
+        out.append((torch.randn(WORLD * B, T, D, generator=g), ids))
+    return out
+
+
+def _loss(out: torch.Tensor) -> torch.Tensor:
+    return out.square().sum()
+
+
+def _stats(model, micro_batches, mode):
+    """Gram and counts after the first micro-batch, and again after the second (accumulated
+    after a read)."""
+    tracker = DomainGradientTracker(model, M, modules=["0", "2"], mode=mode, sketch_dim=128)
+    res = {}
+    for k, (x, ids) in enumerate(micro_batches):
+        with tracker.domains(ids):
+            _loss(model(x)).backward()
+        res[f"gram{k}"], res[f"counts{k}"] = tracker.gram(), tracker.counts()
+    res["weights"] = RnB(M, eval_proportions=P_EVAL, lam=2.0).update(
+        gram=res["gram1"], counts=res["counts1"]
+    )
+    tracker.remove()
+    return res
+
+
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
+    )
+    try:
+        model = _model()
+        ddp = DistributedDataParallel(model)
+        mine = [(x[rank * B : (rank + 1) * B], i[rank * B : (rank + 1) * B]) for x, i in _data()]
+        res = {}
+        for mode in ("exact", "sketch"):
+            res[mode] = _stats(ddp, mine, mode)
+            rdist.check_consistent(res[mode]["weights"], "weights")
+            ddp.zero_grad()
+        try:  # the consistency check must catch ranks that disagree
+            rdist.check_consistent(torch.tensor([float(rank)]), "probe")
+            res["probe"] = "no error"
+        except RuntimeError as e:
+            res["probe"] = str(e)
+        # A Balancer loop: sampler streams per rank, weights checked every round.
+        labels = torch.arange(48) % M
+        bal = Balancer(ddp, RnB(M, eval_proportions=P_EVAL, lam=2.0, update_every=1))
+        sampler = bal.make_sampler(labels, batch_size=B, seed=0)
+        it = iter(sampler)
+        feats = torch.randn(48, T, D, generator=torch.Generator().manual_seed(2))
+        drawn = []
+        for _ in range(3):
+            idx = [next(it) for _ in range(B)]
+            drawn += idx
+            with bal.step(labels[idx]):
+                _loss(ddp(feats[idx])).backward()
+            bal.after_step()
+        res["balancer_weights"] = [h["weights"] for h in bal.history]
+        res["drawn"] = drawn
+        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    out = tmp_path_factory.mktemp("dist")
+    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_ranks_hold_identical_weights_and_statistics(ranks, mode):
+    r0, r1 = ranks[0][mode], ranks[1][mode]
+    assert torch.equal(r0["weights"], r1["weights"])
+    for key in ("gram0", "gram1", "counts0", "counts1"):
+        assert torch.equal(r0[key], r1[key]), key
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_gram_equals_single_process_over_the_union(ranks, mode):
+    single = _stats(_model(), _data(), mode)
+    got = ranks[0][mode]
+    for key in ("gram0", "gram1"):
+        assert_close(got[key], single[key], torch.float32, f"{mode} {key}")
+    for key in ("counts0", "counts1"):
+        assert torch.equal(got[key], single[key]), key
+    torch.testing.assert_close(got["weights"], single["weights"], rtol=1e-6, atol=1e-9)
+
+
+def test_consistency_check_detects_divergent_ranks(ranks):
+    assert all("differ across ranks" in r["probe"] for r in ranks)
+
+
+def test_balancer_under_ddp(ranks):
+    w0, w1 = ranks[0]["balancer_weights"], ranks[1]["balancer_weights"]
+    assert len(w0) == 3 and w0 == w1  # bit-identical on both ranks after every round
+    assert not set(ranks[0]["drawn"]) & set(ranks[1]["drawn"])  # disjoint sample streams
+
+
+def test_helpers_are_no_ops_without_a_process_group():
+    t = torch.ones(3)
+    rdist.all_reduce_sum_([t])
+    rdist.check_consistent(t, "t")
+    rdist.broadcast_(t)
+    assert t.tolist() == [1.0, 1.0, 1.0]
+    assert rdist.world_size() == 1 and rdist.rank() == 0
