@@ -5,14 +5,21 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 
 import pytest
 import torch
+
+# Triton reads TRITON_INTERPRET when it is imported: without a GPU, run its kernels in the
+# interpreter (the same switch as tests/test_triton_ops.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
 from _tol import assert_close
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import rnb_kernels
 from rnb_kernels.ops.reference import count_sketch_ref, gram_ref, sketch_hash_ref
 from rnb_kernels.tracking import DomainGradientTracker, _bias_hash
 
@@ -558,3 +565,31 @@ def test_gradscaler_loop_matches_unscaled_run_and_skips_overflow():
     assert tracker.nonfinite_skips == 1
     assert torch.equal(tracker.counts(), tracker_ref.counts())
     assert_close(tracker.domain_grads(), tracker_ref.domain_grads(), torch.float32, "scaled")
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_triton_backend_through_the_tracker(mode):
+    pytest.importorskip("triton", reason="Triton is not installed")
+    status = rnb_kernels.backends()["triton"]
+    if not status.available:
+        pytest.skip(status.reason)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(13)
+    model = MLP().to(dev)
+    untracked, ref_model = copy.deepcopy(model), copy.deepcopy(model).cpu()
+    tracker = DomainGradientTracker(model, M, mode=mode, sketch_dim=64, backend="triton")
+    torch_model = copy.deepcopy(ref_model)
+    torch_tracker = DomainGradientTracker(torch_model, M, mode=mode, sketch_dim=64)
+    x = torch.randn(4, 5, 6, generator=g)
+    ids = make_ids("with-ignored", 4, 5, g)
+    with tracker.domains(ids):
+        token_losses(model, x.to(dev)).sum().backward()
+    with torch_tracker.domains(ids):
+        token_losses(torch_model, x).sum().backward()
+    token_losses(untracked, x.to(dev)).sum().backward()
+    for p, q in zip(model.parameters(), untracked.parameters()):
+        assert_close(p.grad.cpu(), q.grad.cpu().double(), torch.float32, "param.grad")
+    assert_close(tracker.gram().cpu(), torch_tracker.gram(), torch.float32, "gram")
+    if mode == "exact":
+        expected = brute_force(ref_model, ["head"], [x], [ids])
+        assert_close(tracker.domain_grads().cpu(), expected, torch.float32, "triton exact")
