@@ -134,6 +134,20 @@ def test_segmented_wgrad_strided_inputs(id_dtype):
     check_segmented(x, dy, make_ids("mixed", 70, 4).to(id_dtype), 4)
 
 
+@pytest.mark.parametrize("sketch", [False, True], ids=["exact", "sketch"])
+def test_wide_layer_offsets(monkeypatch, sketch):
+    # Layers of 2**31+ weights switch the tile offsets to int64; force that path here.
+    from rnb_kernels.ops.triton import segmented_wgrad as sw
+
+    monkeypatch.setattr(sw, "_WIDE_ELEMENTS", 1)
+    x, dy = make_inputs(37, 33, 70, torch.float32)
+    ids = make_ids("mixed", 37, 3)
+    if sketch:
+        check_sketch(x, dy, ids, 3, k=50, seed=2, layer=9)
+    else:
+        check_segmented(x, dy, ids, 3)
+
+
 def test_segmented_wgrad_many_domains_few_rows():
     # More domains than rows: most are empty, every present segment is shorter than a block.
     x, dy = make_inputs(37, 33, 33, torch.float32)

@@ -44,15 +44,19 @@ from ._common import (
 
 
 def _gpu_configs() -> list[triton.Config]:
-    # H100/H200: 128x128 tiles need 8 warps (the segment tile and the running dW tile both
-    # live in registers); smaller tiles cover skinny layers and many-domain cases.
+    # H100/H200. Two fp32 [BLOCK_M, BLOCK_N] tiles (segment and running dW) live in registers
+    # next to the gather addresses, so per-thread tile share is what limits the config:
+    # compiled offline for sm_90 (bf16), 128x64 / 64x128 with 8 warps and 64x64 with 4 warps
+    # need <= 250 registers and no spills; 128x128 with 8 warps spills ~200 B/thread (exact)
+    # and ~860 B (sketch) and is kept only for the autotuner to rule on.
     shapes = [
-        (128, 128, 64, 8, 3),
-        (128, 128, 64, 8, 4),
-        (128, 128, 32, 8, 4),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
+        (128, 64, 64, 8, 3),
+        (128, 64, 64, 8, 4),
+        (64, 128, 64, 8, 3),
+        (64, 128, 64, 8, 4),
         (64, 64, 64, 4, 3),
+        (64, 64, 32, 4, 4),
+        (128, 128, 64, 8, 3),
     ]
     return [
         triton.Config(
@@ -84,6 +88,7 @@ def _segmented_wgrad_kernel(
     SKETCH: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    WIDE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -105,6 +110,12 @@ def _segmented_wgrad_kernel(
     mask_m = offs_m < K_OUT
     mask_n = offs_n < K_IN
     tile_mask = mask_m[:, None] & mask_n[None, :]
+    # Offsets inside one [K_out, K_in] matrix stay int32 unless it has 2**31+ elements (the
+    # per-domain base is int64 regardless): fewer registers in the flush epilogue.
+    if WIDE:
+        tile_offs = offs_m.to(tl.int64)[:, None] * K_IN + offs_n[None, :]
+    else:
+        tile_offs = offs_m[:, None] * K_IN + offs_n[None, :]
 
     if SKETCH:
         # The count-sketch hash of rnb_kernels/ops/reference.py, in wrapping uint32 arithmetic.
@@ -157,19 +168,13 @@ def _segmented_wgrad_kernel(
                         out_ptr + d * SKETCH_DIM + bucket, signed, mask=tile_mask, sem="relaxed"
                     )
                 else:
-                    acc_ptrs = (
-                        out_ptr
-                        + d * K_OUT * K_IN
-                        + offs_m.to(tl.int64)[:, None] * K_IN
-                        + offs_n[None, :]
-                    )
+                    acc_ptrs = out_ptr + d * K_OUT * K_IN + tile_offs
                     cur = tl.load(acc_ptrs, mask=tile_mask, other=0.0)
                     tl.store(acc_ptrs, cur + seg, mask=tile_mask)
             dw += seg
         lo = hi
 
-    dw_ptrs = dw_ptr + offs_m.to(tl.int64)[:, None] * K_IN + offs_n[None, :]
-    tl.store(dw_ptrs, dw.to(dw_ptr.dtype.element_ty), mask=tile_mask)
+    tl.store(dw_ptr + tile_offs, dw.to(dw_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # Autotuning an op that accumulates in place must not add the tile sums once per trial.
@@ -179,6 +184,8 @@ _segmented_wgrad_tuned = triton.autotune(configs=_gpu_configs(), key=["K_OUT", "
     _segmented_wgrad_kernel
 )
 _tuned_keys: set[tuple] = set()
+# Layers with at least this many weights index a [K_out, K_in] tile with int64 offsets.
+_WIDE_ELEMENTS = 2**31
 
 
 def _grid(k_out: int, k_in: int):
@@ -214,6 +221,7 @@ def launch_segmented(
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
         out.shape[1] if sketch else 1, key_i32,
     )  # fmt: skip
+    wide = k_out * k_in >= _WIDE_ELEMENTS
     precision = dot_precision(x.dtype, "ieee")
     with device_guard(x):
         if interpreting():
@@ -224,17 +232,20 @@ def launch_segmented(
                 SKETCH=sketch,
                 PRECISION="ieee" if upcast else precision,
                 UPCAST=upcast,
+                WIDE=wide,
                 **INTERPRET_SEGMENTED,
             )
             return dw
         if tuned is None:
-            _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision)
+            _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision, wide)
             tuned = _segmented_wgrad_tuned
-        tuned[_grid(k_out, k_in)](*args, SKETCH=sketch, PRECISION=precision, UPCAST=False)
+        tuned[_grid(k_out, k_in)](
+            *args, SKETCH=sketch, PRECISION=precision, UPCAST=False, WIDE=wide
+        )
     return dw
 
 
-def _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision) -> None:
+def _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision, wide) -> None:
     key = (k_out, k_in, x.dtype, dy.dtype, x.device)
     if key in _tuned_keys:
         return
@@ -244,7 +255,7 @@ def _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision) -> None:
     _segmented_wgrad_tuned[_grid(k_out, k_in)](
         x, dy, order, bounds, dw, scratch, k_out, k_in, 2,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), 1, 0,
-        SKETCH=False, PRECISION=precision, UPCAST=False,
+        SKETCH=False, PRECISION=precision, UPCAST=False, WIDE=wide,
     )  # fmt: skip
     _tuned_keys.add(key)
 
