@@ -159,7 +159,9 @@ def regroup(
             :class:`~rnb_kernels.regroup.embedders.Embedder`, or a callable
             ``list[str] -> array[n, d]``.
         seed: seeds subsampling and k-means; same inputs + seed -> same partition.
-        embeddings: precomputed ``float[n, d]`` embeddings (skips embedding).
+        embeddings: precomputed ``float[n, d]`` embeddings (skips embedding). ``embedder``
+            then names the model that produced them, so :meth:`Partition.assign` can embed
+            new texts the same way (an unfitted tfidf is not attached).
         k_coarse: also group the k clusters into ``k_coarse`` coarse clusters (two-level
             k-means for DGA's distribution reweighting; see :meth:`Partition.membership`).
         backend: ``"auto" | "kmeans" | "minibatch" | "faiss"`` (see
@@ -254,6 +256,7 @@ def regroup(
             "n_init": n_init,
             "silhouette_sample": silhouette_sample if scores else None,
             "corpus_sha256": texts_fingerprint(text_list) if text_list is not None else None,
+            "precomputed_embeddings": embeddings is not None,
         },
     )  # fmt: skip
     if two is not None:
