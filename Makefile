@@ -2,7 +2,7 @@
 # unpinned torch would pull GBs of CUDA packages), then the package with its extras.
 PY ?= python3
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= dev,regroup,hf,bench
+EXTRAS ?= dev,regroup,hf,bench,demo
 STAMP := .setup-stamp
 PYTEST_ARGS ?=
 OUT ?= out/demo
