@@ -37,6 +37,11 @@ format: setup
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Regroup Natural Instructions v1 (fetched into ~/.cache/rnb_kernels on first use), then train the
+# same GPT under Stratified, DGA and R&B and print the comparison; writes plots and logs to $(OUT).
+demo: setup data
+	$(PY) -m rnb_kernels.cli demo --out $(OUT)
+
 bench: setup
 	$(PY) benchmarks/bench_kernels.py --quick
 
