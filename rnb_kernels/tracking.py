@@ -397,10 +397,13 @@ class DomainGradientTracker:
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
         named = self._resolve_modules(model, modules)
-        for _, mod in named:
-            resolve_backend("segmented_wgrad", backend, mod.weight.device)
+        op = "segmented_wgrad" if mode == "exact" else "domain_sketch"
+        for name, mod in named:
+            resolve_backend(op, backend, mod.weight.device)
             if _is_tracked(mod):
                 raise ValueError(f"modules: {mod!r} is already tracked by another tracker")
+            if not mod.weight.requires_grad:
+                logger.warning("%s.weight does not require grad: nothing will be tracked", name)
         self.num_domains = num_domains
         self.mode = mode
         self.sketch_dim = sketch_dim

@@ -9,6 +9,7 @@ update with a ``RuntimeWarning`` and count it in ``skipped_updates``.
 
 from __future__ import annotations
 
+import abc
 import logging
 import warnings
 from typing import Any
@@ -97,7 +98,7 @@ def check_counts(value: Any, name: str, m: int) -> torch.Tensor:
     return n
 
 
-class Mixer:
+class Mixer(abc.ABC):
     """Base class: mixture weights over ``num_domains`` domains, updated every ``update_every``
     optimizer steps.
 
@@ -138,9 +139,9 @@ class Mixer:
         """True when optimizer step ``step`` (1-based count of steps done) closes a round."""
         return step > 0 and step % self.update_every == 0
 
+    @abc.abstractmethod
     def update(self, **stats: Any) -> torch.Tensor:
         """Return the new weights computed from this round's statistics."""
-        raise NotImplementedError
 
     # ----------------------------------------------------------------- helpers for subclasses
     def _commit(self, w: torch.Tensor) -> torch.Tensor:
@@ -163,7 +164,8 @@ class Mixer:
         return {}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        """Validate and apply subclass state; must raise before mutating anything."""
+        """Validate subclass state; must raise before anything is mutated (default: none)."""
+        return None
 
     # ----------------------------------------------------------------- persistence
     def state_dict(self) -> dict[str, Any]:
