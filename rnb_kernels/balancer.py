@@ -23,6 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,9 +36,91 @@ from .tracking import DomainGradientTracker, _as_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Balancer"]
+__all__ = ["Balancer", "Statistic", "register_statistic", "statistic_names"]
 
-_GRADIENT_STATS = ("gram", "alignment")
+
+@dataclass(frozen=True)
+class Statistic:
+    """One named per-round statistic a mixer can ask for in ``Mixer.requires``.
+
+    Attributes:
+        name: the keyword it is passed to ``mixer.update`` under.
+        compute: ``compute(balancer) -> value`` at the end of a round (after the all-reduce);
+            ``None`` means "not available in this configuration" and the keyword is left out.
+        needs_tracker: the statistic reads per-domain gradients, so a Balancer whose mixer
+            requires it builds a :class:`~rnb_kernels.DomainGradientTracker`.
+    """
+
+    name: str
+    compute: Callable[[Balancer], Any]
+    needs_tracker: bool = False
+
+
+_STATISTICS: dict[str, Statistic] = {}
+
+
+def register_statistic(name: str, *, needs_tracker: bool = False, replace: bool = False):
+    """Decorator: register ``fn(balancer) -> value`` as the statistic ``name``.
+
+    Example:
+        >>> @register_statistic("loss_max")  # doctest: +SKIP
+        ... def _(b):
+        ...     return b.domain_losses().nan_to_num(0).max()
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("name must be a non-empty str")
+
+    def wrap(fn: Callable[[Balancer], Any]) -> Callable[[Balancer], Any]:
+        if name in _STATISTICS and not replace:
+            raise ValueError(f"statistic {name!r} is already registered; pass replace=True")
+        _STATISTICS[name] = Statistic(name, fn, needs_tracker)
+        return fn
+
+    return wrap
+
+
+def statistic_names() -> tuple[str, ...]:
+    """Names of every registered statistic."""
+    return tuple(_STATISTICS)
+
+
+# Built-in statistics. Gradient ones read the tracker; with ``alignment_fn`` (paper-style DGA)
+# the alignment comes from that function as means, so counts / target_count are left out.
+@register_statistic("gram", needs_tracker=True)
+def _gram(b: Balancer) -> Any:
+    return b.tracker.gram().cpu()
+
+
+@register_statistic("alignment", needs_tracker=True)
+def _alignment(b: Balancer) -> Any:
+    if b.alignment_fn is not None:
+        return b.alignment_fn()
+    return b.tracker.target_alignment().cpu()
+
+
+@register_statistic("target_count", needs_tracker=True)
+def _target_count(b: Balancer) -> Any:
+    return None if b.tracker is None else b.tracker.target_count()
+
+
+@register_statistic("counts")
+def _counts(b: Balancer) -> Any:
+    # Samples per domain: the tracker's when it exists, else what record_loss() saw.
+    if b.alignment_fn is not None and "alignment" in b.mixer.requires:
+        return None
+    if b.tracker is not None:
+        return b.tracker.counts().cpu()
+    return b.loss_counts()
+
+
+@register_statistic("losses")
+def _losses(b: Balancer) -> Any:
+    return b.domain_losses()
+
+
+@register_statistic("loss_counts")
+def _loss_counts(b: Balancer) -> Any:
+    return b.loss_counts()
 
 
 class _Step:
@@ -62,8 +145,9 @@ class Balancer:
     resets the round and logs. A :class:`~rnb_kernels.MixtureSampler` built on the mixer (see
     :meth:`make_sampler`) follows the new weights from its next batch.
 
-    What is gathered is what the mixer declares in ``mixer.requires``: ``gram``/``counts``
-    (R&B), ``alignment``/``counts``/``target_count`` (DGA, from the tracker's target row, or
+    What is gathered is what the mixer declares in ``mixer.requires``, looked up by name in the
+    statistics registry (:func:`register_statistic`): ``gram``/``counts`` (R&B),
+    ``alignment``/``counts``/``target_count`` (DGA, from the tracker's target row, or
     ``alignment_fn``), ``losses``/``counts`` (ODM, from :meth:`record_loss`).
 
     Args:
@@ -123,8 +207,16 @@ class Balancer:
         self.target_fn = target_fn
         self.alignment_fn = alignment_fn
         self.verify_ranks = bool(verify_ranks)
-        self.num_domains = getattr(mixer, "stat_domains", mixer.num_domains)
-        needs_grads = any(r in mixer.requires for r in _GRADIENT_STATS) and alignment_fn is None
+        unknown = [r for r in mixer.requires if r not in _STATISTICS]
+        if unknown:
+            raise ValueError(
+                f"mixer {type(mixer).__name__} requires unknown statistics {unknown}; "
+                f"registered: {list(_STATISTICS)} (see register_statistic)"
+            )
+        self.num_domains = mixer.stat_domains
+        needs_grads = alignment_fn is None and any(
+            _STATISTICS[r].needs_tracker for r in mixer.requires
+        )
         if isinstance(tracker, DomainGradientTracker):
             if tracker.num_domains != self.num_domains:
                 raise ValueError(
@@ -237,32 +329,29 @@ class Balancer:
         return self.after_step()
 
     # ------------------------------------------------------------------ the update
+    def loss_counts(self) -> torch.Tensor:
+        """float64 ``[m]`` (CPU): entries :meth:`record_loss` saw per domain this round."""
+        return self._loss_counts.detach().to("cpu", copy=True)
+
+    def domain_losses(self) -> torch.Tensor:
+        """float64 ``[m]`` (CPU): mean recorded loss per domain this round (NaN if none)."""
+        n = self.loss_counts()
+        return torch.where(n > 0, self._loss_sums.cpu() / n.clamp(min=1), float("nan"))
+
     def _gather(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        req = self.mixer.requires
         tr = self.tracker
-        stats: dict[str, Any] = {}
         if tr is not None:
             tr.sync()
         rdist.all_reduce_sum_([self._loss_sums, self._loss_counts])
-        loss_counts = self._loss_counts.detach().to("cpu", copy=True)
-        losses = torch.where(
-            loss_counts > 0, self._loss_sums.cpu() / loss_counts.clamp(min=1), float("nan")
-        )
-        if "gram" in req:
-            stats["gram"] = tr.gram().cpu()
-        if "alignment" in req:
-            if self.alignment_fn is not None:
-                stats["alignment"] = self.alignment_fn()
-            else:
-                stats["alignment"] = tr.target_alignment().cpu()
-                stats["counts"] = tr.counts().cpu()
-                stats["target_count"] = tr.target_count()
-        if "losses" in req:
-            stats["losses"] = losses
-            stats["counts"] = loss_counts
-        elif "counts" in req and "counts" not in stats and self.alignment_fn is None:
-            stats["counts"] = tr.counts().cpu()
-        log: dict[str, torch.Tensor] = {"loss": losses, "loss_counts": loss_counts}
+        stats: dict[str, Any] = {}
+        for name in self.mixer.requires:
+            value = _STATISTICS[name].compute(self)
+            if value is not None:
+                stats[name] = value
+        log: dict[str, torch.Tensor] = {
+            "loss": self.domain_losses(),
+            "loss_counts": self.loss_counts(),
+        }
         if tr is not None:
             log["counts"] = tr.counts().cpu()
         return stats, log

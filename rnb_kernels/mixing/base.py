@@ -12,14 +12,15 @@ from __future__ import annotations
 import abc
 import logging
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Mixer", "as_float64", "as_simplex"]
+__all__ = ["Mixer", "MixingContext", "as_float64", "as_simplex"]
 
 
 def as_float64(value: Any, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
@@ -98,6 +99,31 @@ def check_counts(value: Any, name: str, m: int) -> torch.Tensor:
     return n
 
 
+@dataclass
+class MixingContext:
+    """What a run's data tells a mixer at construction (see :meth:`Mixer.from_context`).
+
+    Attributes:
+        num_domains: ``m``, the training domains the sampler draws from.
+        eval_proportions: float ``[m]`` share of the evaluation (or target) set in each domain.
+        domain_sizes: float ``[m]`` training examples per domain.
+        target_labels: int ``[n]`` domain of every target/eval example.
+        update_every: optimizer steps per round.
+    """
+
+    num_domains: int
+    eval_proportions: Any = None
+    domain_sizes: Any = None
+    target_labels: Any = None
+    update_every: int = 1
+
+    def require(self, field: str, mixer: str) -> Any:
+        value = getattr(self, field)
+        if value is None:
+            raise ValueError(f"mixer {mixer!r} needs MixingContext.{field}")
+        return value
+
+
 class Mixer(abc.ABC):
     """Base class: mixture weights over ``num_domains`` domains, updated every ``update_every``
     optimizer steps.
@@ -108,10 +134,15 @@ class Mixer(abc.ABC):
         num_updates: accepted updates so far. skipped_updates: updates skipped (numerical fault
             or a degenerate input), ``last_skip_reason`` says why.
 
-    Subclasses implement :meth:`update` and may extend :meth:`_extra_state`.
+    Subclasses implement :meth:`update` and may extend :meth:`_extra_state`; registered ones
+    (:func:`~rnb_kernels.mixing.register_mixer`) also set :attr:`name` and, when they need
+    more than ``num_domains`` from the data, override :meth:`from_context`.
     """
 
-    requires: tuple[str, ...] = ()
+    #: registry name (``"rnb"``, ``"dga"``, ...); set by :func:`register_mixer`.
+    name: ClassVar[str] = ""
+    #: statistics :meth:`update` takes, by the names of the Balancer's statistics registry.
+    requires: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, num_domains: int, update_every: int = 1, init_weights: Any = None) -> None:
         self.num_domains = check_int(num_domains, "num_domains", 1)
@@ -124,6 +155,19 @@ class Mixer(abc.ABC):
         self.num_updates = 0
         self.skipped_updates = 0
         self.last_skip_reason: str | None = None
+
+    @classmethod
+    def from_context(cls, context: MixingContext, **hparams: Any) -> Mixer:
+        """Build from a run's :class:`MixingContext` (default: ``num_domains`` and
+        ``update_every`` only)."""
+        hparams.setdefault("update_every", context.update_every)
+        return cls(num_domains=context.num_domains, **hparams)
+
+    @property
+    def stat_domains(self) -> int:
+        """Rows of the per-domain statistics :meth:`update` expects (``num_domains`` unless a
+        mixer keeps statistics at another granularity, e.g. fine clusters)."""
+        return self.num_domains
 
     @property
     def weights(self) -> torch.Tensor:

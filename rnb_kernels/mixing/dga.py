@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .base import Mixer, as_float64, as_simplex, check_counts, check_float
+from .base import Mixer, MixingContext, as_float64, as_simplex, check_counts, check_float
+from .registry import register_mixer
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def _mean_alignment(
     return torch.where(c > 0, a / denom.clamp(min=1e-300), torch.zeros_like(a))
 
 
+@register_mixer
 class DGA(Mixer):
     """Dynamic Gradient Alignment mixer.
 
@@ -68,6 +70,7 @@ class DGA(Mixer):
         0.7311
     """
 
+    name = "dga"
     requires = ("alignment", "counts", "target_count")
 
     def __init__(
@@ -81,11 +84,6 @@ class DGA(Mixer):
         super().__init__(num_domains, update_every, init_weights)
         self.step_size = check_float(step_size, "step_size", low=0.0, low_open=True)
         self.ema = check_float(ema, "ema", low=0.0, high=1.0, low_open=True)
-
-    @property
-    def stat_domains(self) -> int:
-        """Length of the alignment vector :meth:`update` expects by default."""
-        return self.num_domains
 
     def _step(self, a: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(a).all()):
@@ -120,6 +118,7 @@ class DGA(Mixer):
         return {"step_size": self.step_size, "ema": self.ema}
 
 
+@register_mixer
 class DGADistribution(DGA):
     """DGA over *basis distributions* instead of domains (distribution reweighting).
 
@@ -132,6 +131,7 @@ class DGADistribution(DGA):
     Args:
         bases: float ``[m, k]``, non-negative rows with positive sums (normalised here).
         step_size, ema, update_every, init_weights: as in :class:`DGA`.
+        num_domains: optional ``m``; must equal ``bases.shape[0]``.
 
     Example:
         >>> B = DGADistribution.default_bases([0, 0, 3], coarse_of_fine=[0, 0, 1, 1])
@@ -149,13 +149,32 @@ class DGADistribution(DGA):
         ema: float = 0.1,
         update_every: int = 1,
         init_weights: Any = None,
+        *,
+        num_domains: int | None = None,
     ) -> None:
         b = as_float64(bases, "bases")
         if b.dim() != 2 or b.shape[0] < 1 or b.shape[1] < 1:
             raise ValueError(f"bases must be a non-empty [m, k] matrix, got {tuple(b.shape)}")
+        if num_domains is not None and num_domains != b.shape[0]:
+            raise ValueError(f"num_domains={num_domains} but bases has {b.shape[0]} rows")
         rows = [as_simplex(row, f"bases[{i}]") for i, row in enumerate(b)]
         super().__init__(b.shape[0], step_size, ema, update_every, init_weights)
         self.bases = torch.stack(rows)
+
+    name = "dga-distribution"
+
+    @classmethod
+    def from_context(cls, context: MixingContext, **hparams: Any) -> DGADistribution:
+        """``bases`` is a hyper-parameter here (``[m, k]``); ``context.num_domains`` is the
+        ``k`` fine clusters the sampler draws from."""
+        if "bases" not in hparams:
+            raise ValueError("mixer 'dga-distribution' needs bases=[m, k] (see default_bases)")
+        mixer = cls(update_every=hparams.pop("update_every", context.update_every), **hparams)
+        if mixer.num_clusters != context.num_domains:
+            raise ValueError(
+                f"bases cover {mixer.num_clusters} clusters, the data has {context.num_domains}"
+            )
+        return mixer
 
     @property
     def num_clusters(self) -> int:

@@ -8,10 +8,12 @@ from typing import Any
 import torch
 
 from .base import Mixer, as_float64, check_counts, check_float
+from .registry import register_mixer
 
 __all__ = ["ODM"]
 
 
+@register_mixer
 class ODM(Mixer):
     """EXP3 bandit over domains with the training loss as reward (no gradients needed).
 
@@ -39,6 +41,7 @@ class ODM(Mixer):
         True
     """
 
+    name = "odm"
     requires = ("losses", "counts")
 
     def __init__(self, num_domains: int, smoothing: float = 0.9, update_every: int = 1) -> None:

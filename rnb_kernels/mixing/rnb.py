@@ -6,11 +6,13 @@ from typing import Any
 
 import torch
 
-from .base import Mixer, as_float64, as_simplex, check_counts, check_float
+from .base import Mixer, MixingContext, as_float64, as_simplex, check_counts, check_float
+from .registry import register_mixer
 
 __all__ = ["RnB"]
 
 
+@register_mixer
 class RnB(Mixer):
     """R&B mixer: ``p' = softmax(lam · G p_eval / ‖G p_eval‖₂)``, overwriting the old weights.
 
@@ -38,6 +40,7 @@ class RnB(Mixer):
         1.0
     """
 
+    name = "rnb"
     requires = ("gram", "counts")
 
     def __init__(
@@ -51,6 +54,13 @@ class RnB(Mixer):
         super().__init__(num_domains, update_every, init_weights)
         self.eval_proportions = as_simplex(eval_proportions, "eval_proportions", self.num_domains)
         self.lam = check_float(lam, "lam", low=0.0, low_open=True)
+
+    @classmethod
+    def from_context(cls, context: MixingContext, **hparams: Any) -> RnB:
+        """``eval_proportions`` from the context unless given."""
+        if "eval_proportions" not in hparams:
+            hparams["eval_proportions"] = context.require("eval_proportions", cls.name)
+        return super().from_context(context, **hparams)
 
     def update(self, gram: Any, counts: Any) -> torch.Tensor:
         """New weights from this round's Gram of gradient sums and per-domain sample counts.

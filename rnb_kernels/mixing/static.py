@@ -7,16 +7,22 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Mixer, as_float64, as_simplex, check_int
+from .base import Mixer, MixingContext, as_float64, as_simplex, check_int
+from .registry import register_mixer
 
 __all__ = ["Static"]
 
 
+@register_mixer
 class Static(Mixer):
     """Fixed mixture weights (normalised); ``update`` accepts and ignores any statistics.
 
+    Built as ``Static(num_domains=m, weights=w)`` like every mixer, or ``Static(w)``
+    (``num_domains`` is then ``len(w)``); ``Static(num_domains=m)`` alone is uniform.
+
     Args:
         weights: float ``[m]``, non-negative with a positive sum.
+        num_domains: ``m``; must equal ``len(weights)`` when both are given.
 
     Example:
         >>> Static([1, 3]).weights.tolist()
@@ -25,9 +31,29 @@ class Static(Mixer):
         [0.1, 0.3, 0.6]
     """
 
-    def __init__(self, weights: Any, update_every: int = 1) -> None:
-        w = as_simplex(weights, "weights")
+    name = "static"
+
+    def __init__(
+        self, weights: Any = None, update_every: int = 1, *, num_domains: int | None = None
+    ) -> None:
+        if weights is None:
+            if num_domains is None:
+                raise ValueError("Static needs weights or num_domains")
+            m = check_int(num_domains, "num_domains", 1)
+            w = torch.full((m,), 1.0 / m, dtype=torch.float64)
+        else:
+            w = as_simplex(weights, "weights")
+            if num_domains is not None and check_int(num_domains, "num_domains", 1) != w.numel():
+                raise ValueError(f"weights has {w.numel()} entries but num_domains={num_domains}")
         super().__init__(w.numel(), update_every, init_weights=w)
+
+    @classmethod
+    def from_context(cls, context: MixingContext, **hparams: Any) -> Static:
+        """Natural (size-proportional) weights from ``context.domain_sizes`` unless ``weights``
+        is given."""
+        if "weights" not in hparams:
+            hparams["weights"] = context.require("domain_sizes", cls.name)
+        return super().from_context(context, **hparams)
 
     @classmethod
     def natural(cls, sizes: Any) -> Static:

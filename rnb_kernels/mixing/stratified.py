@@ -7,10 +7,12 @@ from typing import Any
 import torch
 
 from .base import Mixer
+from .registry import register_mixer
 
 __all__ = ["Stratified"]
 
 
+@register_mixer
 class Stratified(Mixer):
     """Uniform weights ``1/m`` over domains; ``update`` accepts and ignores any statistics.
 
@@ -18,6 +20,8 @@ class Stratified(Mixer):
         >>> Stratified(4).weights.tolist()
         [0.25, 0.25, 0.25, 0.25]
     """
+
+    name = "stratified"
 
     def __init__(self, num_domains: int, update_every: int = 1) -> None:
         super().__init__(num_domains, update_every)
