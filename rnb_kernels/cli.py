@@ -10,8 +10,8 @@ import sys
 _SUBCOMMANDS = {
     "backends": "rnb_kernels.cli",
     "regroup": "rnb_kernels.regroup.cli",
-    "demo": "rnb_kernels.demo",
-    "bench": "rnb_kernels.bench.cli",
+    "demo": "rnb_kernels.experiments.demo",
+    "bench": "rnb_kernels.experiments.bench.cli",
 }
 
 

@@ -30,7 +30,7 @@ def test_overhead_tiny_reports_ratios(tmp_path, capsys):
 
 
 def test_overhead_csv_appends_with_header_once(tmp_path):
-    from rnb_kernels.bench.env import append_csv
+    from rnb_kernels.experiments.harness import append_csv
 
     p = tmp_path / "x.csv"
     append_csv(p, [{"a": 1, "b": 2}])

@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 from ..demo import DemoConfig, prepare
+from ..harness import append_csv, machine_info, results_dir
 from ..models import GPTConfig
 from ..train import TrainConfig, train
-from .env import append_csv, machine_info, results_dir
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
     seeds = [int(s) for s in args.seeds.split(",") if s]
     t = time.perf_counter()
     rows = run_mixing(args.preset, corpora, seeds, methods, out, device, not args.no_progress)
-    from .plots import plot_method_bars
+    from ..plots import plot_method_bars
 
     md = summarize(rows)
     cfg = asdict(PRESETS[args.preset])

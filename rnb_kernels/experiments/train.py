@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .balancer import Balancer
+from ..balancer import Balancer
 from .models import GPT, IGNORE_INDEX, GPTConfig, per_sample_loss
 from .tokenizer import CompactVocab
 
@@ -85,7 +85,7 @@ def encode_texts(
         tokenizer: has ``encode_batch(texts) -> list[list[int]]`` and ``eos_id``.
         context: model context ``T``.
         domains: ``int[n]`` domain per text.
-        vocab: optional :class:`~rnb_kernels.tokenizer.CompactVocab` to remap ids.
+        vocab: optional :class:`~rnb_kernels.experiments.tokenizer.CompactVocab` to remap ids.
 
     Returns:
         :class:`EncodedData` with ``inputs``/``labels`` of shape ``[n, T]``.
@@ -254,7 +254,7 @@ class TrainResult:
 
 
 def _make_mixer(method: str, m: int, cfg: TrainConfig, train: EncodedData, p_eval: np.ndarray):
-    from .mixing import DGA, ODM, RnB, Static, Stratified
+    from ..mixing import DGA, ODM, RnB, Static, Stratified
 
     K = cfg.update_every
     if method == "stratified":
@@ -310,7 +310,7 @@ def train(
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a fresh :class:`~rnb_kernels.models.GPT` under one mixing method.
+    """Train a fresh :class:`~rnb_kernels.experiments.models.GPT` under one mixing method.
 
     Args:
         model_cfg: model size (a fresh model seeded with ``cfg.seed`` is built, so every
@@ -472,7 +472,7 @@ def _gradient_sources(method, model, cfg, train_data, target, rng, m):
         # Costs one forward and a backward that stops at the tracked LM head.
         return (lambda: batch_loss(model, target_batch()).sum()), None
     if method == "dga-extra":
-        from .mixing import domain_gradient_alignment
+        from ..mixing import domain_gradient_alignment
 
         members = [
             np.flatnonzero(train_data.domains == d)

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..harness import append_csv, machine_info, results_dir
 from ..models import GPT, GPTConfig, per_sample_loss
-from .env import append_csv, machine_info, results_dir
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ def _sync(device: torch.device) -> None:
 
 def _usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     """Backends that can run *fast* here; the rest with the reason they are skipped."""
-    from .._backends import backends
+    from ..._backends import backends
 
     usable, skipped = [], {}
     for name, st in backends().items():
@@ -146,7 +146,7 @@ class _Bench:
         return step
 
     def tracked(self, mode: str, backend: str) -> tuple[Callable[[int], None], Callable[[], None]]:
-        from ..tracking import DomainGradientTracker
+        from ...tracking import DomainGradientTracker
 
         tr = DomainGradientTracker(
             self.model, self.cfg.num_domains, mode=mode, backend=backend,

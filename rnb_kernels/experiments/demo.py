@@ -76,7 +76,7 @@ QUICK = DemoConfig(
 
 
 def _load_corpus(cfg: DemoConfig):
-    from .datasets import load_fortunes, load_natural_instructions
+    from ..datasets import load_fortunes, load_natural_instructions
 
     if cfg.corpus == "ni":
         c = load_natural_instructions(max_per_task=cfg.max_per_task, seed=cfg.seed)
@@ -96,7 +96,7 @@ def _load_corpus(cfg: DemoConfig):
 
 
 def _regroup(texts: list[str], cfg: DemoConfig):
-    from .regroup import regroup
+    from ..regroup import regroup
 
     try:
         return regroup(texts, k="auto", k_range=cfg.k_range, embedder=cfg.embedder, seed=cfg.seed)
@@ -109,7 +109,7 @@ def _regroup(texts: list[str], cfg: DemoConfig):
 
 def prepare(cfg: DemoConfig, out: Path) -> dict[str, Any]:
     """Load, split, regroup and tokenize; returns everything the runs need."""
-    from .datasets import train_eval_split
+    from ..datasets import train_eval_split
     from .tokenizer import CompactVocab, load_tokenizer
 
     t0 = time.perf_counter()
@@ -236,7 +236,7 @@ def format_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None)
 
 
 def _write_outputs(out: Path, rows, results: dict[str, TrainResult], prep, corpus) -> None:
-    from .bench.plots import plot_eval_curves, plot_weights
+    from .plots import plot_eval_curves, plot_weights
 
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
