@@ -1,9 +1,10 @@
 """``rnb bench mixing``: mixing methods x corpora x seeds, same model, seed and token budget.
 
-Methods: ``stratified``, ``static`` (natural, size-proportional), ``odm`` (EXP3 on loss),
-``dga-extra`` (the DGA paper: an extra forward/backward per domain every round),
-``dga`` (per-domain gradients from the training backward, no extra pass), ``rnb-original``
-and ``rnb-regrouped`` (R&B on the corpus' own domains and on regrouped clusters).
+Methods (:mod:`~rnb_kernels.experiments.methods`; default all named ones): ``stratified``,
+``static`` (natural, size-proportional), ``odm`` (EXP3 on loss), ``dga-extra`` (the DGA paper:
+an extra forward/backward per domain every round), ``dga`` (per-domain gradients from the
+training backward, no extra pass), ``rnb-original`` and ``rnb-regrouped`` (R&B on the corpus'
+own domains and on regrouped clusters); any registered mixer is accepted by name too.
 
 Every run reports the final eval loss (overall, and mean / worst over the original domains)
 and the measured mixing overhead (time spent on the mixture as a % of the rest of the
@@ -17,103 +18,51 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..demo import DemoConfig, prepare
+from ..config import BENCH_PRESETS, ExperimentConfig
+from ..data import prepare
 from ..harness import append_csv, machine_info, results_dir
-from ..models import GPTConfig
-from ..train import TrainConfig, train
+from ..methods import get_method
+from ..train import run_methods
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "PRESETS", "add_arguments", "run", "run_mixing", "summarize"]
-
-# name -> (train-loop method, domain space)
-METHODS: dict[str, tuple[str, str]] = {
-    "stratified": ("stratified", "original"),
-    "static": ("static", "original"),
-    "odm": ("odm", "original"),
-    "dga-extra": ("dga-extra", "original"),
-    "dga": ("dga", "original"),
-    "rnb-original": ("rnb", "original"),
-    "rnb-regrouped": ("rnb", "regrouped"),
-}
-
-PRESETS: dict[str, DemoConfig] = {
-    # Minutes on a CPU: what `rnb bench mixing` runs by default.
-    "cpu": DemoConfig(
-        max_per_task=40, max_examples=2500, embedder="tfidf", k_range=(8, 48), vocab=2048,
-        context=32, n_layer=1, n_head=2, n_embd=48, steps=120, batch_size=16, eval_every=40,
-        update_every=10, eval_cap=500,
-    ),
-    # Seconds: the test suite.
-    "tiny": DemoConfig(
-        max_examples=400, embedder="tfidf", k_range=(3, 6), vocab=256, context=16, n_layer=1,
-        n_head=1, n_embd=16, steps=6, batch_size=8, eval_every=3, update_every=3, eval_cap=80,
-    ),
-    # GPT-Neo-125M-like (12 x 768, full GPT-2 vocabulary kept by a 50257 compact cap) for a GPU.
-    "gpu": DemoConfig(
-        max_per_task=2000, max_examples=120000, embedder="minilm", k_range=(16, 128),
-        vocab=50257, context=512, n_layer=12, n_head=12, n_embd=768, steps=3000, batch_size=32,
-        eval_every=250, update_every=50, lr=6e-4, eval_cap=6000,
-    ),
-}  # fmt: skip
+__all__ = ["add_arguments", "run", "run_mixing", "summarize"]
 
 
 def run_mixing(
-    preset: str,
+    cfg: ExperimentConfig,
     corpora: list[str],
-    seeds: list[int],
-    methods: list[str],
     out: Path,
-    device: str = "cpu",
+    preset: str = "custom",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Train every (corpus, seed, method); return one row per run (also appended to CSV)."""
-    base = PRESETS[preset]
-    info = machine_info(device)
+    """Train every (corpus, seed, method) of ``cfg``; one row per run, each also appended to
+    ``out/mixing_<preset>.csv`` as soon as it finishes."""
+    info = machine_info(cfg.train.device)
     rows: list[dict[str, Any]] = []
     csv_path = out / f"mixing_{preset}.csv"
     for corpus in corpora:
-        for seed in seeds:
-            cfg = replace(base, corpus=corpus, seed=seed)
+        ccfg = cfg.replace(corpus=corpus)
+        for seed in cfg.seeds:
             work = out / f"mixing_{preset}_work" / f"{corpus}_s{seed}"
             work.mkdir(parents=True, exist_ok=True)
-            prep = prepare(cfg, work)
-            m_orig = prep["corpus"].num_domains
-            model_cfg = GPTConfig(
-                vocab_size=prep["vocab"].size, context=cfg.context, n_layer=cfg.n_layer,
-                n_head=cfg.n_head, n_embd=cfg.n_embd,
+            prep = prepare(
+                ccfg.corpus, vocab_cap=cfg.model.vocab_size, context=cfg.model.context,
+                seed=seed, out=work,
             )  # fmt: skip
-            tcfg = TrainConfig(
-                steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                eval_every=cfg.eval_every, update_every=cfg.update_every, rnb_lam=cfg.rnb_lam,
-                dga_step_size=cfg.dga_step_size, dga_ema=cfg.dga_ema,
-                warmup=max(1, cfg.steps // 15), seed=seed, device=device,
-            )  # fmt: skip
-            for name in methods:
-                method, space = METHODS[name]
-                tr, ev, m = prep["train"], prep["eval"], m_orig
-                if space == "regrouped":
-                    tr = tr.with_domains(prep["train_clusters"])
-                    ev = ev.with_domains(prep["eval_clusters"])
-                    m = prep["part"].k
-                t = time.perf_counter()
-                r = train(
-                    model_cfg, tr, ev, method, tcfg, num_domains=m,
-                    eval_groups=prep["eval"].domains, num_groups=m_orig, name=name,
-                    out_dir=work / "logs", progress=progress,
-                )  # fmt: skip
+            for method, r in run_methods(
+                ccfg, prep, seed=seed, log_dir=work / "logs", progress=progress
+            ):
                 row = {
                     "preset": preset, "corpus": corpus, "seed": seed, **r.summary(),
-                    "domains": m, "wall_s": round(time.perf_counter() - t, 2),
-                    "tokens": cfg.steps * cfg.batch_size * cfg.context, **info,
+                    "wall_s": round(r.wall_s, 2), "tokens": cfg.tokens_per_run(), **info,
                 }  # fmt: skip
-                logger.info("%s/%s/s%d: eval %.4f overhead %.2f%%", corpus, name, seed,
+                logger.info("%s/%s/s%d: eval %.4f overhead %.2f%%", corpus, method.name, seed,
                             row["eval_loss"], row["overhead_pct"])  # fmt: skip
                 rows.append(row)
                 append_csv(csv_path, [row])
@@ -147,45 +96,57 @@ def summarize(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="cpu")
     p.add_argument("--corpora", default="fortunes,ni", help="comma-separated: fortunes, ni")
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (>= 3 for std)")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset")
+    p.add_argument(
+        "--seeds", default=None, help="comma-separated seeds (>= 3 for std; default 0,1,2)"
+    )
+    p.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated (default: every named method); a named method, or any "
+        "registered mixer with optional -regrouped / -extra suffixes",
+    )
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     p.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
     p.add_argument("--out", default=None, help="default benchmarks/results")
     p.add_argument("--no-progress", action="store_true")
 
 
+def _csv_list(text: str | None, kind: type = str) -> tuple | None:
+    return None if text is None else tuple(kind(v) for v in text.split(",") if v)
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    device = args.device or ("cuda" if args.preset == "gpu" else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    cfg = BENCH_PRESETS[args.preset].replace(
+        steps=args.steps, device=args.device, seeds=_csv_list(args.seeds, int),
+        methods=_csv_list(args.methods),
+    )  # fmt: skip
+    if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"preset {args.preset!r} needs a CUDA device and none is available here")
         return 2
-    methods = [m for m in args.methods.split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        print(f"unknown methods {bad}; choose from {list(METHODS)}")
+    try:
+        for name in cfg.methods:
+            get_method(name)
+    except ValueError as exc:
+        print(exc)
         return 2
-    if args.steps is not None:
-        PRESETS[args.preset] = replace(PRESETS[args.preset], steps=args.steps)
     out = Path(args.out) if args.out else results_dir()
     out.mkdir(parents=True, exist_ok=True)
-    corpora = [c for c in args.corpora.split(",") if c]
-    seeds = [int(s) for s in args.seeds.split(",") if s]
+    corpora = list(_csv_list(args.corpora))
     t = time.perf_counter()
-    rows = run_mixing(args.preset, corpora, seeds, methods, out, device, not args.no_progress)
+    rows = run_mixing(cfg, corpora, out, args.preset, not args.no_progress)
     from ..plots import plot_method_bars
 
     md = summarize(rows)
-    cfg = asdict(PRESETS[args.preset])
+    model, tr = cfg.model, cfg.train
     head = (
         f"`rnb bench mixing --preset {args.preset}` on {rows[0]['machine']} "
-        f"(torch {rows[0]['torch']}, git {rows[0]['git_sha']}), {len(seeds)} seeds, "
-        f"model {cfg['n_layer']}x{cfg['n_embd']}, T={cfg['context']}, {cfg['steps']} steps x "
-        f"{cfg['batch_size']} sequences.\n\n"
+        f"(torch {rows[0]['torch']}, git {rows[0]['git_sha']}), {len(cfg.seeds)} seeds, "
+        f"model {model.n_layer}x{model.n_embd}, T={model.context}, {tr.steps} steps x "
+        f"{tr.batch_size} sequences.\n\n"
     )
     (out / f"mixing_{args.preset}.md").write_text(head + md + "\n")
     for corpus in corpora:
@@ -196,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
             stats[method] = (float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0)
         plot_method_bars(
             stats, out / f"mixing_{args.preset}_{corpus}.png", "final eval loss",
-            title=f"{corpus}: eval loss, mean ± std over {len(seeds)} seeds",
+            title=f"{corpus}: eval loss, mean ± std over {len(cfg.seeds)} seeds",
         )  # fmt: skip
     print(head + md)
     print(
