@@ -1,6 +1,6 @@
 // Count-sketch hash shared by every backend, bit for bit.
 //
-// The normative spec is the module docstring of rnb_kernels/ops/reference.py; this is its
+// The normative spec is rnb_kernels/ops/sketch_hash.py (module docstring); this is its
 // uint32 transcription. It lives in a header of host+device functions so that
 // tests/cpp/host_test.cpp can check it against the Python reference on machines without a GPU.
 #pragma once

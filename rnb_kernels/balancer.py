@@ -32,7 +32,7 @@ from torch import nn
 from . import distributed as rdist
 from .mixing.base import Mixer
 from .sampling import MixtureSampler
-from .tracking import DomainGradientTracker, _as_ids
+from .tracking import DomainGradientTracker, validate_domain_ids
 
 logger = logging.getLogger(__name__)
 
@@ -132,7 +132,7 @@ class _Step:
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Per-sample ``[B]`` or per-token ``[B, T]`` losses of this micro-batch (detached)."""
-        self._balancer.record_loss(loss, self.domain_ids)
+        self._balancer._record_loss(loss, self.domain_ids)
 
 
 class Balancer:
@@ -273,18 +273,21 @@ class Balancer:
         Yields:
             a handle whose ``record_loss(loss_per_sample)`` feeds per-domain losses.
         """
-        ids = _as_ids(domain_ids, "domain_ids", self.num_domains)
-        handle = _Step(self, ids)
+        # Validated once per micro-batch: by the tracker when there is one (its id_check),
+        # else here; record_loss() through the handle reuses the result.
         if self.tracker is None:
-            yield handle
+            yield _Step(self, validate_domain_ids(domain_ids, self.num_domains))
             return
+        ids = self.tracker.validate_ids(domain_ids)
         with self.tracker.domains(ids, grad_scale=grad_scale):
-            yield handle
+            yield _Step(self, ids)
 
     def record_loss(self, loss: torch.Tensor, domain_ids: Any) -> None:
         """Accumulate per-domain loss sums: ``loss`` has the shape of ``domain_ids``
         (``[B]`` or ``[B, T]``); entries with id ``-1`` are ignored."""
-        ids = _as_ids(domain_ids, "domain_ids", self.num_domains)
+        self._record_loss(loss, validate_domain_ids(domain_ids, self.num_domains))
+
+    def _record_loss(self, loss: torch.Tensor, ids: torch.Tensor) -> None:
         if not isinstance(loss, torch.Tensor):
             raise TypeError(f"loss must be a torch.Tensor, got {type(loss).__name__}")
         if tuple(loss.shape) != tuple(ids.shape):

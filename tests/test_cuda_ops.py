@@ -28,7 +28,6 @@ from rnb_kernels.ops.reference import (
     segmented_wgrad_ref,
     sketch_hash_ref,
 )
-from rnb_kernels.ops.segmented_wgrad import group_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 HOST_TEST_SRC = ROOT / "tests" / "cpp" / "host_test.cpp"
@@ -116,18 +115,6 @@ def test_binding_rejects_bad_arguments_naming_the_kernel(ext):
         ext.domain_sketch(sketch=0, sketch_dim=0, seed=0, layer=0, **base)
     with pytest.raises(RuntimeError, match="'domain_sketch'.*cudaErrorInvalidValue"):
         ext.domain_sketch(sketch=0, sketch_dim=8, seed=0, layer=0, **{**base, "num_domains": 0})
-
-
-@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
-@pytest.mark.parametrize("pattern", ["mixed", "one_domain", "all_ignored", "sparse", "empty_rows"])
-def test_sort_by_domain_matches_group_rows(pattern, id_dtype):
-    m = 7
-    ids = _ids(pattern, 257 if pattern != "empty_rows" else 0, m).to(id_dtype)
-    order, bounds = cuda_ops.sort_by_domain(ids, m)
-    ref_order, ref_bounds, _ = group_rows(ids, m)
-    assert order.dtype == torch.int64 and bounds.dtype == torch.int64
-    assert torch.equal(order, ref_order)
-    assert torch.equal(bounds, ref_bounds)
 
 
 # --------------------------------------------------------------------------------------------

@@ -452,13 +452,38 @@ def test_custom_ops_pass_opcheck():
     from rnb_kernels.ops.segmented_wgrad import _segmented_wgrad_op
 
     x, dy, ids, acc = _inputs()
-    torch.library.opcheck(_segmented_wgrad_op, (x, dy, ids, 3, acc, "torch", False))
-    torch.library.opcheck(
-        _domain_sketch_op, (x, dy, ids, 3, torch.zeros(3, 16), 1, 0, "torch", False)
-    )
+    bias_acc = torch.zeros(3, dy.shape[1])
+    for b_acc in (None, bias_acc):
+        torch.library.opcheck(
+            _segmented_wgrad_op, (x, dy, ids, 3, acc, b_acc, "torch", True, False)
+        )
+    for bias in (False, True):
+        torch.library.opcheck(
+            _domain_sketch_op,
+            (x, dy, ids, 3, torch.zeros(3, 16), 1, 0, bias, "torch", True, False),
+        )
     torch.library.opcheck(_gram_op, (acc.view(3, -1), None, "torch", False))
 
 
 def test_tolerance_table_covers_all_dtypes():
     for dt in DTYPES:
         assert dt in TOL
+
+
+# ----------------------------------------------------------------------------- grouping
+@pytest.mark.parametrize("id_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("n", [0, 1, 37, 1000])
+def test_group_rows_is_a_stable_sort_with_segment_offsets(n, id_dtype):
+    from rnb_kernels.ops.grouping import group_rows, host_segments
+
+    m = 5
+    ids = torch.randint(-1, m, (n,), dtype=id_dtype)
+    order, bounds = group_rows(ids, m)
+    assert order.dtype == torch.int64 and bounds.shape == (m + 2,)
+    # Brute force: rows of each id in original order, -1 first.
+    expect = [i for d in range(-1, m) for i in range(n) if int(ids[i]) == d]
+    assert order.tolist() == expect
+    for s in range(m + 1):
+        seg = order[bounds[s] : bounds[s + 1]]
+        assert bool((ids[seg] == s - 1).all())
+    assert [d for d, _, _ in host_segments(bounds)] == sorted({int(v) for v in ids} - {-1})

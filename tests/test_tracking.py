@@ -21,7 +21,8 @@ from torch.utils.checkpoint import checkpoint
 
 import rnb_kernels
 from rnb_kernels.ops.reference import count_sketch_ref, gram_ref, sketch_hash_ref
-from rnb_kernels.tracking import DomainGradientTracker, _bias_hash
+from rnb_kernels.ops.sketch_hash import bias_hash
+from rnb_kernels.tracking import DomainGradientTracker
 
 M = 4  # domains
 
@@ -280,7 +281,7 @@ def test_backward_outside_context_is_untracked():
 
 def test_bias_hash_is_the_augmented_column():
     bucket, sign = sketch_hash_ref(7, 6, 50, seed=3, layer=2)
-    b, s = _bias_hash(7, 5, 50, seed=3, layer=2, device=torch.device("cpu"))
+    b, s = bias_hash(7, 5, 50, seed=3, layer=2)
     assert torch.equal(b, bucket[:, 5])
     assert torch.equal(s.double(), sign[:, 5])
 
@@ -395,7 +396,9 @@ def test_grad_scale_is_undone_exactly():
 def test_nonfinite_micro_batch_is_skipped(mode):
     g = torch.Generator().manual_seed(9)
     model = MLP()
-    tracker = DomainGradientTracker(model, M, mode=mode, sketch_dim=64)
+    tracker = DomainGradientTracker(
+        model, M, mode=mode, sketch_dim=64, skip_nonfinite="micro-batch"
+    )
     x = torch.randn(4, 3, 6, generator=g)
     ids = make_ids("per-sample", 4, 3, g)
     with tracker.domains(ids):
@@ -545,7 +548,8 @@ def test_gradscaler_loop_matches_unscaled_run_and_skips_overflow():
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     opt_ref = torch.optim.SGD(ref.parameters(), lr=1e-3)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12, growth_interval=1)
-    tracker, tracker_ref = DomainGradientTracker(model, M), DomainGradientTracker(ref, M)
+    tracker = DomainGradientTracker(model, M, skip_nonfinite="micro-batch")
+    tracker_ref = DomainGradientTracker(ref, M)
     for step in range(4):
         x = torch.randn(4, 3, 6, generator=g)
         ids = make_ids("with-ignored", 4, 3, g)
@@ -593,3 +597,62 @@ def test_triton_backend_through_the_tracker(mode):
     if mode == "exact":
         expected = brute_force(ref_model, ["head"], [x], [ids])
         assert_close(tracker.domain_grads().cpu(), expected, torch.float32, "triton exact")
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_nonfinite_round_is_reported_and_the_mixer_skips_it(mode):
+    """Default skip_nonfinite="round": no check in the backward; the round's statistics read
+    reports the fault and R&B/DGA keep their weights."""
+    g = torch.Generator().manual_seed(9)
+    model = MLP()
+    tracker = DomainGradientTracker(model, M, mode=mode, sketch_dim=64)
+    x = torch.randn(4, 3, 6, generator=g)
+    ids = make_ids("per-sample", 4, 3, g)
+    with tracker.domains(ids):
+        (token_losses(model, x).sum() * float("inf")).backward()
+    assert not bool(torch.isfinite(model.head.weight.grad).all())  # the scaler still sees it
+    with pytest.warns(RuntimeWarning, match="non-finite gram"):
+        G = tracker.gram()
+    assert tracker.nonfinite_rounds == 1
+    mixer = rnb_kernels.RnB(num_domains=M, eval_proportions=[1.0] * M)
+    before = mixer.weights
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        after = mixer.update(gram=G, counts=tracker.counts())
+    assert torch.equal(before, after) and mixer.skipped_updates == 1
+    tracker.reset()
+    with tracker.domains(ids):
+        token_losses(model, x).sum().backward()
+    assert bool(torch.isfinite(tracker.gram()).all())  # the next round is clean
+
+
+def test_deferred_id_check_masks_bad_ids_and_raises_at_the_round_end():
+    g = torch.Generator().manual_seed(2)
+    model, ref = MLP(), MLP()
+    ref.load_state_dict(model.state_dict())
+    tracker = DomainGradientTracker(model, M, id_check="deferred")
+    tracker_ref = DomainGradientTracker(ref, M)
+    x = torch.randn(4, 3, 6, generator=g)
+    bad = torch.tensor([0, M, 2, -5])  # M and -5 are out of range
+    with tracker.domains(bad):
+        token_losses(model, x).sum().backward()
+    with tracker_ref.domains(torch.tensor([0, -1, 2, -1])):
+        token_losses(ref, x).sum().backward()
+    with pytest.raises(ValueError, match=r"domain_ids: 2 id\(s\) outside \[-1, num_domains=4\)"):
+        tracker.counts()
+    # Nothing out of range reached the buffers: the bad ids were treated as -1.
+    assert torch.equal(tracker.counts(), tracker_ref.counts())
+    assert torch.equal(tracker.domain_grads(), tracker_ref.domain_grads())
+
+
+def test_gram_vector_equals_gram_times_coefficients():
+    g = torch.Generator().manual_seed(4)
+    model = MLP(h=20, o=9)
+    tracker = DomainGradientTracker(model, M, modules=["mid", "head"])
+    x = torch.randn(6, 3, 6, generator=g)
+    with tracker.domains(make_ids("per-sample", 6, 3, g)):
+        token_losses(model, x).sum().backward()
+    c = torch.rand(M, generator=g, dtype=torch.float64)
+    expect = gram_ref(tracker.domain_grads()) @ c
+    got = tracker.gram_vector(c)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12 * float(expect.abs().max()))

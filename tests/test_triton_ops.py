@@ -22,13 +22,14 @@ triton = pytest.importorskip("triton", reason="Triton is not installed")
 
 import rnb_kernels as rnb  # noqa: E402
 from rnb_kernels.ops.domain_sketch import domain_sketch_torch  # noqa: E402
+from rnb_kernels.ops.grouping import group_rows  # noqa: E402
 from rnb_kernels.ops.reference import (  # noqa: E402
     domain_sketch_ref,
     gram_ref,
     segmented_wgrad_ref,
 )
-from rnb_kernels.ops.triton._common import group_by_domain, runnable  # noqa: E402
-from rnb_kernels.ops.triton.domain_sketch import sketch_key_base  # noqa: E402
+from rnb_kernels.ops.sketch_hash import key_base as sketch_key_base  # noqa: E402
+from rnb_kernels.ops.triton._common import runnable  # noqa: E402
 from tests._tol import ACC_DTYPE, assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -177,7 +178,7 @@ def test_segmented_wgrad_matches_torch_backend():
 
 def test_group_by_domain_is_stable_and_bounded():
     ids = torch.tensor([2, -1, 0, 2, 0, -1, 2], device=DEVICE)
-    order, bounds = group_by_domain(ids, 4)
+    order, bounds = group_rows(ids, 4, index_dtype=torch.int32)
     assert order.tolist() == [1, 5, 2, 4, 0, 3, 6]
     assert bounds.tolist() == [0, 2, 4, 4, 7, 7]
 
@@ -377,3 +378,25 @@ def test_gpu_gram_large(m, dtype):
     assert_close(g, a.double() @ a.double().T, ACC_DTYPE, "gram")
     b = torch.randn(2, a.shape[1], device=DEVICE).to(dtype)
     assert_close(rnb.ops.gram(a, b, backend="triton"), a.double() @ b.double().T, ACC_DTYPE)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("n", [1, 37])
+def test_ops_fold_the_bias_column(backend, n):
+    """segmented_wgrad(bias_acc=...) adds each domain's Σ dy; domain_sketch(bias=True) sketches
+    it as column K_in of [W | b] — both against the float64 references."""
+    from rnb_kernels.ops.reference import bias_grads_ref
+
+    g = torch.Generator().manual_seed(n)
+    m, k_in, k_out, k = 3, 5, 7, 32
+    x = torch.randn(n, k_in, generator=g).to(DEVICE)
+    dy = torch.randn(n, k_out, generator=g).to(DEVICE)
+    ids = torch.randint(-1, m, (n,), generator=g).to(DEVICE)
+    b0 = torch.randn(m, k_out, generator=g).to(DEVICE)
+    bias_acc = b0.clone()
+    rnb.ops.segmented_wgrad(x, dy, ids, m, backend=backend, bias_acc=bias_acc)
+    assert_close(bias_acc - b0, bias_grads_ref(dy, ids, m), torch.float32, "bias_acc")
+    s = torch.zeros(m, k, device=DEVICE)
+    rnb.ops.domain_sketch(x, dy, ids, m, sketch=s, seed=5, layer=2, backend=backend, bias=True)
+    _, ref = domain_sketch_ref(x, dy, ids, m, k, seed=5, layer=2, bias=True)
+    assert_close(s, ref, torch.float32, "sketch with bias")

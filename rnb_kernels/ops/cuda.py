@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from .._backends import REBUILD_HINT, BackendUnavailableError, _load_extension
+from .grouping import group_rows
 
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
@@ -50,26 +51,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous()
 
 
-def sort_by_domain(domain_ids: torch.Tensor, num_domains: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row order and segment offsets the segmented kernels walk, without a host sync.
-
-    Args:
-        domain_ids: int32/int64 ``[N]`` in ``[-1, num_domains)`` on the GPU.
-        num_domains: ``m``.
-
-    Returns:
-        ``(order, bounds)``: int64 ``[N]`` stable permutation putting rows of one domain
-        together (ignored ``-1`` rows first) and int64 ``[m + 2]`` offsets, rows of domain
-        ``d`` being ``order[bounds[d + 1]:bounds[d + 2]]`` -- the layout of
-        :func:`rnb_kernels.ops.segmented_wgrad.group_rows`, computed with ``searchsorted``
-        instead of ``bincount`` (whose CUDA version syncs to size its output).
-    """
-    sorted_ids, order = torch.sort(domain_ids, stable=True)
-    edges = torch.arange(-1, num_domains + 1, dtype=sorted_ids.dtype, device=sorted_ids.device)
-    bounds = torch.searchsorted(sorted_ids, edges)
-    return order, bounds
-
-
 def _segmented_call(kernel: str, x, dy, domain_ids, num_domains, extra) -> torch.Tensor:
     """Shared body of the two segmented launchers; ``extra`` are the kernel-specific args."""
     ext = extension()
@@ -79,7 +60,7 @@ def _segmented_call(kernel: str, x, dy, domain_ids, num_domains, extra) -> torch
     code = dtype_code(x, "x")
     dw = _empty((k_out, k_in), x.dtype, x.device)
     with torch.cuda.device(x.device):
-        order, bounds = sort_by_domain(domain_ids, num_domains)
+        order, bounds = group_rows(domain_ids, num_domains)
         ws_len = ext.segmented_workspace_elems(code, n, k_in, k_out)
         ws = torch.empty(ws_len, dtype=torch.float32, device=x.device) if ws_len else None
         getattr(ext, kernel)(
@@ -123,7 +104,7 @@ def domain_sketch_cuda(
     layer: int,
 ) -> torch.Tensor:
     """``_domain_sketch_kernel``: ``dW = dyᵀ x`` and ``sketch[d] +=`` count-sketch of domain ``d``'s
-    ``dyᵀ x`` (hash of :mod:`rnb_kernels.ops.reference`).
+    ``dyᵀ x`` (hash of :mod:`rnb_kernels.ops.sketch_hash`).
 
     Args:
         x: ``[N, K_in]`` float32 / float16 / bfloat16 on CUDA.

@@ -1,5 +1,5 @@
 """segmented_wgrad (sketch): the layer's weight gradient plus a count-sketch of each domain's
-share. No ``[m, K_out, K_in]`` memory; the hash is specified in :mod:`rnb_kernels.ops.reference`."""
+share. No ``[m, K_out, K_in]`` memory; the hash is :mod:`rnb_kernels.ops.sketch_hash`."""
 
 from __future__ import annotations
 
@@ -8,20 +8,28 @@ import functools
 import torch
 
 from . import _validate as V
+from . import sketch_hash as H
 from ._dispatch import get_impl, resolve_backend
-from .reference import sketch_hash_ref
-from .segmented_wgrad import group_rows
+from .grouping import group_rows, host_segments
+from .segmented_wgrad import domain_bias_sums
 
 _U32_MAX = 2**32 - 1
 
 
 @functools.lru_cache(maxsize=8)
-def sketch_hash(
+def _flat_hash(
     k_out: int, k_in: int, sketch_dim: int, seed: int, layer: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached flat ``(bucket int32 [K_out*K_in], sign float32 [K_out*K_in])`` on ``device``."""
-    bucket, sign = sketch_hash_ref(k_out, k_in, sketch_dim, seed, layer, device=device)
-    return bucket.reshape(-1).to(torch.int32), sign.reshape(-1).to(torch.float32)
+    bucket, sign = H.sketch_hash(k_out, k_in, sketch_dim, seed, layer, device, torch.float32)
+    return bucket.reshape(-1).to(torch.int32), sign.reshape(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def _bias_hash(
+    k_out: int, k_in: int, sketch_dim: int, seed: int, layer: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return H.bias_hash(k_out, k_in, sketch_dim, seed, layer, device)
 
 
 def domain_sketch_torch(
@@ -35,14 +43,13 @@ def domain_sketch_torch(
 ) -> torch.Tensor:
     """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add."""
     dw = dy.t().mm(x)
-    order, bounds, present = group_rows(domain_ids, num_domains)
-    if present:
-        bucket, sign = sketch_hash(dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device)
+    order, bounds = group_rows(domain_ids, num_domains)
+    segments = host_segments(bounds)
+    if segments:
+        bucket, sign = _flat_hash(dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device)
         xs = x.index_select(0, order).float()
         dys = dy.index_select(0, order).float()
-        b = bounds.tolist()
-        for d in present:
-            lo, hi = b[d + 1], b[d + 2]
+        for d, lo, hi in segments:
             tile = dys[lo:hi].t().mm(xs[lo:hi])
             sketch[d].index_add_(0, bucket, tile.reshape(-1) * sign)
     return dw
@@ -57,19 +64,26 @@ def _domain_sketch_op(
     sketch: torch.Tensor,
     seed: int,
     layer: int,
+    bias: bool,
     backend: str,
+    check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    V.check_id_values(domain_ids, num_domains)
+    if check_ids:
+        V.check_id_values(domain_ids, num_domains)
     if check_finite:
         V.check_finite("x", x)
         V.check_finite("dy", dy)
     impl = get_impl("domain_sketch", backend)
-    return impl(x, dy, domain_ids, num_domains, sketch, seed, layer)
+    dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer)
+    if bias:
+        bucket, sign = _bias_hash(dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device)
+        sketch.index_add_(1, bucket, domain_bias_sums(dy, domain_ids, num_domains) * sign)
+    return dw
 
 
 @_domain_sketch_op.register_fake
-def _(x, dy, domain_ids, num_domains, sketch, seed, layer, backend, check_finite):
+def _(x, dy, domain_ids, num_domains, sketch, seed, layer, bias, backend, check_ids, check_finite):
     return x.new_empty(dy.shape[1], x.shape[1])
 
 
@@ -84,6 +98,8 @@ def domain_sketch(
     layer: int = 0,
     backend: str = "auto",
     *,
+    bias: bool = False,
+    check_ids: bool = True,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus a count-sketch of each domain's share.
@@ -105,6 +121,9 @@ def domain_sketch(
         seed, layer: hash key, integers in ``[0, 2**32)``. Use a distinct ``layer`` per
             tracked weight so different layers' sketches are independent.
         backend: as in :func:`segmented_wgrad`.
+        bias: also sketch each domain's bias gradient ``Σ_{n∈d} dy_n``, as column ``K_in`` of
+            the augmented ``[W | b]`` (so a layer with bias is one ``[K_out, K_in + 1]`` sketch).
+        check_ids: as in :func:`segmented_wgrad`.
         check_finite: raise ``ValueError`` before touching ``sketch`` on NaN/Inf inputs.
 
     Returns:
@@ -131,6 +150,7 @@ def domain_sketch(
     if be != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
     dw = _domain_sketch_op(
-        x, dy, domain_ids, num_domains, sketch, seed, layer, be, bool(check_finite)
-    )
+        x, dy, domain_ids, num_domains, sketch, seed, layer, bool(bias), be,
+        bool(check_ids), bool(check_finite),
+    )  # fmt: skip
     return dw, sketch

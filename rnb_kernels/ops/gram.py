@@ -86,3 +86,36 @@ def gram(
         raise TypeError(f"a: float64 inputs are supported by backend='torch' only, not {be!r}")
     out = _gram_op(a, b, be, bool(check_finite))
     return out[:, 0] if vector_b else out
+
+
+def gram_matvec(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``G c = A (Aᵀ c)`` in float64 without forming ``G``: one streaming pass over ``a``.
+
+    Each column chunk of ``a`` is read once and used twice (``u = cᵀ A_chunk``, then
+    ``A_chunk u``), so the work is ``~2·m·P`` against the full Gram's ``m²·P``; the result equals
+    ``gram(a) @ c`` up to float64 rounding. It is memory-bound on every device, so one torch
+    implementation serves all backends.
+
+    Args:
+        a: ``[m, P]`` float32 / float16 / bfloat16 / float64.
+        c: ``[m]`` coefficients (any real dtype; used in float64), on ``a``'s device.
+
+    Returns:
+        float64 ``[m]``.
+
+    Example:
+        >>> a, c = torch.randn(3, 10), torch.tensor([0.5, 0.0, 0.5])
+        >>> torch.allclose(gram_matvec(a, c), gram(a) @ c.double())
+        True
+    """
+    V.check_tensor(a, "a", ndim=2, dtypes=V.FLOAT_DTYPES)
+    V.check_tensor(c, "c", ndim=1)
+    if c.shape[0] != a.shape[0]:
+        raise ValueError(f"c has {c.shape[0]} entries but a has {a.shape[0]} rows")
+    V.check_same_device(a, "a", c=c)
+    c64 = c.to(torch.float64)
+    out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for lo in range(0, a.shape[1], _CHUNK):
+        ac = a[:, lo : lo + _CHUNK].to(torch.float64)
+        out.addmv_(ac, c64 @ ac)
+    return out

@@ -3,66 +3,18 @@
 These are written for clarity, not speed: explicit loops over domains, float64 throughout.
 Tests and benchmarks import them; nothing on a hot path should.
 
-Count-sketch hash (shared by every backend, bit for bit)
---------------------------------------------------------
-All arithmetic is on unsigned 32-bit integers (wrap-around mod 2**32). With
-``fmix32`` the MurmurHash3 finaliser::
-
-    row_key(seed, layer, i) = fmix32(seed * 0x9E3779B9 ^ layer * 0x85EBCA6B ^ i * 0xC2B2AE35)
-    h(i, j)                 = fmix32(row_key + j * 0x27D4EB2F)
-    bucket(i, j)            = (h & 0x7FFFFFFF) % k
-    sign(i, j)              = +1 if (h >> 31) == 0 else -1
-
-``i`` indexes the output features (rows of the weight, ``K_out``) and ``j`` the input
-features (``K_in``). Because the hash depends only on (seed, layer, i, j), sketches are
-linear: sketches of different steps, micro-batches and ranks add up to the sketch of the sum.
+The count-sketch hash is specified in :mod:`rnb_kernels.ops.sketch_hash`; the references use
+it as is, so every backend is checked against the same statement.
 """
 
 from __future__ import annotations
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
-_C_SEED = 0x9E3779B9
-_C_LAYER = 0x85EBCA6B
-_C_ROW = 0xC2B2AE35
-_C_COL = 0x27D4EB2F
+from .sketch_hash import sketch_hash
 
-
-def _fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3 finaliser on int64 tensors holding uint32 values (result in [0, 2**32))."""
-    # int64 products of two uint32 values may wrap past 2**63; the low 32 bits stay exact.
-    h = h ^ (h >> 16)
-    h = (h * 0x85EBCA6B) & _MASK32
-    h = h ^ (h >> 13)
-    h = (h * 0xC2B2AE35) & _MASK32
-    h = h ^ (h >> 16)
-    return h
-
-
-def sketch_hash_ref(
-    k_out: int, k_in: int, sketch_dim: int, seed: int = 0, layer: int = 0, device=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buckets and signs of the count-sketch for a ``[k_out, k_in]`` weight.
-
-    Returns:
-        ``bucket``: int64 ``[k_out, k_in]`` in ``[0, sketch_dim)``;
-        ``sign``: float64 ``[k_out, k_in]`` in ``{-1, +1}``.
-
-    Example:
-        >>> b, s = sketch_hash_ref(3, 5, 16, seed=1)
-        >>> b.shape, s.abs().unique().tolist()
-        (torch.Size([3, 5]), [1.0])
-    """
-    i = torch.arange(k_out, dtype=torch.int64, device=device)
-    j = torch.arange(k_in, dtype=torch.int64, device=device)
-    s32 = (seed & _MASK32) * _C_SEED & _MASK32
-    l32 = (layer & _MASK32) * _C_LAYER & _MASK32
-    row = _fmix32(((i * _C_ROW) & _MASK32) ^ (s32 ^ l32))
-    h = _fmix32((row[:, None] + (j[None, :] * _C_COL & _MASK32)) & _MASK32)
-    bucket = (h & 0x7FFFFFFF) % sketch_dim
-    sign = 1.0 - 2.0 * (h >> 31).to(torch.float64)
-    return bucket, sign
+# The references' name for the hash (tests and benchmarks import it from here).
+sketch_hash_ref = sketch_hash
 
 
 def count_sketch_ref(
@@ -78,7 +30,7 @@ def count_sketch_ref(
         float64 ``[..., k]`` with ``out[..., b] = sum_{(i,j): bucket=b} sign(i,j) * g[..., i, j]``.
     """
     k_out, k_in = g.shape[-2], g.shape[-1]
-    bucket, sign = sketch_hash_ref(k_out, k_in, sketch_dim, seed, layer, device=g.device)
+    bucket, sign = sketch_hash(k_out, k_in, sketch_dim, seed, layer, device=g.device)
     lead = g.shape[:-2]
     flat = (g.to(torch.float64) * sign).reshape(*lead, k_out * k_in)
     out = torch.zeros(*lead, sketch_dim, dtype=torch.float64, device=g.device)
@@ -119,14 +71,30 @@ def domain_sketch_ref(
     sketch_dim: int,
     seed: int = 0,
     layer: int = 0,
+    bias: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float64 reference of the count-sketched segmented weight gradient.
+
+    With ``bias=True`` each domain's bias gradient ``Σ_{n∈d} dy_n`` is sketched too, as column
+    ``K_in`` of the augmented ``[K_out, K_in + 1]`` gradient.
 
     Returns:
         ``(dW, sketch)``: float64 ``[K_out, K_in]`` and float64 ``[m, sketch_dim]``.
     """
     dw, per_domain = segmented_wgrad_ref(x, dy, domain_ids, num_domains)
+    if bias:
+        per_domain = torch.cat(
+            [per_domain, bias_grads_ref(dy, domain_ids, num_domains)[..., None]], -1
+        )
     return dw, count_sketch_ref(per_domain, sketch_dim, seed, layer)
+
+
+def bias_grads_ref(dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """float64 ``[m, K_out]``: each domain's bias gradient ``Σ_{n: id_n = d} dy_n``."""
+    out = torch.zeros(num_domains, dy.shape[1], dtype=torch.float64, device=dy.device)
+    for d in range(num_domains):
+        out[d] = dy.to(torch.float64)[domain_ids == d].sum(0)
+    return out
 
 
 def gram_ref(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

@@ -6,23 +6,15 @@ import torch
 
 from . import _validate as V
 from ._dispatch import get_impl, resolve_backend
+from .grouping import group_rows, host_segments
 
 
-def group_rows(domain_ids: torch.Tensor, num_domains: int):
-    """Stable sort of rows by domain id.
-
-    Returns ``(order, bounds, present)``: ``order`` int64 ``[N]`` permutation putting rows of
-    the same domain together (ignored ``-1`` rows first), ``bounds`` int64 ``[m + 2]`` offsets
-    so that rows of domain ``d`` are ``order[bounds[d + 1]:bounds[d + 2]]``, and ``present`` the
-    python list of domain ids that have at least one row.
-    """
-    ids = domain_ids.to(torch.int64)
-    order = torch.argsort(ids, stable=True)
-    counts = torch.bincount(ids + 1, minlength=num_domains + 1)
-    bounds = torch.zeros(num_domains + 2, dtype=torch.int64, device=ids.device)
-    torch.cumsum(counts, 0, out=bounds[1:])
-    present = (counts[1:] > 0).nonzero().flatten().tolist()
-    return order, bounds, present
+def domain_bias_sums(dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
+    """float32 ``[m, K_out]``: each domain's bias gradient ``Σ_{n: id_n = d} dy_n`` (one segmented
+    sum; ``-1`` rows land in a scratch row that is dropped)."""
+    out = torch.zeros(num_domains + 1, dy.shape[1], dtype=torch.float32, device=dy.device)
+    out.index_add_(0, domain_ids.to(torch.int64) + 1, dy.to(torch.float32))
+    return out[1:]
 
 
 def segmented_wgrad_torch(
@@ -31,36 +23,41 @@ def segmented_wgrad_torch(
     """Torch backend: ``dW = dyᵀ x`` in the input dtype (the same GEMM autograd runs for
     ``nn.Linear``, so ``param.grad`` is bit-identical), then fp32 per-domain GEMMs into ``acc``."""
     dw = dy.t().mm(x)
-    order, bounds, present = group_rows(domain_ids, num_domains)
-    if present:
+    order, bounds = group_rows(domain_ids, num_domains)
+    segments = host_segments(bounds)
+    if segments:
         xs = x.index_select(0, order).float()
         dys = dy.index_select(0, order).float()
-        b = bounds.tolist()
-        for d in present:
-            lo, hi = b[d + 1], b[d + 2]
+        for d, lo, hi in segments:
             acc[d].addmm_(dys[lo:hi].t(), xs[lo:hi])
     return dw
 
 
-@torch.library.custom_op("rnb::segmented_wgrad", mutates_args=("acc",))
+@torch.library.custom_op("rnb::segmented_wgrad", mutates_args=("acc", "bias_acc"))
 def _segmented_wgrad_op(
     x: torch.Tensor,
     dy: torch.Tensor,
     domain_ids: torch.Tensor,
     num_domains: int,
     acc: torch.Tensor,
+    bias_acc: torch.Tensor | None,
     backend: str,
+    check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    V.check_id_values(domain_ids, num_domains)
+    if check_ids:
+        V.check_id_values(domain_ids, num_domains)
     if check_finite:
         V.check_finite("x", x)
         V.check_finite("dy", dy)
-    return get_impl("segmented_wgrad", backend)(x, dy, domain_ids, num_domains, acc)
+    dw = get_impl("segmented_wgrad", backend)(x, dy, domain_ids, num_domains, acc)
+    if bias_acc is not None:
+        bias_acc += domain_bias_sums(dy, domain_ids, num_domains)
+    return dw
 
 
 @_segmented_wgrad_op.register_fake
-def _(x, dy, domain_ids, num_domains, acc, backend, check_finite):
+def _(x, dy, domain_ids, num_domains, acc, bias_acc, backend, check_ids, check_finite):
     return x.new_empty(dy.shape[1], x.shape[1])
 
 
@@ -72,6 +69,8 @@ def segmented_wgrad(
     acc: torch.Tensor | None = None,
     backend: str = "auto",
     *,
+    bias_acc: torch.Tensor | None = None,
+    check_ids: bool = True,
     check_finite: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus per-domain shares, in one op.
@@ -89,6 +88,11 @@ def segmented_wgrad(
             ``None`` allocates a zeroed one.
         backend: ``"auto"`` (cuda > triton > torch on GPU, torch on CPU), ``"torch"``,
             ``"triton"`` or ``"cuda"``.
+        bias_acc: optional float32 ``[m, K_out]`` contiguous; each domain's bias gradient
+            ``Σ_{n: id_n = d} dy_n`` is added to it in place.
+        check_ids: check that ids lie in ``[-1, m)`` before touching ``acc`` (one reduction and,
+            on a GPU, a host sync). Callers that validated the ids already (the tracker, once
+            per micro-batch) pass ``False``.
         check_finite: raise ``ValueError`` (before touching ``acc``) if ``x`` or ``dy`` hold
             NaN/Inf. Off by default: it costs a pass over both inputs.
 
@@ -108,8 +112,12 @@ def segmented_wgrad(
         acc = torch.zeros(shape, dtype=torch.float32, device=x.device)
     else:
         V.check_accumulator(acc, "acc", shape, x)
+    if bias_acc is not None:
+        V.check_accumulator(bias_acc, "bias_acc", (num_domains, dy.shape[1]), x)
     be = resolve_backend("segmented_wgrad", backend, x.device)
     if be != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
-    dw = _segmented_wgrad_op(x, dy, domain_ids, num_domains, acc, be, bool(check_finite))
+    dw = _segmented_wgrad_op(
+        x, dy, domain_ids, num_domains, acc, bias_acc, be, bool(check_ids), bool(check_finite)
+    )
     return dw, acc

@@ -73,27 +73,5 @@ def num_sms(t: torch.Tensor) -> int:
     return 1
 
 
-def group_by_domain(domain_ids: torch.Tensor, num_domains: int):
-    """Domain-grouped row order, without a host sync and without moving any rows.
-
-    Returns ``(order, bounds)``: ``order`` ``[N]`` the stable argsort of the ids (``-1`` rows
-    first), ``bounds`` ``[m + 2]`` prefix sums of the per-id counts, so segment ``s`` (id
-    ``s - 1``) is ``order[bounds[s]:bounds[s + 1]]``. Both int32 when ``N < 2**31``.
-
-    Cost: a stable radix sort of ``N`` integers plus a bincount and a cumsum, i.e. a few
-    ``O(N)`` passes over ``4N``-byte id arrays. The kernels then *gather* rows of ``x`` and
-    ``dy`` through ``order`` instead of reading a sorted copy, so no ``[N, K]`` tensor is
-    ever permuted or copied. For 64k tokens that is tens of microseconds against a
-    millisecond-scale GEMM.
-    """
-    n = domain_ids.shape[0]
-    index_dtype = torch.int32 if n < 2**31 else torch.int64
-    order = torch.argsort(domain_ids, stable=True).to(index_dtype)
-    counts = torch.bincount(domain_ids.to(torch.int64) + 1, minlength=num_domains + 1)
-    bounds = torch.zeros(num_domains + 2, dtype=index_dtype, device=domain_ids.device)
-    bounds[1:] = torch.cumsum(counts, 0)
-    return order, bounds
-
-
 def cdiv(a: int, b: int) -> int:
     return triton.cdiv(a, b)

@@ -5,8 +5,7 @@ domain-grouped main loop (rows gathered through a stable argsort, one fp32 segme
 registers, ``dW`` accumulated alongside), but at each domain boundary the segment tile is
 folded into ``sketch[d]`` instead of a dense accumulator:
 
-* element ``(i, j)`` goes to bucket ``(h & 0x7FFFFFFF) % k`` with sign ``+1`` iff bit 31 of
-  ``h`` is clear, ``h`` being the hash of :mod:`rnb_kernels.ops.reference` evaluated in
+* element ``(i, j)`` goes to the bucket and sign of :mod:`rnb_kernels.ops.sketch_hash`, evaluated in
   wrapping ``tl.uint32`` arithmetic (bit-identical to the torch backend; the row half of the
   hash is computed once per program, the per-element half only at flushes);
 * buckets are scattered across the whole ``[k]`` row, so several programs hit the same bucket:
@@ -22,11 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 
+from ..sketch_hash import key_base
 from .segmented_wgrad import _gpu_configs, _segmented_wgrad_kernel, launch_segmented
-
-_MASK32 = 0xFFFFFFFF
-_C_SEED = 0x9E3779B9
-_C_LAYER = 0x85EBCA6B
 
 # One main loop for both variants; ``SKETCH`` is a constexpr, so each compiles only its flush.
 _domain_sketch_kernel = _segmented_wgrad_kernel
@@ -35,12 +31,6 @@ _domain_sketch_kernel = _segmented_wgrad_kernel
 _domain_sketch_tuned = triton.autotune(
     configs=_gpu_configs(), key=["K_OUT", "K_IN"], restore_value=["out_ptr"]
 )(_domain_sketch_kernel)
-
-
-def sketch_key_base(seed: int, layer: int) -> int:
-    """``(seed * 0x9E3779B9) ^ (layer * 0x85EBCA6B)`` mod 2**32: the per-layer part of the
-    row key, folded on the host once per launch."""
-    return ((seed & _MASK32) * _C_SEED & _MASK32) ^ ((layer & _MASK32) * _C_LAYER & _MASK32)
 
 
 def domain_sketch_triton(
@@ -81,6 +71,6 @@ def domain_sketch_triton(
         num_domains,
         sketch,
         sketch=True,
-        key_base=sketch_key_base(seed, layer),
+        key_base=key_base(seed, layer),
         tuned=_domain_sketch_tuned,
     )

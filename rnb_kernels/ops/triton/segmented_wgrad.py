@@ -3,7 +3,7 @@
 Design (DESIGN.md section 4.1)
 ------------------------------
 * **Grouping.** Rows are grouped by a stable argsort of the ids (``-1`` rows first) plus
-  per-id offsets (:func:`._common.group_by_domain`); the kernel *gathers* rows of ``x`` and
+  per-id offsets (:func:`rnb_kernels.ops.grouping.group_rows`); the kernel *gathers* rows of ``x`` and
   ``dy`` through that permutation, so no ``[N, K]`` tensor is ever copied. Cost: a radix sort,
   a bincount and a cumsum over the ``N`` ids, no host sync.
 * **Ownership, no atomics.** Program ``(pid_m, pid_n)`` owns output tile
@@ -31,12 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import sketch_hash as H
+from ..grouping import group_rows
 from ._common import (
     INTERPRET_SEGMENTED,
     cdiv,
     device_guard,
     dot_precision,
-    group_by_domain,
     interpreter_upcast,
     interpreting,
     runnable,
@@ -84,7 +85,11 @@ def _segmented_wgrad_kernel(
     stride_dyn,
     stride_dyk,
     SKETCH_DIM,
-    KEY_BASE,  # int32 bit pattern of (seed * C_SEED) ^ (layer * C_LAYER)
+    KEY_BASE,  # int32 bit pattern of sketch_hash.key_base(seed, layer)
+    ROW_MUL: tl.constexpr,  # the hash multipliers, from rnb_kernels.ops.sketch_hash
+    COL_MUL: tl.constexpr,
+    FMIX1: tl.constexpr,
+    FMIX2: tl.constexpr,
     SKETCH: tl.constexpr,
     PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -118,15 +123,15 @@ def _segmented_wgrad_kernel(
         tile_offs = offs_m[:, None] * K_IN + offs_n[None, :]
 
     if SKETCH:
-        # The count-sketch hash of rnb_kernels/ops/reference.py, in wrapping uint32 arithmetic.
+        # The count-sketch hash of rnb_kernels.ops.sketch_hash, in wrapping uint32 arithmetic.
         # Its row half depends on i only and its column mix on j only: computed once here.
-        row_key = offs_m.to(tl.uint32) * 0xC2B2AE35 ^ KEY_BASE.to(tl.uint32, bitcast=True)
+        row_key = offs_m.to(tl.uint32) * ROW_MUL ^ KEY_BASE.to(tl.uint32, bitcast=True)
         row_key ^= row_key >> 16
-        row_key *= 0x85EBCA6B
+        row_key *= FMIX1
         row_key ^= row_key >> 13
-        row_key *= 0xC2B2AE35
+        row_key *= FMIX2
         row_key ^= row_key >> 16
-        col_mix = offs_n.to(tl.uint32) * 0x27D4EB2F
+        col_mix = offs_n.to(tl.uint32) * COL_MUL
         sketch_k = SKETCH_DIM.to(tl.uint32)
 
     dw = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -158,9 +163,9 @@ def _segmented_wgrad_kernel(
                 if SKETCH:
                     h = row_key[:, None] + col_mix[None, :]
                     h ^= h >> 16
-                    h *= 0x85EBCA6B
+                    h *= FMIX1
                     h ^= h >> 13
-                    h *= 0xC2B2AE35
+                    h *= FMIX2
                     h ^= h >> 16
                     bucket = ((h & 0x7FFFFFFF) % sketch_k).to(tl.int64)
                     signed = tl.where((h >> 31) == 0, seg, -seg)
@@ -192,6 +197,10 @@ def _grid(k_out: int, k_in: int):
     return lambda meta: (cdiv(k_out, meta["BLOCK_M"]) * cdiv(k_in, meta["BLOCK_N"]),)
 
 
+def _index_dtype(n: int) -> torch.dtype:
+    return torch.int32 if n < 2**31 else torch.int64
+
+
 def launch_segmented(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -212,7 +221,7 @@ def launch_segmented(
         return dw
     if n == 0:
         return dw.zero_()
-    order, bounds = group_by_domain(domain_ids, num_domains)
+    order, bounds = group_rows(domain_ids, num_domains, index_dtype=_index_dtype(n))
     # The hash base is a uint32 bit pattern; passed as int32 so one compiled variant serves
     # every seed (the kernel bitcasts it back).
     key_i32 = key_base - (1 << 32) if key_base >= (1 << 31) else key_base
@@ -233,6 +242,7 @@ def launch_segmented(
                 PRECISION="ieee" if upcast else precision,
                 UPCAST=upcast,
                 WIDE=wide,
+                **H.kernel_constants(),
                 **INTERPRET_SEGMENTED,
             )
             return dw
@@ -240,8 +250,9 @@ def launch_segmented(
             _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision, wide)
             tuned = _segmented_wgrad_tuned
         tuned[_grid(k_out, k_in)](
-            *args, SKETCH=sketch, PRECISION=precision, UPCAST=False, WIDE=wide
-        )
+            *args, SKETCH=sketch, PRECISION=precision, UPCAST=False, WIDE=wide,
+            **H.kernel_constants(),
+        )  # fmt: skip
     return dw
 
 
@@ -255,7 +266,7 @@ def _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision, wide) -> None
     _segmented_wgrad_tuned[_grid(k_out, k_in)](
         x, dy, order, bounds, dw, scratch, k_out, k_in, 2,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), 1, 0,
-        SKETCH=False, PRECISION=precision, UPCAST=False, WIDE=wide,
+        SKETCH=False, PRECISION=precision, UPCAST=False, WIDE=wide, **H.kernel_constants(),
     )  # fmt: skip
     _tuned_keys.add(key)
 

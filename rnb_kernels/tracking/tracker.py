@@ -1,41 +1,38 @@
 """DomainGradientTracker: per-domain gradients of chosen ``nn.Linear`` layers, computed inside the
 normal backward at (nearly) no extra cost.
 
-How the backward is routed
---------------------------
-Each tracked ``nn.Linear`` gets its ``forward`` replaced (an instance attribute; ``remove()``
-deletes it again) by a call to a small ``torch.autograd.Function``. Its forward is exactly
-``F.linear``; its backward computes
+The weight gradient of each tracked layer goes through :func:`rnb_kernels.ops.segmented_wgrad`
+(exact mode) or :func:`rnb_kernels.ops.domain_sketch` (sketch mode): the op returns the ordinary
+weight gradient ``dyᵀ x`` *and* adds each domain's share into fp32 statistics, so the bookkeeping
+replaces the weight-gradient GEMM instead of adding a second pass. On the torch backend the
+returned gradient is literally ``dy.t().mm(x)``, the GEMM autograd runs for ``nn.Linear``, so
+``param.grad`` is bit-identical to an untracked backward (other backends compute it in their own
+kernel: equal within the dtype's rounding). See :mod:`.linear` for how the backward is routed.
+Tied weights work unchanged: only the tracked module's *use* of the weight goes through the op.
 
-* ``grad_input = dy @ W`` (the GEMM autograd would run),
-* ``grad_weight`` through :func:`rnb_kernels.ops.segmented_wgrad` (exact mode) or
-  :func:`rnb_kernels.ops.domain_sketch` (sketch mode). The op returns the ordinary weight
-  gradient ``dyᵀ x`` *and* adds each domain's share into fp32 accumulators, so the per-domain
-  bookkeeping replaces the weight-gradient GEMM instead of adding a second one. On the torch
-  backend this is literally ``dy.t().mm(x)``, the GEMM autograd runs for ``nn.Linear``, so
-  ``param.grad`` is bit-identical to an untracked backward.
-* ``grad_bias = dy.sum(0)`` plus a segmented sum into per-domain bias rows.
-
-Outside a :meth:`DomainGradientTracker.domains` context the backward is the plain one (nothing is
-accumulated). Tied weights work unchanged: only the tracked module's *use* of the weight goes
-through the op; other uses (e.g. GPT-2's token embedding sharing ``lm_head.weight``) produce
-their gradient normally and autograd adds the two as usual.
+The hot path does no host synchronisation
+------------------------------------------
+Per micro-batch, ids are validated once (:func:`~rnb_kernels.tracking.validate_domain_ids`):
+on the CPU, where a check costs nothing, immediately; for ids on a GPU, out-of-range values are
+masked to ``-1`` on the device (so no kernel ever indexes out of bounds) and counted, and the
+error is raised at the round's end by the first statistics read (``id_check``). Per layer, the
+op is called with the backend resolved at construction and no further checks.
 
 Non-finite gradients (fp16 + GradScaler overflow)
 -------------------------------------------------
-Before accumulating, each tracked layer checks ``x`` and ``dy`` for NaN/Inf with one min/max
-reduction (``skip_nonfinite=True``, the default). On a fault the layer's gradient is still
-computed and returned (so the scaler sees the Inf and skips the optimizer step) but the
-micro-batch is dropped from the statistics: nothing more is accumulated, its samples are not
-counted, ``nonfinite_skips`` is incremented and a warning is issued. Layers that the backward
-reached *before* the fault (only possible with several tracked layers) keep their finite
-contribution. Loss scaling itself is undone exactly: pass ``grad_scale=scaler`` to
-:meth:`domains` and the accumulators are kept in the current scale's units and rescaled
-(by a power of two, so exactly) when the scale changes.
+``skip_nonfinite="round"`` (default): nothing is checked in the backward. A NaN/Inf reaching
+the statistics makes the round's Gram (or alignment) non-finite; the statistics reads detect
+that on the small ``[m, m]`` / ``[m]`` result, count it in ``nonfinite_rounds`` and warn, and
+every mixer skips a non-finite update (weights unchanged). One overflowing micro-batch thus
+costs the round's update, never a wrong one. ``"micro-batch"`` drops only the offending
+micro-batch (the gradient is still returned, so the scaler sees the Inf) at the price of a
+min/max reduction over ``x`` and ``dy`` and a host sync per tracked layer. Loss scaling itself
+is undone exactly: pass ``grad_scale=scaler`` to :meth:`domains` and the buffers are kept in the
+current scale's units and rescaled (by a power of two, so exactly) when the scale changes.
 
 Multi-process
 -------------
-Accumulators and counts are local to each rank. Reading statistics (``gram()``, ``counts()``,
+Buffers and counts are local to each rank. Reading statistics (``gram()``, ``counts()``,
 ``domain_grads()``, ``target_alignment()``...) first all-reduces every buffer once when
 ``torch.distributed`` is initialised, so the reads are collectives: call them on all ranks.
 Accumulating more after such a read (without ``reset()``) is supported: each rank then scales
@@ -51,293 +48,23 @@ import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from . import distributed as rdist
-from .ops import domain_sketch, gram, segmented_wgrad
-from .ops._dispatch import resolve_backend
-from .ops.reference import _C_COL, _C_LAYER, _C_ROW, _C_SEED, _MASK32, _fmix32
+from .. import distributed as rdist
+from ..ops import gram
+from ..ops.gram import gram_matvec
+from .ids import per_sample_counts, validate_domain_ids
+from .linear import DOMAIN, TARGET, Context, canonical_name, is_tracked, make_forward
+from .slot import MODE_OPS, Slot
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DomainGradientTracker"]
 
-_MODES = ("exact", "sketch")
-_DOMAIN, _TARGET = "domain", "target"
-
-
-def _bias_hash(
-    k_out: int, k_in: int, sketch_dim: int, seed: int, layer: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Count-sketch bucket (int64 ``[K_out]``) and sign (float32 ``[K_out]``) for the bias.
-
-    The bias is sketched as column ``j = K_in`` of the augmented matrix ``[W | b]``, with the
-    hash specified in :mod:`rnb_kernels.ops.reference`, so the sketch of a layer with bias is
-    exactly the count-sketch of its ``[K_out, K_in + 1]`` gradient and no bias bucket collides
-    systematically with a weight bucket.
-    """
-    i = torch.arange(k_out, dtype=torch.int64)
-    s32 = (seed & _MASK32) * _C_SEED & _MASK32
-    l32 = (layer & _MASK32) * _C_LAYER & _MASK32
-    row = _fmix32(((i * _C_ROW) & _MASK32) ^ (s32 ^ l32))
-    h = _fmix32((row + (k_in * _C_COL & _MASK32)) & _MASK32)
-    bucket = (h & 0x7FFFFFFF) % sketch_dim
-    sign = 1.0 - 2.0 * (h >> 31).to(torch.float32)
-    return bucket.to(device), sign.to(device)
-
-
-def _finite(*ts: torch.Tensor) -> bool:
-    """True when no tensor holds NaN/Inf. One min/max reduction each (no [N, K] temporary)."""
-    flags = []
-    for t in ts:
-        if t.numel():
-            lo, hi = torch.aminmax(t)
-            flags.append(torch.isfinite(lo) & torch.isfinite(hi))
-    return bool(torch.stack(flags).all()) if flags else True
-
-
-def _as_ids(ids: Any, name: str, num_domains: int, *, mask: bool = False) -> torch.Tensor:
-    """Validate per-sample ``[B]`` or per-token ``[B, T]`` ids (or a boolean mask) -> int64."""
-    if isinstance(ids, np.ndarray | list | tuple):
-        try:
-            ids = torch.as_tensor(ids)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise TypeError(f"{name} must be an integer tensor, got {type(ids).__name__}") from e
-    if not isinstance(ids, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
-    if mask:
-        if ids.dtype != torch.bool:
-            raise TypeError(f"{name} must be a bool tensor, got {ids.dtype}")
-        ids = torch.where(ids, 0, -1).to(torch.int64)
-    elif ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex():
-        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
-    if ids.dim() not in (1, 2):
-        raise ValueError(f"{name} must be [batch] or [batch, seq], got shape {tuple(ids.shape)}")
-    if ids.numel() == 0:
-        raise ValueError(f"{name} is empty")
-    ids = ids.to(torch.int64)
-    if not mask:
-        lo, hi = torch.aminmax(ids)
-        lo, hi = int(lo), int(hi)
-        if lo < -1 or hi >= num_domains:
-            raise ValueError(
-                f"{name} must lie in [-1, num_domains={num_domains}), found values in [{lo}, {hi}]"
-            )
-    return ids
-
-
-def _per_sample_counts(ids: torch.Tensor, num_domains: int) -> torch.Tensor:
-    """float64 ``[m]``: samples per domain. A row of per-token ids counts once in every domain
-    that appears in it (a packed row with two documents counts in both)."""
-    if ids.dim() == 1:
-        return torch.bincount(ids + 1, minlength=num_domains + 1)[1:].to(torch.float64)
-    present = torch.zeros(ids.shape[0], num_domains + 1, dtype=torch.float64, device=ids.device)
-    present.scatter_(1, ids + 1, 1.0)
-    return present[:, 1:].sum(0)
-
-
-class _Context:
-    """State of one active ``domains()`` / ``target()`` / ``record_target()`` context."""
-
-    def __init__(self, kind: str, ids: torch.Tensor | None, scale: float, anchor_only: bool):
-        self.kind = kind
-        self.ids = ids
-        self.scale = scale
-        self.anchor_only = anchor_only
-        self.seen = False  # a tracked layer's backward ran inside the context
-        self.bad = False  # non-finite values were met: drop the micro-batch
-        self.batch: int | None = None  # samples (target without a mask: read off x)
-        self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
-
-    def rows(self, n: int, device: torch.device) -> torch.Tensor:
-        """int64 ``[N]`` domain id of every row of the layer's flattened input."""
-        key = (n, device)
-        if key in self._rows:
-            return self._rows[key]
-        ids = self.ids
-        if ids is None:
-            rows = torch.zeros(n, dtype=torch.int64, device=device)
-        elif ids.dim() == 1:
-            if n % ids.shape[0]:
-                raise ValueError(
-                    f"domain_ids has {ids.shape[0]} samples but the tracked layer saw {n} rows "
-                    f"(not a multiple); pass per-token ids [batch, seq] for this layout"
-                )
-            rows = ids.to(device, non_blocking=True).repeat_interleave(n // ids.shape[0])
-        else:
-            if ids.numel() != n:
-                raise ValueError(
-                    f"domain_ids has shape {tuple(ids.shape)} ({ids.numel()} tokens) but the "
-                    f"tracked layer saw {n} rows"
-                )
-            rows = ids.to(device, non_blocking=True).reshape(-1)
-        self._rows[key] = rows
-        return rows
-
-
-class _Slot:
-    """One tracked ``nn.Linear``: its buffers, its original forward, its backward."""
-
-    def __init__(self, tracker: DomainGradientTracker, name: str, module: nn.Linear, index: int):
-        self.tracker = tracker
-        self.name = name
-        self.module = module
-        self.index = index
-        w = module.weight
-        self.k_out, self.k_in = w.shape
-        self.has_bias = module.bias is not None
-        self.device = w.device
-        self.had_forward_attr = "forward" in module.__dict__
-        self.orig_forward = module.forward
-        m, dev, f32 = tracker.num_domains, w.device, torch.float32
-        self.buf: dict[str, dict[str, torch.Tensor]] = {}
-        for group, rows in ((_DOMAIN, m), (_TARGET, 1)):
-            if tracker.mode == "exact":
-                b = {"w": torch.zeros(rows, self.k_out, self.k_in, dtype=f32, device=dev)}
-                if self.has_bias:
-                    # Row 0 collects ignored (-1) rows so the segmented sum needs no masking.
-                    b["b"] = torch.zeros(rows + 1, self.k_out, dtype=f32, device=dev)
-            else:
-                b = {"s": torch.zeros(rows, tracker.sketch_dim, dtype=f32, device=dev)}
-            self.buf[group] = b
-        self.scale = {_DOMAIN: 1.0, _TARGET: 1.0}
-        self.dirty = {_DOMAIN: False, _TARGET: False}
-        self._bias_hash: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    @property
-    def num_params(self) -> int:
-        return self.k_out * self.k_in + (self.k_out if self.has_bias else 0)
-
-    def tensors(self, group: str) -> list[torch.Tensor]:
-        return list(self.buf[group].values())
-
-    def rows(self, group: str) -> torch.Tensor:
-        """float32 ``[rows, P_slot]`` (exact) or ``[rows, k]`` (sketch), in true units."""
-        b = self.buf[group]
-        if "s" in b:
-            out = b["s"]
-        else:
-            parts = [b["w"].reshape(b["w"].shape[0], -1)]
-            if self.has_bias:
-                parts.append(b["b"][1:])
-            out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
-        s = self.scale[group]
-        return out if s == 1.0 else out / s
-
-    def gram_parts(self, group: str) -> list[torch.Tensor]:
-        """Row blocks whose Grams add up to this slot's Gram (avoids concatenating [m, P])."""
-        b = self.buf[group]
-        if "s" in b:
-            return [b["s"]]
-        parts = [b["w"].reshape(b["w"].shape[0], -1)]
-        if self.has_bias:
-            parts.append(b["b"][1:])
-        return parts
-
-    def _prepare_scale(self, group: str, scale: float) -> None:
-        if scale == self.scale[group]:
-            return
-        if self.dirty[group]:
-            ratio = scale / self.scale[group]
-            for t in self.tensors(group):
-                t.mul_(ratio)
-        self.scale[group] = scale
-
-    def normalize_scale(self, group: str) -> None:
-        """Bring buffers to true units (scale 1), e.g. before an all-reduce."""
-        s = self.scale[group]
-        if s != 1.0:
-            for t in self.tensors(group):
-                t.div_(s)
-            self.scale[group] = 1.0
-
-    def bias_hash(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._bias_hash is None:
-            tr = self.tracker
-            self._bias_hash = _bias_hash(
-                self.k_out, self.k_in, tr.sketch_dim, tr.seed, self.index, self.device
-            )
-        return self._bias_hash
-
-    def accumulate(self, x2: torch.Tensor, dy2: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        """Return ``dW = dy2ᵀ x2`` and add each domain's share (weight and bias) to the buffers."""
-        tr = self.tracker
-        if ctx.bad:
-            return dy2.t().mm(x2)
-        if tr.skip_nonfinite and not _finite(x2, dy2):
-            ctx.bad = True
-            return dy2.t().mm(x2)
-        group = ctx.kind
-        rows = ctx.rows(x2.shape[0], x2.device)
-        self._prepare_scale(group, ctx.scale)
-        m = tr.num_domains if group == _DOMAIN else 1
-        b = self.buf[group]
-        if tr.mode == "exact":
-            dw, _ = segmented_wgrad(x2, dy2, rows, m, acc=b["w"], backend=tr.backend)
-            if self.has_bias:
-                b["b"].index_add_(0, rows + 1, dy2.to(torch.float32))
-                b["b"][0].zero_()
-        else:
-            dw, _ = domain_sketch(
-                x2, dy2, rows, m, sketch=b["s"], seed=tr.seed, layer=self.index, backend=tr.backend
-            )
-            if self.has_bias:
-                per = torch.zeros(m + 1, self.k_out, dtype=torch.float32, device=dy2.device)
-                per.index_add_(0, rows + 1, dy2.to(torch.float32))
-                bucket, sign = self.bias_hash()
-                b["s"].index_add_(1, bucket, per[1:] * sign)
-        self.dirty[group] = True
-        ctx.seen = True
-        return dw
-
-    def backward(self, fctx: Any, x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor):
-        tr = self.tracker
-        ctx = tr._active
-        x2 = x.reshape(-1, self.k_in)
-        dy2 = dy.reshape(-1, self.k_out)
-        need_x, need_w, need_b = fctx.needs_input_grad[:3]
-        if ctx is not None and ctx.batch is None:
-            ctx.batch = x.shape[0] if x.dim() > 1 else 1
-        if ctx is not None and ctx.anchor_only:
-            # record_target(): only the statistics are wanted. grad_input is still needed when
-            # a deeper tracked layer has to be reached.
-            self.accumulate(x2, dy2, ctx)
-            gx = dy2.mm(weight).view(x.shape) if need_x and len(tr._slots) > 1 else None
-            return gx, None, None, None, None
-        gx = dy2.mm(weight).view(x.shape) if need_x else None
-        gw = None
-        if need_w:
-            gw = dy2.t().mm(x2) if ctx is None else self.accumulate(x2, dy2, ctx)
-        gb = dy2.sum(0) if (need_b and fctx.has_bias) else None
-        return gx, gw, gb, None, None
-
-
-class _TrackedLinear(torch.autograd.Function):
-    """``F.linear`` whose backward routes the weight gradient through the tracker's op."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, anchor, slot):  # noqa: ARG004 - anchor only links the graph
-        ctx.slot = slot
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x, weight)
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight = ctx.saved_tensors
-        return ctx.slot.backward(ctx, x, weight, dy)
-
-
-def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    # Same eligibility rule as autocast's own cast: floating point, not float64.
-    if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
-        return t
-    return t.to(dtype)
+_MODES = tuple(MODE_OPS)
+_NONFINITE = ("round", "micro-batch")
+_ID_CHECKS = ("auto", "eager", "deferred")
 
 
 class DomainGradientTracker:
@@ -350,12 +77,19 @@ class DomainGradientTracker:
             an ``nn.Linear`` of the model, a name pattern (``fnmatch``, e.g. ``"blocks.*.mlp.fc2"``)
             or a list mixing both. Every match must be an ``nn.Linear``.
         mode: ``"exact"`` keeps fp32 ``[m, K_out, K_in]`` (+ ``[m, K_out]`` bias) accumulators
-            per layer; ``"sketch"`` keeps a fp32 count-sketch ``[m, sketch_dim]`` per layer.
+            per layer; ``"sketch"`` keeps a fp32 count-sketch ``[m, sketch_dim]`` per layer
+            (the bias sketched as an extra column).
         sketch_dim: buckets per layer in sketch mode.
         backend: op backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         seed: count-sketch hash seed (tracked layer ``l`` uses hash layer id ``l``).
-        skip_nonfinite: drop micro-batches whose tracked activations/gradients hold NaN/Inf
-            (see the module docstring); costs one min/max reduction and a host sync per layer.
+        skip_nonfinite: ``"round"`` (default; free: a round whose statistics turned non-finite
+            is reported and its update skipped) or ``"micro-batch"`` (drop just the offending
+            micro-batch; a min/max reduction and a host sync per layer). ``True`` means
+            ``"micro-batch"``; see the module docstring.
+        id_check: when domain-id *values* are range-checked: ``"eager"`` on entry to
+            :meth:`domains` (a host sync for GPU ids), ``"deferred"`` at the round's end (bad
+            ids masked to ``-1`` on the device, then ``ValueError`` from the next statistics
+            read), ``"auto"`` = eager for CPU ids, deferred otherwise.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -378,7 +112,8 @@ class DomainGradientTracker:
         backend: str = "auto",
         seed: int = 0,
         *,
-        skip_nonfinite: bool = True,
+        skip_nonfinite: bool | str = "round",
+        id_check: str = "auto",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -396,11 +131,17 @@ class DomainGradientTracker:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+        if skip_nonfinite is True:
+            skip_nonfinite = "micro-batch"
+        if skip_nonfinite not in _NONFINITE:
+            raise ValueError(
+                f"skip_nonfinite must be one of {_NONFINITE} or True, got {skip_nonfinite!r}"
+            )
+        if id_check not in _ID_CHECKS:
+            raise ValueError(f"id_check must be one of {_ID_CHECKS}, got {id_check!r}")
         named = self._resolve_modules(model, modules)
-        op = "segmented_wgrad" if mode == "exact" else "domain_sketch"
         for name, mod in named:
-            resolve_backend(op, backend, mod.weight.device)
-            if _is_tracked(mod):
+            if is_tracked(mod):
                 raise ValueError(f"modules: {mod!r} is already tracked by another tracker")
             if not mod.weight.requires_grad:
                 logger.warning("%s.weight does not require grad: nothing will be tracked", name)
@@ -409,19 +150,22 @@ class DomainGradientTracker:
         self.sketch_dim = sketch_dim
         self.backend = backend
         self.seed = seed
-        self.skip_nonfinite = bool(skip_nonfinite)
-        self.nonfinite_skips = 0
+        self.skip_nonfinite = skip_nonfinite
+        self.id_check = id_check
+        self.nonfinite_skips = 0  # micro-batches dropped (skip_nonfinite="micro-batch")
+        self.nonfinite_rounds = 0  # statistics reads that came out non-finite ("round")
         self._model_params = [p for p in model.parameters()]
-        self._slots = [_Slot(self, name, mod, i) for i, (name, mod) in enumerate(named)]
+        self._slots = [Slot(self, name, mod, i) for i, (name, mod) in enumerate(named)]
         self.device = self._slots[0].device
+        self._bad_ids = torch.zeros((), dtype=torch.int64, device=self.device)
         self._counts = torch.zeros(num_domains, dtype=torch.float64, device=self.device)
         self._target_count = torch.zeros((), dtype=torch.float64, device=self.device)
-        self._active: _Context | None = None
+        self._active: Context | None = None
         self._anchor = torch.zeros((), requires_grad=True)
         self._synced = False
         self._removed = False
         for slot in self._slots:
-            slot.module.forward = _make_forward(self, slot)
+            slot.module.forward = make_forward(self, slot)
         logger.debug(
             "tracking %s in %s mode (m=%d, P=%d)",
             self.module_names,
@@ -435,7 +179,7 @@ class DomainGradientTracker:
     def _resolve_modules(model: nn.Module, modules) -> list[tuple[str, nn.Linear]]:
         # Names are taken without wrapper prefixes (DDP's "module.", torch.compile's
         # "_orig_mod."), so patterns and saved states work with and without the wrappers.
-        all_named = [(_canonical(n), m) for n, m in model.named_modules()]
+        all_named = [(canonical_name(n), m) for n, m in model.named_modules()]
         if modules is None:
             linears = [(n, m) for n, m in all_named if isinstance(m, nn.Linear)]
             if not linears:
@@ -484,7 +228,7 @@ class DomainGradientTracker:
             raise RuntimeError("this tracker was removed; create a new one")
 
     # ------------------------------------------------------------------ contexts
-    def _begin(self, ctx: _Context) -> None:
+    def _begin(self, ctx: Context) -> None:
         self._check_live()
         if self._active is not None:
             raise RuntimeError(
@@ -495,7 +239,7 @@ class DomainGradientTracker:
             # all-reduce adds only the new local contributions once.
             w = float(rdist.world_size())
             for slot in self._slots:
-                for group in (_DOMAIN, _TARGET):
+                for group in (DOMAIN, TARGET):
                     for t in slot.tensors(group):
                         t.div_(w)
             self._counts.div_(w)
@@ -503,7 +247,7 @@ class DomainGradientTracker:
         self._synced = False
         self._active = ctx
 
-    def _end_micro_batch(self, ctx: _Context) -> None:
+    def _end_micro_batch(self, ctx: Context) -> None:
         if ctx.bad:
             self.nonfinite_skips += 1
             msg = (
@@ -548,10 +292,10 @@ class DomainGradientTracker:
             ...     loss.backward()
         """
         self._check_live()
-        ids = _as_ids(domain_ids, "domain_ids", self.num_domains)
+        ids = self.validate_ids(domain_ids)
         scale = self._scale_value(grad_scale)
-        counts = _per_sample_counts(ids, self.num_domains)
-        ctx = _Context(_DOMAIN, ids, scale, anchor_only=False)
+        counts = per_sample_counts(ids, self.num_domains)
+        ctx = Context(DOMAIN, ids, scale, anchor_only=False)
         self._begin(ctx)
         try:
             yield
@@ -561,13 +305,27 @@ class DomainGradientTracker:
             self._counts += counts.to(self._counts.device)
         self._end_micro_batch(ctx)
 
-    def _target_ctx(self, mask, grad_scale, anchor_only: bool) -> tuple[_Context, Any]:
-        ids = None if mask is None else _as_ids(mask, "mask", 1, mask=True)
-        scale = self._scale_value(grad_scale)
-        n = None if ids is None else float(_per_sample_counts(ids, 1)[0])
-        return _Context(_TARGET, ids, scale, anchor_only), n
+    def validate_ids(self, domain_ids: Any, name: str = "domain_ids") -> torch.Tensor:
+        """Validate one micro-batch's ids as :meth:`domains` does (``id_check``); int64 result.
 
-    def _end_target(self, ctx: _Context, n: float | None) -> None:
+        Deferred checking masks out-of-range ids to ``-1`` and counts them on the device.
+        """
+        on_cpu = not isinstance(domain_ids, torch.Tensor) or domain_ids.device.type == "cpu"
+        eager = self.id_check == "eager" or (self.id_check == "auto" and on_cpu)
+        ids = validate_domain_ids(domain_ids, self.num_domains, name, check_values=eager)
+        if not eager:
+            bad = (ids < -1) | (ids >= self.num_domains)
+            self._bad_ids += bad.sum().to(self._bad_ids.device, non_blocking=True)
+            ids = ids.masked_fill(bad, -1)
+        return ids
+
+    def _target_ctx(self, mask, grad_scale, anchor_only: bool) -> tuple[Context, Any]:
+        ids = None if mask is None else validate_domain_ids(mask, 1, "mask", mask=True)
+        scale = self._scale_value(grad_scale)
+        n = None if ids is None else float(per_sample_counts(ids, 1)[0])
+        return Context(TARGET, ids, scale, anchor_only), n
+
+    def _end_target(self, ctx: Context, n: float | None) -> None:
         if ctx.seen and not ctx.bad:
             self._target_count += float(ctx.batch if n is None else n)
         self._end_micro_batch(ctx)
@@ -641,18 +399,42 @@ class DomainGradientTracker:
         Called by every statistics accessor; a no-op without ``torch.distributed``.
         """
         self._check_live()
+        self._raise_deferred_id_errors()
         if self._synced or not rdist.is_initialized() or rdist.world_size() == 1:
             return
         tensors: list[torch.Tensor] = [self._counts, self._target_count.view(1)]
         for slot in self._slots:
-            for group in (_DOMAIN, _TARGET):
+            for group in (DOMAIN, TARGET):
                 slot.normalize_scale(group)
                 tensors.extend(slot.tensors(group))
         rdist.all_reduce_sum_(tensors)
         for slot in self._slots:
-            for group in (_DOMAIN, _TARGET):
+            for group in (DOMAIN, TARGET):
                 slot.dirty[group] = True
         self._synced = True
+
+    def _raise_deferred_id_errors(self) -> None:
+        # The round's one host read of the deferred id check.
+        n = int(self._bad_ids)
+        if n:
+            self._bad_ids.zero_()
+            raise ValueError(
+                f"domain_ids: {n} id(s) outside [-1, num_domains={self.num_domains}) were passed "
+                "to domains() this round; they were ignored (treated as -1), the statistics "
+                "hold only the valid ids"
+            )
+
+    def _checked(self, value: torch.Tensor, what: str) -> torch.Tensor:
+        """Count and report a non-finite statistic (a NaN/Inf reached the buffers)."""
+        if not bool(torch.isfinite(value).all()):
+            self.nonfinite_rounds += 1
+            msg = (
+                f"non-finite {what}: a NaN/Inf gradient reached the tracked statistics this "
+                f"round; mixers skip such an update ({self.nonfinite_rounds} so far)"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            logger.warning(msg)
+        return value
 
     def counts(self) -> torch.Tensor:
         """float64 ``[m]``: samples per domain since ``reset()``, summed over ranks."""
@@ -676,11 +458,31 @@ class DomainGradientTracker:
         out = torch.zeros(m, m, dtype=torch.float64, device=self.device)
         for slot in self._slots:
             part = torch.zeros(m, m, dtype=torch.float64, device=slot.device)
-            for rows in slot.gram_parts(_DOMAIN):
+            for rows in slot.gram_parts(DOMAIN):
                 part += gram(rows, backend=self.backend)
-            s = slot.scale[_DOMAIN]
+            s = slot.scale[DOMAIN]
             out += (part / (s * s)).to(self.device)
-        return out
+        return self._checked(out, "gram")
+
+    def gram_vector(self, coeffs: Any) -> torch.Tensor:
+        """float64 ``[m]``: ``G c`` for ``c = coeffs`` ``[m]``, without forming ``G``.
+
+        ``G c = A (Aᵀ c)`` over the ``[m, P]`` statistics: ``~2·m·P`` work in one streaming
+        pass instead of the Gram's ``m²·P``. This is all R&B needs each round (``G p_eval``
+        with ``p_eval`` divided by the counts); :meth:`gram` stays for diagnostics.
+        """
+        self.sync()
+        m = self.num_domains
+        c = torch.as_tensor(coeffs, dtype=torch.float64)
+        if c.shape != (m,):
+            raise ValueError(f"coeffs must have shape ({m},), got {tuple(c.shape)}")
+        out = torch.zeros(m, dtype=torch.float64, device=self.device)
+        for slot in self._slots:
+            s = slot.scale[DOMAIN]
+            cs = c.to(slot.device)
+            for rows in slot.gram_parts(DOMAIN):
+                out += (gram_matvec(rows, cs) / (s * s)).to(self.device)
+        return self._checked(out, "gram vector")
 
     def domain_grads(self) -> torch.Tensor:
         """Exact mode: float32 ``[m, P_tracked]`` per-domain gradient sums (weights then bias of
@@ -688,19 +490,19 @@ class DomainGradientTracker:
         if self.mode != "exact":
             raise RuntimeError("domain_grads() needs mode='exact'; sketch mode keeps no [m, P]")
         self.sync()
-        return torch.cat([s.rows(_DOMAIN).to(self.device) for s in self._slots], 1)
+        return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
 
     def domain_sketches(self) -> torch.Tensor:
         """Sketch mode: float32 ``[m, L * sketch_dim]`` (per-layer sketches side by side)."""
         if self.mode != "sketch":
             raise RuntimeError("domain_sketches() needs mode='sketch'")
         self.sync()
-        return torch.cat([s.rows(_DOMAIN).to(self.device) for s in self._slots], 1)
+        return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
 
     def target_grad(self) -> torch.Tensor:
         """The target row: float32 ``[P_tracked]`` (exact) or ``[L * sketch_dim]`` (sketch)."""
         self.sync()
-        return torch.cat([s.rows(_TARGET).to(self.device) for s in self._slots], 1)[0]
+        return torch.cat([s.rows(TARGET).to(self.device) for s in self._slots], 1)[0]
 
     def target_alignment(self) -> torch.Tensor:
         """float64 ``[m]``: ``<g_i, g_target>`` of the sums (divide by ``counts()`` and
@@ -708,23 +510,24 @@ class DomainGradientTracker:
         self.sync()
         out = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
         for slot in self._slots:
-            dom, tgt = slot.gram_parts(_DOMAIN), slot.gram_parts(_TARGET)
-            s = slot.scale[_DOMAIN] * slot.scale[_TARGET]
+            dom, tgt = slot.gram_parts(DOMAIN), slot.gram_parts(TARGET)
+            s = slot.scale[DOMAIN] * slot.scale[TARGET]
             for a, b in zip(dom, tgt):
                 out += (gram(a, b[0], backend=self.backend) / s).to(self.device)
-        return out
+        return self._checked(out, "target alignment")
 
     def reset(self) -> None:
         """Zero every accumulator, sketch, target row and count (start a new round)."""
         self._check_live()
         for slot in self._slots:
-            for group in (_DOMAIN, _TARGET):
+            for group in (DOMAIN, TARGET):
                 for t in slot.tensors(group):
                     t.zero_()
                 slot.scale[group] = 1.0
                 slot.dirty[group] = False
         self._counts.zero_()
         self._target_count.zero_()
+        self._bad_ids.zero_()
         self._synced = False
 
     # ------------------------------------------------------------------ persistence
@@ -732,7 +535,7 @@ class DomainGradientTracker:
         """Everything needed to continue bit-exactly (buffers are cloned)."""
         self._check_live()
         return {
-            "version": 1,
+            "version": 2,
             "mode": self.mode,
             "num_domains": self.num_domains,
             "sketch_dim": self.sketch_dim,
@@ -741,6 +544,7 @@ class DomainGradientTracker:
             "counts": self._counts.clone(),
             "target_count": self._target_count.clone(),
             "nonfinite_skips": self.nonfinite_skips,
+            "nonfinite_rounds": self.nonfinite_rounds,
             "synced": self._synced,
             "slots": [
                 {
@@ -789,6 +593,7 @@ class DomainGradientTracker:
         self._counts.copy_(state["counts"])
         self._target_count.copy_(state["target_count"])
         self.nonfinite_skips = int(state["nonfinite_skips"])
+        self.nonfinite_rounds = int(state.get("nonfinite_rounds", 0))
         self._synced = bool(state["synced"])
 
     # ------------------------------------------------------------------ teardown
@@ -818,38 +623,3 @@ class DomainGradientTracker:
             f"DomainGradientTracker(num_domains={self.num_domains}, mode={self.mode!r}, "
             f"modules={self.module_names}, P={self.num_params})"
         )
-
-
-def _canonical(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in ("module.", "_orig_mod."):
-            if name.startswith(prefix):
-                name, changed = name[len(prefix) :], True
-    return "" if name in ("module", "_orig_mod") else name
-
-
-def _is_tracked(module: nn.Module) -> bool:
-    return getattr(module.__dict__.get("forward"), "_rnb_tracker_forward", False)
-
-
-def _make_forward(tracker: DomainGradientTracker, slot: _Slot):
-    def forward(input: torch.Tensor) -> torch.Tensor:
-        mod = slot.module
-        w, b = mod.weight, mod.bias
-        if not torch.is_grad_enabled() or not w.requires_grad:
-            # No weight gradient will be computed: nothing to track.
-            return slot.orig_forward(input)
-        dev = w.device.type
-        if torch.is_autocast_enabled(dev):
-            # Reproduce autocast's casts outside the Function (so their backward casts the
-            # gradients back exactly as for an untracked layer), then run it with autocast off.
-            dt = torch.get_autocast_dtype(dev)
-            input, w, b = (_autocast_cast(t, dt) for t in (input, w, b))
-            with torch.autocast(dev, enabled=False):
-                return _TrackedLinear.apply(input, w, b, tracker._anchor, slot)
-        return _TrackedLinear.apply(input, w, b, tracker._anchor, slot)
-
-    forward._rnb_tracker_forward = True  # type: ignore[attr-defined]
-    return forward

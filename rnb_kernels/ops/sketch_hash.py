@@ -1,0 +1,122 @@
+"""The count-sketch hash: the one statement of it in Python.
+
+Every backend (the float64 reference, the torch and Triton launchers, the tracker) takes its
+constants and functions from here; ``csrc/sketch_hash.h`` is its C++ transcription and a test
+checks the two bit for bit.
+
+All arithmetic is on unsigned 32-bit integers (wrap-around mod 2**32). With ``fmix32`` the
+MurmurHash3 finaliser::
+
+    key_base(seed, layer)   = seed * SEED_MUL ^ layer * LAYER_MUL
+    row_key(seed, layer, i) = fmix32(key_base(seed, layer) ^ i * ROW_MUL)
+    h(i, j)                 = fmix32(row_key(seed, layer, i) + j * COL_MUL)
+    bucket(i, j)            = (h & 0x7FFFFFFF) % k
+    sign(i, j)              = +1 if (h >> 31) == 0 else -1
+
+``i`` indexes output features (rows of the weight, ``K_out``) and ``j`` input features
+(``K_in``); a layer's bias is column ``j = K_in`` of the augmented ``[W | b]``. The hash depends
+only on ``(seed, layer, i, j)``, so sketches are linear: sketches of different steps,
+micro-batches and ranks add up to the sketch of the sum.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "COL_MUL",
+    "FMIX_MUL1",
+    "FMIX_MUL2",
+    "LAYER_MUL",
+    "MASK32",
+    "ROW_MUL",
+    "SEED_MUL",
+    "bias_hash",
+    "fmix32",
+    "key_base",
+    "kernel_constants",
+    "sketch_hash",
+]
+
+MASK32 = 0xFFFFFFFF
+SEED_MUL = 0x9E3779B9
+LAYER_MUL = 0x85EBCA6B
+ROW_MUL = 0xC2B2AE35
+COL_MUL = 0x27D4EB2F
+# The two multipliers of MurmurHash3's fmix32.
+FMIX_MUL1 = 0x85EBCA6B
+FMIX_MUL2 = 0xC2B2AE35
+
+
+def kernel_constants() -> dict[str, int]:
+    """The multipliers as ``tl.constexpr`` keyword arguments of the Triton kernels."""
+    return {"ROW_MUL": ROW_MUL, "COL_MUL": COL_MUL, "FMIX1": FMIX_MUL1, "FMIX2": FMIX_MUL2}
+
+
+def fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3 finaliser on int64 tensors holding uint32 values (result in [0, 2**32))."""
+    # int64 products of two uint32 values may wrap past 2**63; the low 32 bits stay exact.
+    h = h ^ (h >> 16)
+    h = (h * FMIX_MUL1) & MASK32
+    h = h ^ (h >> 13)
+    h = (h * FMIX_MUL2) & MASK32
+    h = h ^ (h >> 16)
+    return h
+
+
+def key_base(seed: int, layer: int) -> int:
+    """``seed * SEED_MUL ^ layer * LAYER_MUL`` mod 2**32: the per-layer part of every row key."""
+    return ((seed & MASK32) * SEED_MUL & MASK32) ^ ((layer & MASK32) * LAYER_MUL & MASK32)
+
+
+def _hash(rows: torch.Tensor, cols: torch.Tensor, seed: int, layer: int) -> torch.Tensor:
+    """``h(i, j)`` for int64 ``rows [R]`` x ``cols [C]`` -> int64 ``[R, C]`` in [0, 2**32)."""
+    row = fmix32(((rows * ROW_MUL) & MASK32) ^ key_base(seed, layer))
+    return fmix32((row[:, None] + (cols[None, :] * COL_MUL & MASK32)) & MASK32)
+
+
+def _bucket_sign(h: torch.Tensor, k: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return (h & 0x7FFFFFFF) % k, 1.0 - 2.0 * (h >> 31).to(dtype)
+
+
+def sketch_hash(
+    k_out: int,
+    k_in: int,
+    sketch_dim: int,
+    seed: int = 0,
+    layer: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buckets and signs of the count-sketch for a ``[k_out, k_in]`` weight.
+
+    Returns:
+        ``bucket``: int64 ``[k_out, k_in]`` in ``[0, sketch_dim)``;
+        ``sign``: ``dtype`` ``[k_out, k_in]`` in ``{-1, +1}``.
+
+    Example:
+        >>> b, s = sketch_hash(3, 5, 16, seed=1)
+        >>> b.shape, s.abs().unique().tolist()
+        (torch.Size([3, 5]), [1.0])
+    """
+    i = torch.arange(k_out, dtype=torch.int64, device=device)
+    j = torch.arange(k_in, dtype=torch.int64, device=device)
+    return _bucket_sign(_hash(i, j, seed, layer), sketch_dim, dtype)
+
+
+def bias_hash(
+    k_out: int,
+    k_in: int,
+    sketch_dim: int,
+    seed: int = 0,
+    layer: int = 0,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bucket (int64 ``[k_out]``) and sign (``[k_out]``) of a bias, hashed as column ``k_in`` of
+    the augmented ``[W | b]`` so a layer with bias is sketched as one ``[k_out, k_in + 1]``
+    matrix and no bias bucket collides systematically with a weight bucket."""
+    i = torch.arange(k_out, dtype=torch.int64, device=device)
+    j = torch.tensor([k_in], dtype=torch.int64, device=device)
+    bucket, sign = _bucket_sign(_hash(i, j, seed, layer), sketch_dim, dtype)
+    return bucket[:, 0], sign[:, 0]
