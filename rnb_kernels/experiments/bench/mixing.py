@@ -8,9 +8,10 @@ own domains and on regrouped clusters); any registered mixer is accepted by name
 
 Every run reports the final eval loss (overall, and mean / worst over the original domains)
 and the measured mixing overhead (time spent on the mixture as a % of the rest of the
-training loop). Writes ``mixing_<preset>.csv`` (one row per run), ``mixing_<preset>.md``
-(mean ± std over seeds) and ``mixing_<preset>_<corpus>.png`` into ``--out``
-(default ``benchmarks/results``).
+training loop). Writes ``mixing_<preset>.csv`` (one row per run, with the environment
+columns of :mod:`~rnb_kernels.experiments.harness`), ``mixing_<preset>.md`` (mean ± std over
+seeds) and ``mixing_<preset>_<corpus>.png`` into the results directory (``--out``, else
+``benchmarks/results`` of a source checkout, else ``./benchmark_results``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import numpy as np
 
 from ..config import BENCH_PRESETS, ExperimentConfig
 from ..data import prepare
-from ..harness import append_csv, machine_info, results_dir
+from ..harness import append_csv, environment, results_dir
 from ..methods import get_method
 from ..train import run_methods
 
@@ -43,7 +44,7 @@ def run_mixing(
 ) -> list[dict[str, Any]]:
     """Train every (corpus, seed, method) of ``cfg``; one row per run, each also appended to
     ``out/mixing_<preset>.csv`` as soon as it finishes."""
-    info = machine_info(cfg.train.device)
+    info = environment(cfg.train.device)
     rows: list[dict[str, Any]] = []
     csv_path = out / f"mixing_{preset}.csv"
     for corpus in corpora:
@@ -133,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(exc)
         return 2
-    out = Path(args.out) if args.out else results_dir()
+    out = results_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpora = list(_csv_list(args.corpora))
     t = time.perf_counter()
@@ -143,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
     md = summarize(rows)
     model, tr = cfg.model, cfg.train
     head = (
-        f"`rnb bench mixing --preset {args.preset}` on {rows[0]['machine']} "
+        f"`rnb bench mixing --preset {args.preset}` on {rows[0]['hardware']} "
         f"(torch {rows[0]['torch']}, git {rows[0]['git_sha']}), {len(cfg.seeds)} seeds, "
         f"model {model.n_layer}x{model.n_embd}, T={model.context}, {tr.steps} steps x "
         f"{tr.batch_size} sequences.\n\n"

@@ -1,13 +1,17 @@
 """``rnb bench overhead``: end-to-end training-step cost of per-domain gradient tracking.
 
-All variants run in the same process on the same model, batch and domain ids, interleaved
-round-robin (so thermal/frequency drift and other load hit every variant alike), and each is
-reported as a ratio to the untracked step measured alongside it:
+Every variant trains its own copy of the same model (same init, batch and domain ids), and
+the variants are timed interleaved, one mixing round each in turn (A B C ..., A B C ...;
+:func:`~rnb_kernels.experiments.harness.time_interleaved`), so load from other processes and
+clock drift hit every variant alike. A timed unit is one mixing round: ``update_every``
+optimizer steps, including the round's ``gram()`` + ``reset()`` for tracked variants, so the
+per-round cost a mixer pays is amortised into the per-step time and not dropped as an
+outlier. Each variant is reported as a ratio to the untracked step with a bootstrap CI paired
+by round:
 
 * ``untracked`` — forward, backward, optimizer step.
 * ``exact/<backend>``, ``sketch/<backend>`` — the same step under
-  :class:`~rnb_kernels.DomainGradientTracker` on the LM head, with the round's
-  ``gram()`` + ``reset()`` amortised every ``update_every`` steps (what a mixer needs).
+  :class:`~rnb_kernels.DomainGradientTracker` on the LM head.
 * ``anchor/extra-backward`` — the step, then one extra backward per domain present in the
   batch for that domain's gradient of the tracked weight (DoGE / the DGA paper's way).
   The weight is tied to the token embedding, so each extra backward runs through the whole
@@ -15,36 +19,42 @@ reported as a ratio to the untracked step measured alongside it:
 * ``anchor/torch.func`` — the step, then per-sample gradients of the tracked weight with
   ``vmap(grad(...))`` summed per domain (the generic per-sample-gradient recipe).
 
-Rows are appended to ``benchmarks/results/overhead_{cpu,gpu}.csv`` with the machine,
-versions and git SHA.
+Rows are appended to ``overhead_{cpu,gpu}.csv`` in the results directory (``--out``, see
+:func:`~rnb_kernels.experiments.harness.results_dir`) with the environment columns.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
-import statistics
-import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from torch import nn
 
-from ..harness import append_csv, machine_info, results_dir
+from ..harness import append_csv, environment, ratio_ci, results_csv, summarize, time_interleaved
 from ..models import GPT, GPTConfig, per_sample_loss
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OverheadConfig", "PRESETS", "add_arguments", "run", "run_overhead"]
+__all__ = ["PRESETS", "OverheadConfig", "add_arguments", "format_rows", "run", "run_overhead"]
 
 
-@dataclass
+@dataclass(frozen=True)
 class OverheadConfig:
-    """Model and batch shape of the benchmark (``T`` tokens per sample, ``m`` domains)."""
+    """Model and batch shape of the benchmark (``T`` tokens per sample, ``m`` domains).
+
+    Attributes:
+        update_every: optimizer steps per mixing round (one timed unit).
+        rounds: timed rounds per variant (samples for the median and its CI).
+        warmup: untimed rounds per variant first.
+        dtype: autocast dtype on GPU (``"bfloat16"``); ``"float32"`` = no autocast.
+    """
 
     vocab_size: int = 8192
     n_embd: int = 128
@@ -55,33 +65,28 @@ class OverheadConfig:
     num_domains: int = 16
     update_every: int = 10
     sketch_dim: int = 8192
-    steps: int = 10  # timed steps per variant per round
-    rounds: int = 3
-    warmup: int = 2
+    rounds: int = 4
+    warmup: int = 1
     device: str = "cpu"
-    dtype: str = "float32"  # autocast dtype on GPU: "bfloat16"
+    dtype: str = "float32"
 
 
 PRESETS: dict[str, OverheadConfig] = {
     # A few seconds: what the test suite runs.
     "tiny": OverheadConfig(
         vocab_size=512, n_embd=32, n_layer=1, n_head=2, context=16, batch_size=4,
-        num_domains=4, sketch_dim=1024, steps=2, rounds=2, warmup=1, update_every=2,
+        num_domains=4, sketch_dim=1024, rounds=3, warmup=1, update_every=2,
     ),
-    # A few minutes on a 2-core CPU: the row recorded for every change.
+    # Several minutes on a 2-core CPU: the row recorded for every change.
     "cpu": OverheadConfig(),
-    # DESIGN.md section 5: GPT-2-small-sized, seq 1024, micro-batch 8, m = 64, bf16.
+    # GPT-2-small-sized, sequence 1024, micro-batch 8, m = 64 domains, bf16 autocast: the
+    # setting the step-time overhead target is stated for.
     "gpu": OverheadConfig(
         vocab_size=50257, n_embd=768, n_layer=12, n_head=12, context=1024, batch_size=8,
-        num_domains=64, sketch_dim=1 << 20, steps=10, rounds=5, warmup=3, update_every=10,
+        num_domains=64, sketch_dim=1 << 20, rounds=10, warmup=2, update_every=10,
         device="cuda", dtype="bfloat16",
     ),
 }  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
@@ -103,110 +108,102 @@ def _usable_backends(device: torch.device) -> tuple[list[str], dict[str, str]]:
     return usable, skipped
 
 
-class _Bench:
-    """One model + batch shared by every variant, so only the tracking differs."""
+class _Variant:
+    """One variant: its own copy of the model and optimizer, so all variants can live side by
+    side (a module can be tracked by one tracker at a time) and be interleaved step by step."""
 
-    def __init__(self, cfg: OverheadConfig, seed: int = 0) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        cfg: OverheadConfig,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        ids: torch.Tensor,
+        amp: Any,
+    ) -> None:
         self.cfg = cfg
-        self.device = torch.device(cfg.device)
-        g = torch.Generator().manual_seed(seed)
-        torch.manual_seed(seed)
-        mcfg = GPTConfig(
-            vocab_size=cfg.vocab_size, context=cfg.context, n_layer=cfg.n_layer,
-            n_head=cfg.n_head, n_embd=cfg.n_embd,
-        )  # fmt: skip
-        self.model = GPT(mcfg).to(self.device)
+        self.model = copy.deepcopy(base)  # keeps the tied embedding / LM head tied
         # SGD keeps optimizer time small and constant so the ratio isolates the backward cost.
         self.opt = torch.optim.SGD(self.model.parameters(), lr=1e-4)
-        B, T, V = cfg.batch_size, cfg.context, cfg.vocab_size
-        self.x = torch.randint(0, V, (B, T), generator=g).to(self.device)
-        self.y = torch.randint(0, V, (B, T), generator=g).to(self.device)
-        self.ids = torch.randint(0, cfg.num_domains, (B,), generator=g).to(self.device)
-        self.amp = (
-            torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
-            if self.device.type == "cuda" and cfg.dtype != "float32"
-            else torch.autocast("cpu", enabled=False)
-        )
+        self.x, self.y, self.ids, self.amp = x, y, ids, amp
+        self.tracker: Any = None
+        self.extra: Callable[[torch.Tensor], None] | None = None
 
     def _loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         with self.amp:
             ps = per_sample_loss(self.model(self.x), self.y)
         return ps.mean(), ps
 
-    def _finish(self) -> None:
+    def step(self) -> None:
+        loss, ps = self._loss()
+        if self.extra is not None:
+            self.extra(ps)
+        if self.tracker is not None:
+            with self.tracker.domains(self.ids):
+                loss.backward()
+        else:
+            loss.backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
-    def untracked(self) -> Callable[[int], None]:
-        def step(i: int) -> None:
-            loss, _ = self._loss()
-            loss.backward()
-            self._finish()
+    def round(self) -> None:
+        """One mixing round: ``update_every`` steps, then the statistics a mixer reads."""
+        for _ in range(self.cfg.update_every):
+            self.step()
+        if self.tracker is not None:
+            self.tracker.gram()
+            self.tracker.reset()
 
-        return step
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.remove()
 
-    def tracked(self, mode: str, backend: str) -> tuple[Callable[[int], None], Callable[[], None]]:
-        from ...tracking import DomainGradientTracker
 
-        tr = DomainGradientTracker(
-            self.model, self.cfg.num_domains, mode=mode, backend=backend,
-            sketch_dim=self.cfg.sketch_dim,
-        )  # fmt: skip
-        K = self.cfg.update_every
+def _tracked(v: _Variant, mode: str, backend: str) -> _Variant:
+    from ...tracking import DomainGradientTracker
 
-        def step(i: int) -> None:
-            loss, _ = self._loss()
-            with tr.domains(self.ids):
-                loss.backward()
-            self._finish()
-            if (i + 1) % K == 0:
-                tr.gram()
-                tr.reset()
+    v.tracker = DomainGradientTracker(
+        v.model, v.cfg.num_domains, mode=mode, backend=backend, sketch_dim=v.cfg.sketch_dim
+    )
+    return v
 
-        return step, tr.remove
 
-    def extra_backward(self) -> Callable[[int], None]:
-        w = self.model.lm_head.weight
+def _extra_backward(v: _Variant) -> _Variant:
+    w = v.model.lm_head.weight
 
-        def step(i: int) -> None:
-            loss, ps = self._loss()
-            present = torch.unique(self.ids).tolist()
-            for d in present:
-                # Sum of the domain's per-sample losses: its gradient is g_d of DESIGN.md.
-                torch.autograd.grad(ps[self.ids == d].sum(), [w], retain_graph=True)
-            loss.backward()
-            self._finish()
+    def extra(ps: torch.Tensor) -> None:
+        for d in torch.unique(v.ids).tolist():
+            # The domain's summed loss: its gradient is that domain's gradient sum g_d.
+            torch.autograd.grad(ps[v.ids == d].sum(), [w], retain_graph=True)
 
-        return step
+    v.extra = extra
+    return v
 
-    def torch_func(self) -> Callable[[int], None]:
-        from torch.func import functional_call, grad, vmap
 
-        model = self.model
-        name = "lm_head.weight"
-        m = self.cfg.num_domains
+def _torch_func(v: _Variant) -> _Variant:
+    from torch.func import functional_call, grad, vmap
 
-        def sample_loss(w, x, y):
-            params = {name: w, "tok_emb.weight": w}
-            with self.amp:
-                logits = functional_call(model, params, (x[None],), tie_weights=False)
-                return per_sample_loss(logits, y[None])[0]
+    model, m = v.model, v.cfg.num_domains
 
-        per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
+    def sample_loss(w, x, y):
+        params = {"lm_head.weight": w, "tok_emb.weight": w}
+        with v.amp:
+            logits = functional_call(model, params, (x[None],), tie_weights=False)
+            return per_sample_loss(logits, y[None])[0]
 
-        def step(i: int) -> None:
-            loss, _ = self._loss()
-            loss.backward()
-            with warnings.catch_warnings():
-                # vmap has no batching rule for fused SDPA and loops over samples instead; that
-                # is the cost a torch.func user pays, so it is timed, only the warning is muted.
-                warnings.filterwarnings("ignore", message=".*performance drop.*")
-                g = per_sample_grad(model.lm_head.weight.detach(), self.x, self.y)  # [B, V, d]
-            acc = torch.zeros((m, *g.shape[1:]), dtype=torch.float32, device=g.device)
-            acc.index_add_(0, self.ids, g.float())
-            self._finish()
+    per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
-        return step
+    def extra(ps: torch.Tensor) -> None:
+        with warnings.catch_warnings():
+            # vmap has no batching rule for fused SDPA and loops over samples instead; that
+            # is the cost a torch.func user pays, so it is timed, only the warning is muted.
+            warnings.filterwarnings("ignore", message=".*performance drop.*")
+            g = per_sample_grad(model.lm_head.weight.detach(), v.x, v.y)  # [B, V, d]
+        acc = torch.zeros((m, *g.shape[1:]), dtype=torch.float32, device=g.device)
+        acc.index_add_(0, v.ids, g.float())
+
+    v.extra = extra
+    return v
 
 
 def run_overhead(
@@ -215,83 +212,86 @@ def run_overhead(
     modes: tuple[str, ...] = ("exact", "sketch"),
     anchors: bool = True,
     seed: int = 0,
-    progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Time every variant in one process; return one row per variant.
+    """Time every variant interleaved in one process; return one row per variant.
 
     Returns:
-        rows with ``variant``, ``ms_per_step`` (median over rounds), ``ratio`` (to the
-        untracked median), ``overhead_pct``, plus the config and the machine fields.
+        rows with ``variant``; ``ms_per_step`` (median over rounds) with ``ms_q25`` /
+        ``ms_q75`` and its bootstrap CI ``ms_ci_low`` / ``ms_ci_high``; ``ratio`` to the
+        untracked median with ``ratio_ci_low`` / ``ratio_ci_high`` (paired by round);
+        ``overhead_pct``; the config and the environment columns.
     """
-    bench = _Bench(cfg, seed)
-    dev = bench.device
+    dev = torch.device(cfg.device)
     usable, skipped = _usable_backends(dev)
     for name, why in skipped.items():
         logger.info("backend %s skipped: %s", name, why)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    base = GPT(
+        GPTConfig(vocab_size=cfg.vocab_size, context=cfg.context, n_layer=cfg.n_layer,
+                  n_head=cfg.n_head, n_embd=cfg.n_embd)
+    ).to(dev)  # fmt: skip
+    B, T, V = cfg.batch_size, cfg.context, cfg.vocab_size
+    x = torch.randint(0, V, (B, T), generator=g).to(dev)
+    y = torch.randint(0, V, (B, T), generator=g).to(dev)
+    ids = torch.randint(0, cfg.num_domains, (B,), generator=g).to(dev)
+    amp = (
+        torch.autocast("cuda", dtype=getattr(torch, cfg.dtype))
+        if dev.type == "cuda" and cfg.dtype != "float32"
+        else torch.autocast("cpu", enabled=False)
+    )
 
-    # Each variant is (name, factory); factories build their tracker anew every round because a
-    # module can be tracked by one tracker at a time.
-    variants: list[tuple[str, Callable[[], tuple[Callable[[int], None], Callable[[], None]]]]]
-    variants = [("untracked", lambda: (bench.untracked(), lambda: None))]
-    for mode in modes:
-        for be in usable:
-            variants.append((f"{mode}/{be}", lambda mode=mode, be=be: bench.tracked(mode, be)))
-    if anchors:
-        variants.append(("anchor/extra-backward", lambda: (bench.extra_backward(), lambda: None)))
-        variants.append(("anchor/torch.func", lambda: (bench.torch_func(), lambda: None)))
+    def new() -> _Variant:
+        return _Variant(base, cfg, x, y, ids, amp)
 
-    times: dict[str, list[float]] = {name: [] for name, _ in variants}
-    total = cfg.rounds * len(variants)
-    bar = tqdm(total=total, desc="bench overhead", disable=not progress, leave=False)
-    for _ in range(cfg.rounds):
-        for name, factory in variants:
-            step, cleanup = factory()
-            try:
-                for i in range(cfg.warmup):
-                    step(i)
-                _sync(dev)
-                per = []
-                for i in range(cfg.steps):
-                    t = time.perf_counter()
-                    step(cfg.warmup + i)
-                    _sync(dev)
-                    per.append(time.perf_counter() - t)
-                # Per-step median inside a round removes one-off stalls; the median over rounds
-                # then removes rounds hit by outside load.
-                times[name].append(statistics.median(per))
-            finally:
-                cleanup()
-            bar.update(1)
-    bar.close()
+    variants: dict[str, _Variant] = {"untracked": new()}
+    try:
+        for mode in modes:
+            for be in usable:
+                variants[f"{mode}/{be}"] = _tracked(new(), mode, be)
+        if anchors:
+            variants["anchor/extra-backward"] = _extra_backward(new())
+            variants["anchor/torch.func"] = _torch_func(new())
+        sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
+        times = time_interleaved(
+            {name: v.round for name, v in variants.items()}, cfg.rounds, cfg.warmup, sync
+        )
+    finally:
+        for v in variants.values():
+            v.close()
 
-    base = statistics.median(times["untracked"])
-    info = machine_info(dev)
+    env = environment(dev)
+    K = cfg.update_every
     rows = []
-    for name, _ in variants:
-        ms = statistics.median(times[name]) * 1e3
+    for name, samples in times.items():
+        per_step = [s / K * 1e3 for s in samples]
+        s = summarize(per_step)
+        ratio, lo, hi = ratio_ci(samples, times["untracked"])
         rows.append(
             {
                 "variant": name,
-                "ms_per_step": round(ms, 4),
-                "ratio": round(ms / (base * 1e3), 4),
-                "overhead_pct": round(100 * (ms / (base * 1e3) - 1), 2),
-                "ms_min": round(min(times[name]) * 1e3, 4),
-                "ms_max": round(max(times[name]) * 1e3, 4),
-                **{k: v for k, v in asdict(cfg).items()},
+                "ms_per_step": round(s.median, 4),
+                "ms_q25": round(s.q25, 4), "ms_q75": round(s.q75, 4),
+                "ms_ci_low": round(s.ci_low, 4), "ms_ci_high": round(s.ci_high, 4),
+                "ratio": round(ratio, 4),
+                "ratio_ci_low": round(lo, 4), "ratio_ci_high": round(hi, 4),
+                "overhead_pct": round(100 * (ratio - 1), 2),
+                **asdict(cfg),
                 "skipped_backends": "; ".join(f"{k}: {v}" for k, v in skipped.items()),
-                **info,
+                **env,
             }
-        )
+        )  # fmt: skip
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The printed table: variant, ms/step, ratio to untracked."""
-    lines = [f"{'variant':24s} {'ms/step':>10s} {'ratio':>8s} {'overhead':>9s}"]
+    """The printed table: variant, ms/step with its IQR, ratio to untracked with its 95% CI."""
+    lines = [f"{'variant':24s} {'ms/step':>10s} {'IQR':>19s} {'ratio':>7s} {'95% CI':>15s}"]
     for r in rows:
         lines.append(
-            f"{r['variant']:24s} {r['ms_per_step']:10.2f} {r['ratio']:8.3f} "
-            f"{r['overhead_pct']:8.2f}%"
+            f"{r['variant']:24s} {r['ms_per_step']:10.2f} "
+            f"{r['ms_q25']:9.2f}-{r['ms_q75']:<9.2f} {r['ratio']:7.3f} "
+            f"{r['ratio_ci_low']:7.3f}-{r['ratio_ci_high']:<7.3f}"
         )
     return "\n".join(lines)
 
@@ -299,29 +299,27 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu", help="model/batch size")
     p.add_argument("--device", default=None, help="override the preset's device")
-    p.add_argument("--steps", type=int, default=None, help="timed steps per variant per round")
-    p.add_argument("--rounds", type=int, default=None, help="round-robin repetitions")
+    p.add_argument("--rounds", type=int, default=None, help="timed mixing rounds per variant")
+    p.add_argument("--warmup", type=int, default=None, help="untimed rounds per variant")
+    p.add_argument("--update-every", type=int, default=None, help="steps per mixing round")
     p.add_argument("--num-domains", type=int, default=None, help="m")
     p.add_argument("--modes", default="exact,sketch", help="tracker modes, comma-separated")
     p.add_argument("--no-anchors", action="store_true", help="skip the two anchor variants")
-    p.add_argument(
-        "--csv",
-        default=None,
-        help="append rows here (default benchmarks/results/overhead_<dev>.csv)",
-    )
+    p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
+    p.add_argument("--csv", default=None, help="append rows to this file instead")
     p.add_argument("--no-save", action="store_true", help="print only; append no CSV rows")
     p.add_argument("--seed", type=int, default=0)
 
 
 def run(args: argparse.Namespace) -> int:
-    cfg = PRESETS[args.preset]
     over = {
         "device": args.device,
-        "steps": args.steps,
         "rounds": args.rounds,
+        "warmup": args.warmup,
+        "update_every": args.update_every,
         "num_domains": args.num_domains,
     }
-    cfg = OverheadConfig(**{**asdict(cfg), **{k: v for k, v in over.items() if v is not None}})
+    cfg = replace(PRESETS[args.preset], **{k: v for k, v in over.items() if v is not None})
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         print(f"preset {args.preset!r} needs a CUDA device and none is available here")
         return 2
@@ -329,15 +327,19 @@ def run(args: argparse.Namespace) -> int:
     rows = run_overhead(cfg, modes=modes, anchors=not args.no_anchors, seed=args.seed)
     for r in rows:
         r["preset"] = args.preset
-    print(f"machine: {rows[0]['machine']}  torch {rows[0]['torch']}  git {rows[0]['git_sha']}")
+    e = rows[0]
+    dirty = "+dirty" if e["git_dirty"] is True else ""
+    print(
+        f"{e['hardware']} ({e['threads']} threads)  torch {e['torch']}  git {e['git_sha']}{dirty}"
+    )
     print(
         f"model: V={cfg.vocab_size} d={cfg.n_embd} L={cfg.n_layer} T={cfg.context} "
-        f"B={cfg.batch_size} m={cfg.num_domains} (LM head tracked, tied)"
+        f"B={cfg.batch_size} m={cfg.num_domains} (LM head tracked, tied); "
+        f"{cfg.rounds} rounds of {cfg.update_every} steps per variant, interleaved"
     )
     print(format_rows(rows))
     if not args.no_save:
-        kind = "gpu" if torch.device(cfg.device).type == "cuda" else "cpu"
-        path = Path(args.csv) if args.csv else results_dir() / f"overhead_{kind}.csv"
+        path = Path(args.csv) if args.csv else results_csv("overhead", cfg.device, args.out)
         append_csv(path, rows)
         print(f"appended {len(rows)} rows to {path}")
     return 0
