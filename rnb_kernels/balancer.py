@@ -91,6 +91,12 @@ def _gram(b: Balancer) -> Any:
     return b.tracker.gram().cpu()
 
 
+@register_statistic("gram_vec", needs_tracker=True)
+def _gram_vec(b: Balancer) -> Any:
+    # G c for the mixer's own coefficients (R&B: p_eval / counts), without forming G.
+    return b.tracker.gram_vector(b.mixer.gram_coefficients(b.tracker.counts().cpu())).cpu()
+
+
 @register_statistic("alignment", needs_tracker=True)
 def _alignment(b: Balancer) -> Any:
     if b.alignment_fn is not None:

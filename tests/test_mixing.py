@@ -27,7 +27,7 @@ F64 = torch.float64
 
 
 def hand_rnb(G, n, p_eval, lam):
-    """The DESIGN.md section 1 formula, written out with numpy."""
+    """The R&B formula of docs/design.md, written out with numpy."""
     G, n, p = np.asarray(G, float), np.asarray(n, float), np.asarray(p_eval, float)
     p = p / p.sum()
     inv = np.array([1.0 / c if c > 0 else 0.0 for c in n])

@@ -211,7 +211,7 @@ def test_sketch_is_linear_and_deterministic():
 
 
 def test_sketch_inner_product_is_unbiased_with_predicted_variance():
-    """Over many seeds: mean error within 3 SE of 0, variance within 2x of DESIGN.md's formula."""
+    """Over many seeds: mean error within 3 SE of 0, variance within 2x of the variance formula in docs/design.md."""
     k_out, k_in, k, seeds = 12, 20, 64, 2000
     x = torch.randn(40, k_in, dtype=torch.float64)
     dy = torch.randn(40, k_out, dtype=torch.float64)
