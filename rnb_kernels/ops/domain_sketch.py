@@ -69,11 +69,7 @@ def _domain_sketch_op(
     check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    if check_ids:
-        V.check_id_values(domain_ids, num_domains)
-    if check_finite:
-        V.check_finite("x", x)
-        V.check_finite("dy", dy)
+    V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     impl = get_impl("domain_sketch", backend)
     dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer)
     if bias:

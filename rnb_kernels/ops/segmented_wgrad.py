@@ -45,11 +45,7 @@ def _segmented_wgrad_op(
     check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    if check_ids:
-        V.check_id_values(domain_ids, num_domains)
-    if check_finite:
-        V.check_finite("x", x)
-        V.check_finite("dy", dy)
+    V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     dw = get_impl("segmented_wgrad", backend)(x, dy, domain_ids, num_domains, acc)
     if bias_acc is not None:
         bias_acc += domain_bias_sums(dy, domain_ids, num_domains)
