@@ -285,7 +285,7 @@ class Balancer:
             yield _Step(self, validate_domain_ids(domain_ids, self.num_domains))
             return
         ids = self.tracker.validate_ids(domain_ids)
-        with self.tracker.domains(ids, grad_scale=grad_scale):
+        with self.tracker.domains(ids, grad_scale=grad_scale, validated=True):
             yield _Step(self, ids)
 
     def record_loss(self, loss: torch.Tensor, domain_ids: Any) -> None:
