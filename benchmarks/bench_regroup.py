@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from rnb_kernels._deps import has_module
 from rnb_kernels.datasets import load_natural_instructions
 from rnb_kernels.experiments.harness import environment, results_dir, write_csv
 from rnb_kernels.regroup import (
@@ -50,7 +51,6 @@ from rnb_kernels.regroup import (
     kmeans_stream,
     silhouette_scores,
 )
-from rnb_kernels.regroup._deps import has_module
 
 
 def package_versions() -> dict[str, str]:

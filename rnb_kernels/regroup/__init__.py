@@ -21,6 +21,7 @@ as well as on the function it re-exports.
 import sys as _sys
 import types as _types
 
+from .._cache import default_cache_dir
 from .api import regroup, regroup_stream, validate_texts
 from .clustering import (
     KMeansResult,
@@ -33,15 +34,13 @@ from .clustering import (
     silhouette_scores,
     two_level_kmeans,
 )
+from .embed_cache import embed, embed_to_memmap
 from .embedders import (
     CallableEmbedder,
     Embedder,
     MiniLMEmbedder,
     SentenceTransformerEmbedder,
     TfidfEmbedder,
-    default_cache_dir,
-    embed,
-    embed_to_memmap,
     get_embedder,
 )
 from .partition import Partition, agreement, top_terms

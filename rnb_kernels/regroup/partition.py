@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deps import require
+from .._deps import require
 from .clustering import membership_matrix, nearest_centroid
 from .embedders import Embedder, check_embeddings, embedder_from_state
 
