@@ -81,7 +81,13 @@ def test_config_replace_routes_each_setting_to_its_section():
 
 # ----------------------------------------------------------------------------- methods
 def test_named_methods_and_suffixes():
-    from rnb_kernels.experiments.methods import Method, get_method, method_names, needs_tracker
+    from rnb_kernels.experiments.methods import (
+        Method,
+        get_method,
+        method_names,
+        needs_tracker,
+        resolve_methods,
+    )
 
     assert get_method("dga-extra") == Method("dga-extra", "dga", "original", "extra")
     assert get_method("rnb-regrouped") == Method("rnb-regrouped", "rnb", "regrouped")
@@ -95,6 +101,8 @@ def test_named_methods_and_suffixes():
         get_method("nope")
     with pytest.raises(ValueError, match="unknown method"):
         get_method("rnb-extra-extra")
+    with pytest.raises(ValueError, match="'odm' is listed twice"):
+        resolve_methods(["odm", "stratified", "odm"])
     assert {"stratified", "dga-extra", "rnb-regrouped", "dga-distribution"} <= set(method_names())
     # The tracker follows the mixer's declared statistics, not the method's name.
     tracked = {n: needs_tracker(n) for n in ("stratified", "static", "odm", "dga", "dga-extra",

@@ -26,7 +26,7 @@ import numpy as np
 
 from .config import DEMO, QUICK, ExperimentConfig
 from .data import PreparedData, prepare
-from .methods import Method, get_method
+from .methods import Method, resolve_methods
 from .train import TrainResult, run_methods
 
 logger = logging.getLogger(__name__)
@@ -162,8 +162,7 @@ def run(args: argparse.Namespace) -> int:
         seeds=(args.seed,),
     )  # fmt: skip
     try:
-        for name in cfg.methods:
-            get_method(name)
+        resolve_methods(cfg.methods)
     except ValueError as exc:
         print(exc)
         return 2

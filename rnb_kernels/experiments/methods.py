@@ -27,7 +27,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "get_method",
     "method_names",
     "needs_tracker",
+    "resolve_methods",
     "uses_alignment",
 ]
 
@@ -125,6 +126,17 @@ def get_method(name: str | Method) -> Method:
         parts[key] = value
         base = base[: -len(suffix)]
     return Method(name, base, **parts)
+
+
+def resolve_methods(names: Sequence[str | Method]) -> list[Method]:
+    """Resolve every name, or raise ``ValueError`` for the first unknown or repeated one (run
+    names label logs and rows, so they must be distinct)."""
+    methods = [get_method(n) for n in names]
+    seen = [m.name for m in methods]
+    dup = next((n for i, n in enumerate(seen) if n in seen[:i]), None)
+    if dup is not None:
+        raise ValueError(f"method {dup!r} is listed twice")
+    return methods
 
 
 def method_names() -> tuple[str, ...]:

@@ -28,7 +28,14 @@ import torch
 from ..balancer import Balancer
 from .config import ExperimentConfig, TrainConfig
 from .data import EncodedData, PreparedData
-from .methods import Method, build_method_mixer, get_method, needs_tracker, uses_alignment
+from .methods import (
+    Method,
+    build_method_mixer,
+    get_method,
+    needs_tracker,
+    resolve_methods,
+    uses_alignment,
+)
 from .models import GPT, IGNORE_INDEX, GPTConfig, per_sample_loss
 
 logger = logging.getLogger(__name__)
@@ -399,7 +406,7 @@ def run_methods(
     Yields:
         ``(method, result)`` as each run finishes.
     """
-    methods = [get_method(name) for name in cfg.methods]  # fail before any training
+    methods = resolve_methods(cfg.methods)  # fail before any training
     model_cfg = replace(cfg.model, vocab_size=prep.vocab.size)
     for method in methods:
         tr, ev, m = prep.splits(method.domains)

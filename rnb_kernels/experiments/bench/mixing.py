@@ -27,7 +27,7 @@ import numpy as np
 from ..config import BENCH_PRESETS, ExperimentConfig
 from ..data import prepare
 from ..harness import append_csv, environment, results_dir
-from ..methods import get_method
+from ..methods import resolve_methods
 from ..train import run_methods
 
 logger = logging.getLogger(__name__)
@@ -129,8 +129,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"preset {args.preset!r} needs a CUDA device and none is available here")
         return 2
     try:
-        for name in cfg.methods:
-            get_method(name)
+        resolve_methods(cfg.methods)
     except ValueError as exc:
         print(exc)
         return 2
