@@ -347,7 +347,7 @@ class Partition:
             "embedder_config": emb_cfg,
         }
         np.savez(out / _ARRAYS, **arrays)
-        (out / _META).write_text(json.dumps(meta, indent=2, default=_json_default))
+        (out / _META).write_text(json.dumps(meta, indent=2, default=json_default))
         return out
 
     @classmethod
@@ -388,7 +388,8 @@ class Partition:
         )
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars / arrays and paths."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
