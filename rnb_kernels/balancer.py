@@ -91,6 +91,12 @@ def _gram(b: Balancer) -> Any:
     return b.tracker.gram().cpu()
 
 
+@register_statistic("gram_vec", needs_tracker=True)
+def _gram_vec(b: Balancer) -> Any:
+    # G c for the mixer's own coefficients (R&B: p_eval / counts), without forming G.
+    return b.tracker.gram_vector(b.mixer.gram_coefficients(b.tracker.counts().cpu())).cpu()
+
+
 @register_statistic("alignment", needs_tracker=True)
 def _alignment(b: Balancer) -> Any:
     if b.alignment_fn is not None:
@@ -279,7 +285,7 @@ class Balancer:
             yield _Step(self, validate_domain_ids(domain_ids, self.num_domains))
             return
         ids = self.tracker.validate_ids(domain_ids)
-        with self.tracker.domains(ids, grad_scale=grad_scale):
+        with self.tracker.domains(ids, grad_scale=grad_scale, validated=True):
             yield _Step(self, ids)
 
     def record_loss(self, loss: torch.Tensor, domain_ids: Any) -> None:
@@ -390,12 +396,9 @@ class Balancer:
         return weights
 
     def _log(self, record: dict[str, Any]) -> None:
-        logger.info(
-            "round %d (step %d): weights %s",
-            record["round"],
-            record["step"],
-            [round(w, 4) for w in record["weights"]],
-        )
+        logger.info("%s", round_summary(record))
+        # The full vector goes to DEBUG and the log files, not the console.
+        logger.debug("round %d weights %s", record["round"], record["weights"])
         if self.log_dir is None or rdist.rank() != 0:
             return
         path = os.path.join(self.log_dir, "mixture.csv")
@@ -460,6 +463,26 @@ class Balancer:
             self._tb = None
         if self.tracker is not None:
             self.tracker.remove()
+
+
+def round_summary(record: dict[str, Any], top: int = 3) -> str:
+    """One readable line per round: entropy as an effective number of domains, the heaviest
+    domains and the update time (the full weights are in the logs).
+
+    Example:
+        >>> round_summary({"round": 2, "step": 20, "weights": [0.5, 0.25, 0.25],
+        ...                "update_time_s": 0.0012})
+        'round 2 (step 20): eff. domains 2.83/3, top d0=0.500 d1=0.250 d2=0.250, update 1.2 ms'
+    """
+    w = torch.tensor(record["weights"], dtype=torch.float64)
+    p = w[w > 0]
+    eff = float(torch.exp(-(p * p.log()).sum()))
+    order = torch.argsort(w, descending=True, stable=True)[:top].tolist()
+    heads = " ".join(f"d{i}={float(w[i]):.3f}" for i in order)
+    return (
+        f"round {record['round']} (step {record['step']}): eff. domains {eff:.2f}/{w.numel()}, "
+        f"top {heads}, update {1e3 * record['update_time_s']:.1f} ms"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:
