@@ -207,7 +207,13 @@ def _sharded_forward(tracker, slot, x, w, b):
     x_local = x.to_local(grad_placements=[Partial()])
     b_local = None if b is None else b.to_local()
     y = _apply(tracker, slot, x_local, w.to_local(), b_local)
-    return DTensor.from_local(y, w.device_mesh, [Shard(y.dim() - 1)], run_check=False)
+    # The global shape is given explicitly: shards of a vocabulary not divisible by the mesh
+    # size are uneven, and from_local would otherwise assume equal ones.
+    shape = (*y.shape[:-1], w.shape[0])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(
+        y, w.device_mesh, [Shard(y.dim() - 1)], run_check=False, shape=shape, stride=stride
+    )
 
 
 def make_forward(tracker: DomainGradientTracker, slot: Slot) -> Any:
