@@ -44,7 +44,7 @@ from torch import nn
 
 from ..ops import _validate as V
 from ..ops.cross_entropy import cross_entropy_rows, cross_entropy_rows_grad_
-from ..tracking.linear import DOMAIN, Context, is_dtensor
+from ..tracking.linear import DOMAIN, Context, is_dtensor, tracked_wgrad
 
 if TYPE_CHECKING:
     from ..tracking.slot import Slot
@@ -133,22 +133,14 @@ class _FusedLinearCE(torch.autograd.Function):
                 g = g / (targets != plan.ignore_index).sum()
             scale = g.expand(n).contiguous()
 
-        track = None
         tr = plan.tracker
-        if tr is not None and tr._active is not None:
+        if tr is not None and not torch.compiler.is_compiling():
             track = tr._active
-            if track.batch is None:
-                track.batch = n
-            if track.anchor_only:
+            if track is not None and track.anchor_only:
                 # record_target(): statistics only; grad_hidden only when a deeper tracked
-                # layer has to be reached.
+                # layer has to be reached. (Compiled, no Python state is read: all computed.)
                 need_w = need_b = False
                 need_h = need_h and len(tr._slots) > 1
-            rows = (
-                track.rows(n, hidden.device)
-                if plan.ids is None
-                else Context(track.kind, plan.ids, 1.0, False).rows(n, hidden.device)
-            )
         gh = torch.empty_like(hidden) if need_h else None
         # fp32 accumulation across chunks (each chunk's product is already fp32-accumulated).
         gw = (
@@ -168,8 +160,9 @@ class _FusedLinearCE(torch.autograd.Function):
             )  # fmt: skip
             if gh is not None:
                 torch.mm(dz, weight, out=gh[lo:hi])
-            if track is not None:
-                dw = plan.slot.accumulate(h, dz, track, rows=rows[lo:hi])
+            if plan.slot is not None:
+                # The head's dW; with a context active at run time, also its statistics.
+                dw = tracked_wgrad(h, dz, plan.slot.key, n, lo, n, plan.ids)
             elif gw is not None:
                 dw = dz.t().mm(h)
             else:
@@ -234,7 +227,8 @@ def fused_linear_cross_entropy(
             one whose ``weight`` this is.
         backend: backend of the per-chunk softmax kernels (``"auto"``: Triton on GPU tensors
             when installed, else torch); the statistics use the tracker's backend.
-        check_targets: check target values once per call (a host sync on a GPU).
+        check_targets: check target values once per call (a host sync on a GPU; skipped
+            inside ``torch.compile``).
 
     Returns:
         the loss in ``hidden.dtype``: a scalar, or ``targets``-shaped for ``"none"``.
@@ -296,7 +290,8 @@ def fused_linear_cross_entropy(
             f"hidden ({hidden.dtype}), weight ({weight.dtype}) and bias must share a dtype"
         )
     flat_t = targets.reshape(n)
-    if check_targets and n:
+    # A data-dependent branch: skipped while compiling (it would break the graph).
+    if check_targets and n and not torch.compiler.is_compiling():
         bad = (flat_t != ignore_index) & ((flat_t < 0) | (flat_t >= vocab))
         if bool(bad.any()):
             raise ValueError(
@@ -315,9 +310,9 @@ def fused_linear_cross_entropy(
         if domain_ids is not None:
             ids = tracker.validate_ids(domain_ids)
             Context(DOMAIN, ids, 1.0, False).rows(n, hidden.device)  # shape check, now
-        ctx = tracker._active
-        if ctx is not None and not torch.compiler.is_compiling():
-            ctx.forwarded.add(slot.index)
+        # Not while compiling: reading the context would guard on it (a recompile per block).
+        if not torch.compiler.is_compiling() and tracker._active is not None:
+            tracker._active.forwarded.add(slot.index)
     elif domain_ids is not None:
         raise ValueError("domain_ids needs tracker= (the statistics go to its slot)")
     plan = _Plan(chunk_size, ignore_index, reduction, backend, tracker, slot, ids)

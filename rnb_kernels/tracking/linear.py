@@ -14,7 +14,9 @@ effects (reading the active context, the statistics buffers, host syncs of the r
 sits behind one opaque custom op, ``rnb::tracked_wgrad`` (:func:`tracked_wgrad`), which the
 compiled backward calls at run time; the forward's bookkeeping (which layers ran inside a
 context) is skipped while compiling so that it neither breaks the graph nor adds guards on
-per-micro-batch Python state.
+per-micro-batch Python state. The op is tagged ``cudagraph_unsafe``: with CUDA graphs
+(``mode="reduce-overhead"``) Inductor leaves the part of the backward around it uncaptured.
+Under compilation the end-of-block bypass check only has the weight-gradient evidence.
 
 Tensor parallelism
 ------------------
@@ -99,26 +101,46 @@ class Context:
         return rows
 
 
-@torch.library.custom_op("rnb::tracked_wgrad", mutates_args=())
-def _tracked_wgrad_op(x: torch.Tensor, dy: torch.Tensor, key: int, batch: int) -> torch.Tensor:
-    return SLOTS[key].wgrad(x, dy, batch)
+# cudagraph_unsafe: its Python body (context lookup, row grouping, buffer updates) must run on
+# every call, so CUDA-graph capture (mode="reduce-overhead") must not record and replay it.
+@torch.library.custom_op("rnb::tracked_wgrad", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _tracked_wgrad_op(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    key: int,
+    batch: int,
+    lo: int,
+    n: int,
+    ids: torch.Tensor | None,
+) -> torch.Tensor:
+    return SLOTS[key].wgrad(x, dy, batch, lo, n, ids)
 
 
 @_tracked_wgrad_op.register_fake
-def _(x, dy, key, batch):
+def _(x, dy, key, batch, lo, n, ids):
     return x.new_empty(dy.shape[1], x.shape[1])
 
 
-def tracked_wgrad(x2: torch.Tensor, dy2: torch.Tensor, key: int, batch: int) -> torch.Tensor:
+def tracked_wgrad(
+    x2: torch.Tensor,
+    dy2: torch.Tensor,
+    key: int,
+    batch: int,
+    lo: int = 0,
+    n: int = -1,
+    ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``dy2ᵀ x2`` (``[K_out, K_in]``, ``x2.dtype``) for the slot registered under ``key``, plus
     its statistics when a tracker context is active at run time.
 
+    ``x2`` / ``dy2`` may be rows ``[lo, lo + len)`` of an input of ``n`` rows (``-1``: all of
+    it), whose domains are ``ids`` (default: the context's, mapped onto the ``n`` rows).
     Eagerly a plain call; while compiling, the opaque custom op ``rnb::tracked_wgrad`` (the
     tracker's buffers it updates are invisible to the compiler, which only needs the result).
     """
     if torch.compiler.is_compiling():
-        return _tracked_wgrad_op(x2, dy2, key, batch)
-    return SLOTS[key].wgrad(x2, dy2, batch)
+        return _tracked_wgrad_op(x2, dy2, key, batch, lo, n, ids)
+    return SLOTS[key].wgrad(x2, dy2, batch, lo, n, ids)
 
 
 class TrackedLinear(torch.autograd.Function):

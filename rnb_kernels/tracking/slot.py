@@ -215,14 +215,31 @@ class Slot:
         ctx.accumulated.add(self.index)
         return dw
 
-    def wgrad(self, x2: torch.Tensor, dy2: torch.Tensor, batch: int) -> torch.Tensor:
-        """``dy2ᵀ x2``, through the statistics when a context is active (the compiled path)."""
+    def wgrad(
+        self,
+        x2: torch.Tensor,
+        dy2: torch.Tensor,
+        batch: int,
+        lo: int = 0,
+        n: int = -1,
+        ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``dy2ᵀ x2``, through the statistics when a context is active (read at run time).
+
+        ``x2`` may be rows ``[lo, lo + len)`` of an input of ``n`` rows (a chunk); their ids
+        are taken from ``ids`` or the context's, mapped onto the ``n`` rows.
+        """
         ctx = self.tracker._active
         if ctx is None:
             return dy2.t().mm(x2)
         if ctx.batch is None:
             ctx.batch = batch
-        return self.accumulate(x2, dy2, ctx)
+        rows = None
+        if ids is not None or lo != 0 or (n >= 0 and n != x2.shape[0]):
+            src = ctx if ids is None else Context(ctx.kind, ids, 1.0, False)
+            n = x2.shape[0] if n < 0 else n
+            rows = src.rows(n, x2.device)[lo : lo + x2.shape[0]]
+        return self.accumulate(x2, dy2, ctx, rows)
 
     def backward(self, x, weight, dy, need_x: bool, need_w: bool, need_b: bool, has_bias: bool):
         """Gradients of ``F.linear(x, weight, bias)`` for :class:`TrackedLinear` (eager)."""
