@@ -36,7 +36,14 @@ from .tracking import DomainGradientTracker, validate_domain_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Balancer", "Statistic", "register_statistic", "statistic_names"]
+__all__ = [
+    "Balancer",
+    "Statistic",
+    "needs_tracker",
+    "register_statistic",
+    "statistic_names",
+    "unregister_statistic",
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,17 @@ def register_statistic(name: str, *, needs_tracker: bool = False, replace: bool 
 def statistic_names() -> tuple[str, ...]:
     """Names of every registered statistic."""
     return tuple(_STATISTICS)
+
+
+def unregister_statistic(name: str) -> None:
+    """Remove a registered statistic (tests that register toy statistics clean up with this)."""
+    _STATISTICS.pop(name, None)
+
+
+def needs_tracker(mixer: Mixer | type[Mixer]) -> bool:
+    """Whether a mixer (or mixer class) requires a statistic that reads per-domain gradients,
+    i.e. whether a :class:`Balancer` for it builds a :class:`DomainGradientTracker`."""
+    return any(_STATISTICS[r].needs_tracker for r in mixer.requires if r in _STATISTICS)
 
 
 # Built-in statistics. Gradient ones read the tracker; with ``alignment_fn`` (paper-style DGA)
@@ -220,9 +238,7 @@ class Balancer:
                 f"registered: {list(_STATISTICS)} (see register_statistic)"
             )
         self.num_domains = mixer.stat_domains
-        needs_grads = alignment_fn is None and any(
-            _STATISTICS[r].needs_tracker for r in mixer.requires
-        )
+        needs_grads = alignment_fn is None and needs_tracker(mixer)
         if isinstance(tracker, DomainGradientTracker):
             if tracker.num_domains != self.num_domains:
                 raise ValueError(

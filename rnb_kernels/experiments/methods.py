@@ -151,15 +151,13 @@ def needs_tracker(method: str | Method) -> bool:
     True when the mixer requires a statistic that reads the tracker (``gram``, ``alignment``,
     ...), unless those gradients come from the extra passes.
     """
-    # The statistics registry is the Balancer's; it has no public accessor for this flag.
-    from ..balancer import _STATISTICS
+    from ..balancer import needs_tracker as mixer_needs_tracker
 
     method = get_method(method)
     if method.gradients == "extra":
         return False
-    # Unknown names are left to the Balancer, whose error lists the registered statistics.
-    stats = [_STATISTICS[r] for r in method.mixer_class.requires if r in _STATISTICS]
-    return any(s.needs_tracker for s in stats)
+    # Unknown statistic names are left to the Balancer, whose error lists the registered ones.
+    return mixer_needs_tracker(method.mixer_class)
 
 
 def uses_alignment(method: str | Method) -> bool:
