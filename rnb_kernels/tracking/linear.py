@@ -30,6 +30,7 @@ unshards its parameters before the forward, so an FSDP-only weight arrives as a 
 from __future__ import annotations
 
 import itertools
+import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -191,11 +192,10 @@ def is_tracked(module: nn.Module) -> bool:
 
 
 def is_dtensor(t: Any) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - builds without torch.distributed
-        return False
-    return isinstance(t, DTensor)
+    # No DTensor can exist before its module is imported, and importing it here would cost
+    # `import rnb_kernels` a second; sys.modules also keeps this traceable by Dynamo.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _apply(tracker, slot, x, w, b):
@@ -211,11 +211,18 @@ def _apply(tracker, slot, x, w, b):
     return TrackedLinear.apply(x, w, b, tracker._anchor, slot.key)
 
 
+@torch.compiler.disable
 def _sharded_forward(tracker, slot, x, w, b):
     """Row-sharded (vocabulary-parallel) weight: run on local tensors, return a DTensor
-    sharded on the last dim, as ``F.linear`` on the DTensors would."""
+    sharded on the last dim, as ``F.linear`` on the DTensors would.
+
+    Always eager (one graph break per such layer under ``torch.compile``): it binds the
+    slot's layout and reads the active context, Python state the compiler must not see.
+    """
     from torch.distributed.tensor import DTensor, Partial, Shard
 
+    if tracker._active is not None:
+        tracker._active.forwarded.add(slot.index)
     slot.bind_sharded(w)
     if not isinstance(x, DTensor) or not all(p.is_replicate() for p in x.placements):
         got = x.placements if isinstance(x, DTensor) else type(x).__name__
@@ -247,12 +254,12 @@ def make_forward(tracker: DomainGradientTracker, slot: Slot) -> Any:
         if not torch.is_grad_enabled() or not w.requires_grad:
             # No weight gradient will be computed: nothing to track.
             return slot.orig_forward(input)
+        if is_dtensor(w):
+            return _sharded_forward(tracker, slot, input, w, b)
         if not torch.compiler.is_compiling():
             ctx = tracker._active
             if ctx is not None:
                 ctx.forwarded.add(slot.index)
-            if is_dtensor(w):
-                return _sharded_forward(tracker, slot, input, w, b)
         return _apply(tracker, slot, input, w, b)
 
     forward._rnb_tracker_forward = True  # type: ignore[attr-defined]
