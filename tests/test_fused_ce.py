@@ -201,8 +201,9 @@ def test_never_materialises_more_than_one_chunk_of_logits(monkeypatch):
 
 
 def test_default_chunk_size_keeps_logits_near_hidden_size():
-    assert default_chunk_size(8192, 50257, 768) == 128
-    assert default_chunk_size(3, 10, 100) == 4
+    assert default_chunk_size(100_000, 50257, 768) == 2048  # Liger's rule: ~N·H floats
+    assert default_chunk_size(8192, 50257, 768) == 256  # the floor
+    assert default_chunk_size(3, 10, 100) == 3  # never more than N
     assert default_chunk_size(1, 10**6, 1) == 1
 
 
@@ -484,3 +485,27 @@ def test_liger_fused_linear_cross_entropy_is_caught():
     )
     with pytest.raises(RuntimeError, match="Liger"):
         _balancer_round(model)
+
+
+def test_tracked_backward_walks_rows_in_domain_order(monkeypatch):
+    """Each chunk's statistics update then spans about one domain: (chunk, domain) pairs stay
+    near chunks + m instead of chunks x m."""
+    calls = []
+    real = fused_ce.tracked_wgrad
+
+    def spy(x, dy, key, batch, lo=0, n=-1, ids=None):
+        calls.append(ids.clone())
+        return real(x, dy, key, batch, lo, n, ids)
+
+    monkeypatch.setattr(fused_ce, "tracked_wgrad", spy)
+    model = LM()
+    tr = DomainGradientTracker(model, M, modules="lm_head")
+    g = torch.Generator().manual_seed(5)
+    tok = torch.randint(0, V, (8, 12), generator=g)
+    ids = torch.randint(0, M, (8, 12), generator=g)  # shuffled domains
+    with tr.domains(ids):
+        tr.fused_cross_entropy(model.hidden(tok), tok, chunk_size=8).backward()
+    assert len(calls) == 12
+    assert torch.equal(torch.cat(calls), ids.flatten().sort().values)
+    pairs = sum(len(c.unique()) for c in calls)
+    assert pairs <= len(calls) + M - 1

@@ -144,6 +144,29 @@ def tracked_wgrad(
     return SLOTS[key].wgrad(x2, dy2, batch, lo, n, ids)
 
 
+@torch.library.custom_op("rnb::tracked_rows", mutates_args=(), tags=(torch.Tag.cudagraph_unsafe,))
+def _tracked_rows_op(
+    like: torch.Tensor, key: int, n: int, ids: torch.Tensor | None
+) -> torch.Tensor:
+    return SLOTS[key].context_rows(n, like.device, ids).clone()
+
+
+@_tracked_rows_op.register_fake
+def _(like, key, n, ids):
+    return like.new_empty(n, dtype=torch.int64)
+
+
+def tracked_rows(
+    like: torch.Tensor, key: int, n: int, ids: torch.Tensor | None = None
+) -> torch.Tensor:
+    """int64 ``[n]``: the domain of each of ``n`` rows under the context active at run time
+    (``ids`` mapped instead of the context's when given; all ``-1`` outside a context), on
+    ``like``'s device. Eagerly a plain call; compiled, the opaque op ``rnb::tracked_rows``."""
+    if torch.compiler.is_compiling():
+        return _tracked_rows_op(like, key, n, ids)
+    return SLOTS[key].context_rows(n, like.device, ids)
+
+
 class TrackedLinear(torch.autograd.Function):
     """``F.linear`` whose backward routes the weight gradient through the tracker's op."""
 

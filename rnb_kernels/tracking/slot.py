@@ -215,6 +215,16 @@ class Slot:
         ctx.accumulated.add(self.index)
         return dw
 
+    def context_rows(
+        self, n: int, device: torch.device, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """int64 ``[n]`` domain of each row under the active context (``-1`` without one)."""
+        ctx = self.tracker._active
+        if ctx is None:
+            return torch.full((n,), -1, dtype=torch.int64, device=device)
+        src = ctx if ids is None else Context(ctx.kind, ids, 1.0, False)
+        return src.rows(n, device)
+
     def wgrad(
         self,
         x2: torch.Tensor,
