@@ -3,6 +3,7 @@ over the union of the data) and every rank computes bit-identical weights."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 
@@ -65,37 +66,46 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD
     )
     try:
-        model = _model()
-        ddp = DistributedDataParallel(model)
-        mine = [(x[rank * B : (rank + 1) * B], i[rank * B : (rank + 1) * B]) for x, i in _data()]
-        res = {}
-        for mode in ("exact", "sketch"):
-            res[mode] = _stats(ddp, mine, mode)
-            rdist.check_consistent(res[mode]["weights"], "weights")
-            ddp.zero_grad()
-        try:  # the consistency check must catch ranks that disagree
-            rdist.check_consistent(torch.tensor([float(rank)]), "probe")
-            res["probe"] = "no error"
-        except RuntimeError as e:
-            res["probe"] = str(e)
-        # A Balancer loop: sampler streams per rank, weights checked every round.
-        labels = torch.arange(48) % M
-        bal = Balancer(ddp, RnB(M, eval_proportions=P_EVAL, lam=2.0, update_every=1))
-        sampler = bal.make_sampler(labels, batch_size=B, seed=0)
-        it = iter(sampler)
-        feats = torch.randn(48, T, D, generator=torch.Generator().manual_seed(2))
-        drawn = []
-        for _ in range(3):
-            idx = [next(it) for _ in range(B)]
-            drawn += idx
-            with bal.step(labels[idx]):
-                _loss(ddp(feats[idx])).backward()
-            bal.after_step()
-        res["balancer_weights"] = [h["weights"] for h in bal.history]
-        res["drawn"] = drawn
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
+        _work(rank, out_dir)
+        # DDP must be gone before the group: a gloo group destroyed by DDP's reducer at frame
+        # exit deadlocks now and then on torch 2.13 CPU (a work's destructor on gloo's thread
+        # waits for the GIL the joining main thread holds).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _work(rank: int, out_dir: str) -> None:
+    model = _model()
+    ddp = DistributedDataParallel(model)
+    mine = [(x[rank * B : (rank + 1) * B], i[rank * B : (rank + 1) * B]) for x, i in _data()]
+    res = {}
+    for mode in ("exact", "sketch"):
+        res[mode] = _stats(ddp, mine, mode)
+        rdist.check_consistent(res[mode]["weights"], "weights")
+        ddp.zero_grad()
+    try:  # the consistency check must catch ranks that disagree
+        rdist.check_consistent(torch.tensor([float(rank)]), "probe")
+        res["probe"] = "no error"
+    except RuntimeError as e:
+        res["probe"] = str(e)
+    # A Balancer loop: sampler streams per rank, weights checked every round.
+    labels = torch.arange(48) % M
+    bal = Balancer(ddp, RnB(M, eval_proportions=P_EVAL, lam=2.0, update_every=1))
+    sampler = bal.make_sampler(labels, batch_size=B, seed=0)
+    it = iter(sampler)
+    feats = torch.randn(48, T, D, generator=torch.Generator().manual_seed(2))
+    drawn = []
+    for _ in range(3):
+        idx = [next(it) for _ in range(B)]
+        drawn += idx
+        with bal.step(labels[idx]):
+            _loss(ddp(feats[idx])).backward()
+        bal.after_step()
+    res["balancer_weights"] = [h["weights"] for h in bal.history]
+    res["drawn"] = drawn
+    torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _free_port() -> int:

@@ -83,6 +83,28 @@ def _round(model, tracker, batches, target, fn=None):
     }
 
 
+class Bypass(Net):
+    """The head's loss reads ``head.weight`` directly (a fused cross-entropy's pattern)."""
+
+    def forward(self, x, t):
+        z = self.body(x).flatten(0, 1) @ self.head.weight.T
+        return F.cross_entropy(z, t.flatten(), reduction="sum")
+
+
+def _one_block(model, tracker, batch) -> None:
+    x, t, ids = batch
+    with tracker.domains(ids):
+        model(x, t).backward()
+
+
+def _error(fn) -> str:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - the message is what the test reads
+        return f"{type(e).__name__}: {e}"
+    return "no error"
+
+
 def _grads(model) -> dict[str, torch.Tensor]:
     out = {}
     for n, p in model.named_parameters():
@@ -151,6 +173,11 @@ def _work(rank: int, out_dir: str) -> None:
     for x, t, _ in batches:
         plain(x, t).backward()
     res["fsdp-untracked-grads"] = _grads(plain)
+    # A fused loss that reads the head's weight directly (Liger's pattern) under FSDP2: the
+    # sharded weight never receives autograd's gradient, the model's forward still ran.
+    model = _fsdp(Bypass(), head_alone=False)
+    tr = DomainGradientTracker(model, M, modules="head")
+    res["fsdp-bypass"] = _error(lambda: _one_block(model, tr, batches[0]))
 
     # Vocabulary-parallel head: both ranks see the whole batch.
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -168,6 +195,13 @@ def _work(rank: int, out_dir: str) -> None:
             except RuntimeError as e:
                 r["domain_grads"] = str(e)
             res[f"tp-{mode}-{'bias' if bias else 'nobias'}"] = r
+    # A row-wise (input-dim) sharded head is refused with the layer's name.
+    from torch.distributed.tensor.parallel import RowwiseParallel
+
+    model = Net()
+    parallelize_module(model, mesh, {"head": RowwiseParallel(input_layouts=Replicate())})
+    tr = DomainGradientTracker(model, M, modules="head")
+    res["tp-rowwise"] = _error(lambda: _one_block(model, tr, BATCHES[0]))
     # torch.compile of the vocabulary-parallel model: the row-sharded head runs eagerly.
     model = Net()
     parallelize_module(model, mesh, {"head": ColwiseParallel(output_layouts=Replicate())})
@@ -248,6 +282,17 @@ def test_vocab_parallel_head_equals_the_unsharded_model(ranks, mode, bias):
         _check_stats(r[key], ref, key)
         for name, g in r[key]["grads"].items():
             assert_close(g, ref["grads"][name].double(), torch.float32, f"{key} {name}")
+
+
+def test_fsdp2_bypass_of_the_head_is_caught(ranks):
+    for r in ranks:
+        assert r["fsdp-bypass"].startswith("RuntimeError") and "head.forward" in r["fsdp-bypass"]
+
+
+def test_row_wise_sharded_head_is_refused_by_name(ranks):
+    for r in ranks:
+        msg = r["tp-rowwise"]
+        assert msg.startswith("NotImplementedError") and "head" in msg and "Shard(0)" in msg
 
 
 def test_vocab_parallel_head_under_torch_compile(ranks):

@@ -459,9 +459,11 @@ def test_untracked_forward_and_backward_outside_is_silent_and_valid_usage_unchan
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
-def test_on_untracked_is_validated():
+def test_on_untracked_and_dp_group_are_validated():
     with pytest.raises(ValueError, match="on_untracked"):
         DomainGradientTracker(LM(), M, on_untracked="maybe")
+    with pytest.raises(TypeError, match="dp_group"):
+        DomainGradientTracker(LM(), M, dp_group="dp")
 
 
 def test_liger_fused_linear_cross_entropy_is_caught():

@@ -16,7 +16,8 @@ compiled backward calls at run time; the forward's bookkeeping (which layers ran
 context) is skipped while compiling so that it neither breaks the graph nor adds guards on
 per-micro-batch Python state. The op is tagged ``cudagraph_unsafe``: with CUDA graphs
 (``mode="reduce-overhead"``) Inductor leaves the part of the backward around it uncaptured.
-Under compilation the end-of-block bypass check only has the weight-gradient evidence.
+Under compilation the end-of-block bypass check only has the weight-gradient evidence (the
+tracked weight's ``.grad`` changed in the block).
 
 Tensor parallelism
 ------------------
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -44,8 +46,9 @@ if TYPE_CHECKING:
 DOMAIN, TARGET = "domain", "target"
 
 # Slots by integer key: the custom op below can only take plain values, and the compiled
-# backward finds its slot through this table at run time.
-SLOTS: dict[int, Slot] = {}
+# backward finds its slot through this table at run time. Weak: a tracker dropped without
+# remove() (its module gone too) must not be kept alive, buffers and all, by this table.
+SLOTS: weakref.WeakValueDictionary[int, Slot] = weakref.WeakValueDictionary()
 _keys = itertools.count()
 
 
@@ -72,6 +75,7 @@ class Context:
         self.forwarded: set[int] = set()
         self.accumulated: set[int] = set()
         self.weight_grads: set[int] = set()
+        self.grads_before: list[tuple] = []
         self.model_ran = False
         self._rows: dict[tuple[int, torch.device], torch.Tensor] = {}
 

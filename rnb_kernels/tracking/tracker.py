@@ -172,6 +172,14 @@ class DomainGradientTracker:
             raise ValueError(f"on_untracked must be one of {_ON_UNTRACKED}, got {on_untracked!r}")
         if hasattr(dp_group, "get_group"):  # a 1-D DeviceMesh
             dp_group = dp_group.get_group()
+        if dp_group is not None and not (
+            torch.distributed.is_available()
+            and isinstance(dp_group, torch.distributed.ProcessGroup)
+        ):
+            raise TypeError(
+                "dp_group must be None, a ProcessGroup or a 1-D DeviceMesh, got "
+                f"{type(dp_group).__name__}"
+            )
         named = self._resolve_modules(model, modules)
         for name, mod in named:
             if is_tracked(mod):
@@ -202,14 +210,9 @@ class DomainGradientTracker:
         self._removed = False
         for slot in self._slots:
             slot.module.forward = make_forward(self, slot)
-        # Evidence for the bypass check (see the module docstring): the model's forward ran, and
-        # a tracked weight received a gradient (never fires for FSDP2's sharded parameters,
-        # whose gradient is reduce-scattered into place; the forward evidence covers those).
+        # Evidence for the bypass check (see the module docstring): the model's forward ran (a
+        # module hook), and a tracked weight's .grad changed during the block (_begin/_release).
         self._hooks = [model.register_forward_pre_hook(self._on_model_forward)]
-        for slot in self._slots:
-            w = slot.module.weight
-            if w.requires_grad:
-                self._hooks.append(w.register_hook(self._weight_grad_hook(slot.index)))
         logger.debug(
             "tracking %s in %s mode (m=%d, P=%d)",
             self.module_names,
@@ -284,14 +287,6 @@ class DomainGradientTracker:
         if ctx is not None and torch.is_grad_enabled():
             ctx.model_ran = True
 
-    def _weight_grad_hook(self, index: int):
-        def hook(grad):
-            ctx = self._active
-            if ctx is not None:
-                ctx.weight_grads.add(index)
-
-        return hook
-
     def _check_bypass(self, ctx: Context) -> None:
         """End of a block: no tracked layer may have been used without its statistics."""
         if self.on_untracked == "ignore" or ctx.bad or ctx.anchor_only:
@@ -356,6 +351,26 @@ class DomainGradientTracker:
             self._target_count.div_(dp)
         self._synced = False
         self._active = ctx
+        # Whether a backward reached a tracked weight in the block shows in its .grad: a new
+        # tensor or an in-place accumulation (version bump). This also covers FSDP2, which
+        # writes the reduce-scattered gradient into the sharded parameter's .grad, and needs
+        # no tensor hooks (whose Python state would outlive the block on the parameters).
+        ctx.grads_before = [
+            (slot.index, w, w.grad, None if w.grad is None else w.grad._version)
+            for slot in self._slots
+            for w in (slot.module.weight,)
+        ]
+
+    def _release(self) -> None:
+        """Close the active block: note which tracked weights got a gradient, clear it."""
+        ctx = self._active
+        if ctx is not None:
+            for index, w, g0, v0 in ctx.grads_before:
+                g = w.grad
+                if g is not g0 or (g is not None and g._version != v0):
+                    ctx.weight_grads.add(index)
+            ctx.grads_before = []
+        self._active = None
 
     def _end_micro_batch(self, ctx: Context) -> None:
         if ctx.bad:
@@ -412,7 +427,7 @@ class DomainGradientTracker:
         try:
             yield
         finally:
-            self._active = None
+            self._release()
         if ctx.seen and not ctx.bad:
             self._counts += counts.to(self._counts.device)
         self._end_micro_batch(ctx)
@@ -464,7 +479,7 @@ class DomainGradientTracker:
         try:
             yield
         finally:
-            self._active = None
+            self._release()
             for p, g in saved:
                 p.grad = g
         self._end_target(ctx, n)
@@ -501,7 +516,7 @@ class DomainGradientTracker:
                 out, [self._anchor], retain_graph=retain_graph, allow_unused=True
             )
         finally:
-            self._active = None
+            self._release()
         if not ctx.seen and not ctx.bad:
             raise ValueError(
                 "loss does not depend on any tracked module (a fused linear cross-entropy that "
