@@ -353,3 +353,33 @@ def test_rnb_formula_is_not_invariant_to_counts():
     right = rnb_formula(s.sums, s.counts, [0.4, 0.3, 0.2, 0.1], 2.0)
     wrong = rnb_formula(s.sums, np.ones(M), [0.4, 0.3, 0.2, 0.1], 2.0)
     assert np.abs(right - wrong).max() > 100 * W_ATOL
+
+
+# ------------------------------------------------------------------ tracker statistics: float64
+
+
+def test_tracker_gram_and_gram_vector_are_float64_accurate():
+    """tracker.gram() / gram_vector() of its fp32 accumulators: float64 products summed in
+    float64, per entry, on a layer wide enough (P = 131,584) that an fp32 Gram misses the bound
+    by orders of magnitude. Domains get gradients of very different sizes (a small domain's
+    entries are held to their own scale, not the large domain's)."""
+    from _tol import EPS, assert_dot_close, exact_products
+
+    from rnb_kernels import DomainGradientTracker
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 512))
+    tracker = DomainGradientTracker(model, num_domains=4)
+    x = torch.randn(24, 64)
+    ids = torch.arange(24) % 4
+    weight = torch.tensor([1e3, 1.0, 1e-3, 1.0])[ids]  # per-sample loss scale by domain
+    with tracker.domains(ids):
+        (model(x).square().sum(1) * weight).sum().backward()
+    a = tracker.domain_grads()
+    assert a.shape == (4, 256 * 512 + 512)
+    assert_dot_close(tracker.gram(), a, None, torch.float64, "tracker.gram")
+    c = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    ref, mag = exact_products(a)
+    bound = 8.0 * a.shape[1] ** 0.5 * EPS[torch.float64] * (mag @ c) * 4
+    assert bool(((tracker.gram_vector(c) - ref @ c).abs() <= bound).all())
+    tracker.remove()
