@@ -84,14 +84,6 @@ def _skip_reason(item) -> str | None:
     return None
 
 
-def pytest_configure(config):
-    config.addinivalue_line(
-        "markers",
-        "hardware: checks how the package behaves on the other kind of machine (with or "
-        "without a GPU), so it skips on one of them; strict mode accepts that skip",
-    )
-
-
 def pytest_collection_modifyitems(config, items):
     for item in items:
         reason = _skip_reason(item)
