@@ -83,7 +83,8 @@ def main() -> int:
         )
     body = "\n".join(lines)
     surv = "\n".join(
-        f"- `{mod}`: " + ", ".join(f"`{s}`" for s in sorted(v)) for mod, v in sorted(survivors.items())
+        f"- `{mod}`: " + ", ".join(f"`{s}`" for s in sorted(v))
+        for mod, v in sorted(survivors.items())
     )
     Path(args.out).write_text(
         "# Mutation testing of the core\n\n"
