@@ -39,3 +39,13 @@ def test_group_by_domain_known_answer(backend):
     assert order.tolist() == [1, 5, 2, 4, 0, 3, 6]
     assert bounds.tolist() == [0, 2, 4, 4, 7, 7]
     assert host_segments(bounds) == [(0, 2, 4), (2, 4, 7)]
+
+
+def test_host_runs_groups_contiguous_runs_or_declines():
+    from rnb_kernels.ops.grouping import host_runs
+
+    ids = torch.tensor([2, 2, 2, -1, -1, 0, 0, 2, 2])
+    assert host_runs(ids, min_mean_run=2) == [(0, [(5, 7)]), (2, [(0, 3), (7, 9)])]
+    assert host_runs(ids, min_mean_run=3) is None  # 4 runs over 9 rows: too fragmented
+    assert host_runs(torch.tensor([], dtype=torch.int64)) == []
+    assert host_runs(torch.full((64,), -1), min_mean_run=32) == []

@@ -168,7 +168,8 @@ def test_sketch_is_linear_and_deterministic(backend):
 
 def test_sketch_inner_product_is_unbiased_with_predicted_variance():
     """Over many seeds: mean error within 3 SE of 0, variance within 2x of the formula
-    ``(|g_a|²|g_b|² + <g_a, g_b>²) / k`` (reference sketch; the backends equal it above)."""
+    ``(|g_a|²|g_b|² + <g_a, g_b>²) / k`` of docs/design.md (reference sketch; the backends
+    equal it above)."""
     k_out, k_in, k, seeds = 12, 20, 64, 2000
     x = torch.randn(40, k_in, dtype=torch.float64)
     dy = torch.randn(40, k_out, dtype=torch.float64)
