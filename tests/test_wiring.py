@@ -264,9 +264,7 @@ def _dga_target_fn_run(d, eta, ema, rounds, normalize="max"):
     def expected(stats, model):
         g_t = head_grad(f64(model), spe)  # the target's gradient sum at the update's params
         n_t = len(spe)
-        a = np.where(
-            stats.counts > 0, stats.sums @ g_t / (np.maximum(stats.counts, 1) * n_t), 0.0
-        )
+        a = np.where(stats.counts > 0, stats.sums @ g_t / (np.maximum(stats.counts, 1) * n_t), 0.0)
         trajectory.append(formula.step(a))
         return trajectory[-1]
 
