@@ -205,3 +205,93 @@ def test_build_mixer_says_what_is_missing():
         build_mixer("dga-distribution", 3, bases=np.eye(2), step_size=1.0)
     with pytest.raises(TypeError, match=r"^context must be a MixingContext"):
         build_mixer("rnb", "three")
+
+
+# ------------------------------------------------------------------ DGADistribution
+
+
+def _dd(**kw):
+    bases = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5]], dtype=F64)
+    return DGADistribution(bases, step_size=1.0, **kw)
+
+
+def test_dga_distribution_update_errors_and_skips_say_why():
+    m = _dd()
+    with pytest.raises(ValueError, match=r"^level must be 'cluster' or 'basis', got 'fine'$"):
+        m.update(alignment=torch.ones(3), level="fine")
+    with pytest.raises(ValueError, match=r"^target_count is required when counts are given "
+                       r"\(basis sums\)$"):  # fmt: skip
+        m.update(alignment=torch.ones(2), counts=torch.ones(2), level="basis")
+    with pytest.raises(ValueError, match=r"\(cluster sums\)$"):
+        m.update(alignment=torch.ones(3), counts=torch.ones(3))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no target yet is routine: no warning
+        w = m.update(alignment=torch.ones(3), counts=torch.ones(3), target_count=0.0)
+    assert m.last_skip_reason == "no target gradient recorded (target_count = 0)"
+    assert torch.equal(w, m.weights) and m.skipped_updates == 1
+    with pytest.warns(RuntimeWarning, match="non-finite gradient alignment"):
+        m.update(alignment=torch.tensor([1.0, float("nan"), 0.0]))
+    assert m.last_skip_reason == "non-finite gradient alignment" and m.skipped_updates == 2
+
+
+def test_dga_distribution_cluster_alignments_project_onto_the_bases():
+    m = _dd(ema=1.0, normalize="none")
+    a = torch.tensor([0.5, -1.0, 2.0], dtype=F64)
+    w = m.update(alignment=a)
+    proj = torch.tensor([0.5, 0.5], dtype=F64)  # B · a
+    want = torch.softmax(torch.log(torch.full((2,), 0.5, dtype=F64)) + proj, 0)
+    torch.testing.assert_close(w, want, rtol=1e-15, atol=1e-15)
+    m2 = _dd(ema=1.0, normalize="none")
+    w2 = m2.update(alignment=torch.tensor([0.0, 1.0], dtype=F64), level="basis")
+    torch.testing.assert_close(w2, torch.softmax(torch.tensor([0.0, 1.0], dtype=F64), 0))
+
+
+def test_default_bases_checks_and_shapes():
+    b = DGADistribution.default_bases([2], coarse_of_fine=[0, 0, 1])  # one specific example
+    assert b.tolist() == [[0.0, 0.0, 1.0], [0.5, 0.5, 0.0], [0.0, 0.0, 1.0]]
+    bt = DGADistribution.default_bases(torch.tensor([0, 1]), torch.tensor([1, 1, 0]))
+    assert bt.tolist() == [[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]]
+    with pytest.raises(TypeError, match=r"^coarse_of_fine must hold integers"):
+        DGADistribution.default_bases([0], coarse_of_fine=[0.0, 1.0])
+    with pytest.raises(TypeError, match=r"^specific_labels must hold integers"):
+        DGADistribution.default_bases([0.5], coarse_of_fine=[0, 1])
+    with pytest.raises(ValueError, match=r"^specific_labels must be a non-empty 1-D array"):
+        DGADistribution.default_bases(np.array([], dtype=np.int64), coarse_of_fine=[0, 1])
+    with pytest.raises(ValueError, match=r"^coarse_of_fine must be a non-empty 1-D array"):
+        DGADistribution.default_bases([0], coarse_of_fine=[[0, 1]])
+    with pytest.raises(ValueError, match=r"^coarse_of_fine must have num_fine=3 entries, got 2$"):
+        DGADistribution.default_bases([0], coarse_of_fine=[0, 1], num_fine=3)
+    with pytest.raises(ValueError, match=r"^specific_labels must lie in \[0, 2\), found \[0, 2\]$"):
+        DGADistribution.default_bases([0, 2], coarse_of_fine=[0, 1])
+    with pytest.raises(ValueError, match=r"^specific_labels must lie in \[0, 2\), found \[-1, 0\]$"):
+        DGADistribution.default_bases([-1, 0], coarse_of_fine=[0, 1])
+
+
+def test_dga_distribution_from_context_takes_update_every_from_hparams_or_context():
+    bases = [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]]
+    ctx = MixingContext(num_domains=3, update_every=7)
+    assert build_mixer("dga-distribution", ctx, bases=bases).update_every == 7
+    m = build_mixer("dga-distribution", ctx, bases=bases, update_every=3, step_size=2.0)
+    assert m.update_every == 3 and m.step_size == 2.0
+
+
+def test_dga_distribution_constructor_defaults_and_checks():
+    m = DGADistribution([[1.0, 0.0], [0.0, 1.0]])
+    assert (m.step_size, m.ema, m.update_every, m.normalize) == (1.0, 0.1, 1, "max")
+    d = DGA(2)
+    assert (d.step_size, d.ema, d.update_every, d.normalize) == (1.0, 0.1, 1, "max")
+    one = DGADistribution([[0.25, 0.75]])  # a single basis is allowed
+    assert one.num_domains == 1 and one.sampling_weights.tolist() == [0.25, 0.75]
+    with pytest.raises(TypeError, match=r"^bases must be a tensor"):
+        DGADistribution("bases")
+    for bad in (torch.ones(3), torch.ones(0, 3), torch.ones(2, 0)):
+        with pytest.raises(ValueError, match=r"^bases must be a non-empty \[m, k\] matrix"):
+            DGADistribution(bad)
+    with pytest.raises(ValueError, match=r"^bases\[1\] must be non-negative"):
+        DGADistribution([[1.0, 0.0], [-1.0, 2.0]])
+    bad_state = DGADistribution([[1.0, 0.0], [0.0, 1.0]]).state_dict()
+    bad_state["bases"] = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
+    with pytest.raises(ValueError, match=r"^state\['bases'\]\[1\] must sum to a positive"):
+        DGADistribution([[1.0, 0.0], [0.0, 1.0]]).load_state_dict(bad_state)

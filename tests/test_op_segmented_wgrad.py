@@ -416,3 +416,12 @@ def test_torch_backend_run_and_gather_paths_agree_with_reference(layout):
     assert_close(acc, ref_acc, torch.float32, "acc")
     _, s = domain_sketch(x, dy, ids, m, sketch_dim=16, seed=3, backend="torch")
     assert_close(s, domain_sketch_ref(x, dy, ids, m, 16, seed=3)[1], torch.float32, "sketch")
+
+
+def test_bias_reference_is_float64_exact():
+    """bias_grads_ref sums in float64: fp32 inputs whose fp32 sum cancels to 0 sum to 1 here."""
+    dy = torch.tensor([[1e8, 0.0], [1.0, 2.0], [-1e8, 0.0], [5.0, 5.0]], dtype=torch.float32)
+    ids = torch.tensor([0, 0, 0, 1])
+    out = bias_grads_ref(dy, ids, 3)
+    assert out.dtype == torch.float64
+    assert out.tolist() == [[1.0, 2.0], [5.0, 5.0], [0.0, 0.0]]
