@@ -265,7 +265,9 @@ def test_default_bases_checks_and_shapes():
         DGADistribution.default_bases([0], coarse_of_fine=[0, 1], num_fine=3)
     with pytest.raises(ValueError, match=r"^specific_labels must lie in \[0, 2\), found \[0, 2\]$"):
         DGADistribution.default_bases([0, 2], coarse_of_fine=[0, 1])
-    with pytest.raises(ValueError, match=r"^specific_labels must lie in \[0, 2\), found \[-1, 0\]$"):
+    with pytest.raises(
+        ValueError, match=r"^specific_labels must lie in \[0, 2\), found \[-1, 0\]$"
+    ):
         DGADistribution.default_bases([-1, 0], coarse_of_fine=[0, 1])
 
 
@@ -295,3 +297,81 @@ def test_dga_distribution_constructor_defaults_and_checks():
     bad_state["bases"] = torch.tensor([[1.0, 0.0], [0.0, 0.0]], dtype=F64)
     with pytest.raises(ValueError, match=r"^state\['bases'\]\[1\] must sum to a positive"):
         DGADistribution([[1.0, 0.0], [0.0, 1.0]]).load_state_dict(bad_state)
+
+
+# ------------------------------------------------------------------ the paper's gradient source
+
+
+def _lin_setup():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    unused = torch.nn.Parameter(torch.ones(2))  # requires grad, reached by no loss
+    model.register_parameter("unused", unused)
+
+    def loss_fn(mod, batch):
+        x, y = batch
+        return ((mod(x) - y) ** 2).mean()
+
+    batches = [(torch.randn(5, 3), torch.randn(5, 2)) for _ in range(3)]
+    target = (torch.randn(4, 3), torch.randn(4, 2))
+    return model, loss_fn, batches, target
+
+
+def _manual_alignment(model, loss_fn, batches, target, params):
+    ps = [p for p in params]
+
+    def g(b):
+        gs = torch.autograd.grad(loss_fn(model, b), ps, allow_unused=True)
+        return torch.cat([(torch.zeros_like(p) if x is None else x).reshape(-1).double()
+                          for p, x in zip(ps, gs)])  # fmt: skip
+
+    t = g(target)
+    return torch.tensor([0.0 if b is None else float(g(b) @ t) for b in batches], dtype=F64)
+
+
+def test_domain_gradient_alignment_values_params_and_empty_domains():
+    from rnb_kernels.mixing import domain_gradient_alignment
+
+    model, loss_fn, batches, target = _lin_setup()
+    a = domain_gradient_alignment(model, loss_fn, batches, target)
+    assert a.dtype == F64 and a.shape == (3,)
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = _manual_alignment(model, loss_fn, batches, target, params)
+    torch.testing.assert_close(a, want, rtol=1e-6, atol=1e-9)
+    head = list(model[2].parameters())
+    a_head = domain_gradient_alignment(model, loss_fn, batches, target, params=head)
+    torch.testing.assert_close(a_head, _manual_alignment(model, loss_fn, batches, target, head),
+                               rtol=1e-6, atol=1e-9)  # fmt: skip
+    assert not torch.allclose(a_head, a)
+    with_gap = domain_gradient_alignment(model, loss_fn, [batches[0], None, batches[2]], target)
+    assert with_gap[1] == 0.0
+    torch.testing.assert_close(with_gap[[0, 2]], a[[0, 2]], rtol=1e-12, atol=0.0)
+    assert all(p.grad is None for p in model.parameters())  # no param.grad touched
+
+
+def test_domain_gradient_alignment_rejects_bad_arguments():
+    from rnb_kernels.mixing import domain_gradient_alignment as dga_align
+
+    model, loss_fn, batches, target = _lin_setup()
+    cases = [
+        (("m", loss_fn, batches, target), {}, TypeError, r"^model must be an nn.Module, got str$"),
+        ((model, "f", batches, target), {}, TypeError,
+         r"^loss_fn must be callable: loss_fn\(model, batch\) -> scalar$"),
+        ((model, loss_fn, "ab", target), {}, TypeError,
+         r"^domain_batches must be a sequence with one batch per domain$"),
+        ((model, loss_fn, iter(batches), target), {}, TypeError, r"^domain_batches must be"),
+        ((model, loss_fn, [], target), {}, ValueError, r"^domain_batches is empty$"),
+        ((model, loss_fn, batches, target), {"params": []}, ValueError,
+         r"^params: no parameter requires grad$"),
+        ((model, lambda m, b: m(b[0]), batches, target), {}, ValueError,
+         r"^loss_fn must return a scalar tensor$"),
+        ((model, lambda m, b: 1.0, batches, target), {}, ValueError,
+         r"^loss_fn must return a scalar tensor$"),
+    ]  # fmt: skip
+    for args, kw, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            dga_align(*args, **kw)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"^params: no parameter requires grad$"):
+        dga_align(model, loss_fn, batches, target)
