@@ -375,3 +375,38 @@ def test_domain_gradient_alignment_rejects_bad_arguments():
         p.requires_grad_(False)
     with pytest.raises(ValueError, match=r"^params: no parameter requires grad$"):
         dga_align(model, loss_fn, batches, target)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("step_size", 0.0, r"^state\['step_size'\] must be > 0.0, got 0.0$"),
+        ("step_size", -1.0, r"^state\['step_size'\] must be > 0.0, got -1.0$"),
+        ("ema", 0.0, r"^state\['ema'\] must be > 0.0, got 0.0$"),
+        ("ema", 1.5, r"^state\['ema'\] must be <= 1.0, got 1.5$"),
+        ("normalize", "sum", r"^state\['normalize'\] must be one of \('max', 'none'\), got 'sum'$"),
+        ("scale", -1.0, r"^state\['scale'\] must be >= 0.0, got -1.0$"),
+    ],
+)
+def test_dga_load_state_validates_each_field(field, value, message):
+    saved = DGA(3, step_size=2.0, ema=0.5)
+    saved.update(alignment=torch.tensor([1.0, 0.0, -1.0]))
+    state = saved.state_dict()
+    state[field] = value
+    target = DGA(3, step_size=1.0, ema=1.0, normalize="none")
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=message):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert torch.equal(after.pop("weights"), before.pop("weights")) and after == before
+
+
+def test_dga_load_state_restores_normalisation_and_scale():
+    saved = DGA(3, step_size=2.0, ema=0.5)
+    saved.update(alignment=torch.tensor([4.0, 0.0, -1.0]))
+    assert saved.scale == 4.0
+    other = DGA(3, normalize="none")
+    other.load_state_dict(saved.state_dict())
+    assert (other.normalize, other.scale) == ("max", 4.0)
+    a = torch.tensor([1.0, 2.0, 0.5])
+    assert torch.equal(other.update(alignment=a), saved.update(alignment=a))

@@ -103,3 +103,16 @@ def test_kernel_constants_are_the_hash_multipliers():
     kc = H.kernel_constants()
     assert kc == {"ROW_MUL": H.ROW_MUL, "COL_MUL": H.COL_MUL, "FMIX1": H.FMIX_MUL1,
                   "FMIX2": H.FMIX_MUL2}  # fmt: skip
+
+
+def test_bias_hash_defaults_and_dtype():
+    """Default seed/layer are 0 (as sketch_hash's) and the sign dtype is the one asked for."""
+    b, s = H.bias_hash(4, 3, 64)
+    wide_b, wide_s = H.sketch_hash(4, 4, 64, seed=0, layer=0)
+    assert torch.equal(b, wide_b[:, 3]) and s.tolist() == wide_s[:, 3].tolist()
+    assert s.dtype == torch.float32 and b.dtype == torch.int64
+    b64, s64 = H.bias_hash(4, 3, 64, seed=7, layer=1, dtype=torch.float64)
+    assert s64.dtype == torch.float64 and s64.tolist() == [float(v) for v in PINNED_BIAS[1]]
+    wb, ws = H.sketch_hash(2, 2, 16)
+    assert torch.equal(wb, H.sketch_hash(2, 2, 16, seed=0, layer=0)[0])
+    assert ws.dtype == torch.float64
