@@ -297,3 +297,18 @@ def test_gram_float64_inputs_only_on_torch(backend):
     else:
         with pytest.raises(TypeError, match="float64 inputs are supported by backend='torch'"):
             gram(a.to(device_of(backend)), backend=backend)
+
+
+def test_gram_reference_dtypes_and_empty_rows():
+    """gram_ref stores float64 (a value fp32 cannot hold survives) and handles zero rows."""
+    a = torch.tensor([[1.0, 1e-9]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    for out in (gram_ref(a, b), gram_ref(a, b[0]), gram_ref(torch.cat([a, b]))):
+        assert out.dtype == torch.float64
+    assert gram_ref(a, b).tolist() == [[1.0 + 1e-9]]
+    assert gram_ref(a, b[0]).tolist() == [1.0 + 1e-9]
+    assert gram_ref(torch.cat([a, b])).tolist() == [[1.0 + 1e-18, 1.0 + 1e-9],
+                                                    [1.0 + 1e-9, 2.0]]  # fmt: skip
+    empty = gram_ref(torch.zeros(0, 5), torch.ones(5))
+    assert empty.shape == (0,) and empty.dtype == torch.float64
+    assert gram_ref(torch.zeros(0, 5), torch.ones(2, 5)).shape == (0, 2)
