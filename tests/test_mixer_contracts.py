@@ -410,3 +410,14 @@ def test_dga_load_state_restores_normalisation_and_scale():
     assert (other.normalize, other.scale) == ("max", 4.0)
     a = torch.tensor([1.0, 2.0, 0.5])
     assert torch.equal(other.update(alignment=a), saved.update(alignment=a))
+
+
+def test_odm_two_domains_moves_and_one_domain_stays_put():
+    """EXP3's exploration rate is min(1/K, sqrt(ln K / (K t))): with K = 2 it is below 1/2 from
+    the second round on, so the policy leaves uniform; with K = 1 the weight stays 1."""
+    two = ODM(2, smoothing=0.0)
+    for _ in range(4):
+        w = two.update(losses=[3.0, 1.0], counts=[1, 1])
+    assert float(w[0]) > 0.55, w
+    one = ODM(1)
+    assert one.update(losses=[2.0], counts=[3]).tolist() == [1.0]
