@@ -62,5 +62,5 @@ MODULES ?= rnb_kernels.mixing.rnb.* rnb_kernels.mixing.dga.* rnb_kernels.mixing.
 mutation: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
 	rm -rf mutants
-	$(PY) -m mutmut run --max-children 2 $(MODULES) || true
+	$(PY) -m mutmut run --max-children 2 $(foreach m,$(MODULES),'$(m)') || true
 	$(PY) benchmarks/mutation_report.py --out benchmarks/results/mutation.md
