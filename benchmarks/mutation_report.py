@@ -128,6 +128,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation.md"))
     ap.add_argument("--results", help="read mutmut results from this file instead of running")
+    ap.add_argument("--note", default="", help="a paragraph on how this run was made")
     args = ap.parse_args()
     if args.results:
         text = Path(args.results).read_text()
@@ -163,13 +164,14 @@ def main() -> int:
         return "-" if tested == 0 else f"{100.0 * killed / tested:.1f}%"
 
     lines = [
-        "| module | mutants | killed | timeout | survived | no tests | equivalent | score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| module | mutants | not checked | killed | timeout | survived | no tests | equivalent "
+        "| score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mod, c in rows:
         n = sum(c.values())
         lines.append(
-            f"| {mod} | {n} | {c['killed']} | {c['timeout']} | {c['survived']} | "
+            f"| {mod} | {n} | {c['not checked']} | {c['killed']} | {c['timeout']} | {c['survived']} | "
             f"{c['no tests']} | {c['equivalent']} | {score(c)} |"
         )
     body = "\n".join(lines)
@@ -181,8 +183,10 @@ def main() -> int:
         "# Mutation testing of the core\n\n"
         "Produced by `make mutation` (mutmut 3.8.1, config in `pyproject.toml` "
         "`[tool.mutmut]`; report by `benchmarks/mutation_report.py`). Score = (killed + "
-        "timeout) / (mutants tested), equivalent mutants excluded.\n\n"
-        f"{body}\n\n## Surviving mutants\n\n{surv or 'none'}\n"
+        "timeout) / (mutants tested), equivalent mutants excluded; `not checked` mutants were "
+        "not run and are left out of the score.\n\n"
+        + (args.note + "\n\n" if args.note else "")
+        + f"{body}\n\n## Surviving mutants\n\n{surv or 'none'}\n"
     )
     print(body)
     return 0
