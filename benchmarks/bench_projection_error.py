@@ -20,7 +20,7 @@ median time of the projected op against ``dy.t().mm(x)`` alone, interleaved.
 
 Usage::
 
-    python benchmarks/bench_projection_error.py            # ~3-4 minutes on 2 CPU cores
+    python benchmarks/bench_projection_error.py            # ~4 minutes on 2 idle CPU cores
     python benchmarks/bench_projection_error.py --quick    # smoke run, nothing written
 
 Writes ``benchmarks/results/projection_error_cpu.csv`` (one row per round, mode, size, seed)
@@ -223,12 +223,12 @@ def main(argv=None) -> None:
     ap.add_argument("--domains", type=int, default=32)
     ap.add_argument("--proj-dims", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--rounds", type=int, default=4)
-    ap.add_argument("--micro-batches", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--micro-batches", type=int, default=3)
     ap.add_argument("--per-domain", type=int, default=2, help="samples per domain per micro-batch")
-    ap.add_argument("--train-steps", type=int, default=300)
-    ap.add_argument("--steps-between", type=int, default=25)
-    ap.add_argument("--timing-reps", type=int, default=41)
+    ap.add_argument("--train-steps", type=int, default=200)
+    ap.add_argument("--steps-between", type=int, default=20)
+    ap.add_argument("--timing-reps", type=int, default=31)
     ap.add_argument("--quick", action="store_true", help="tiny smoke run; writes nothing")
     args = ap.parse_args(argv)
     if args.quick:
