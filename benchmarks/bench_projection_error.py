@@ -202,6 +202,8 @@ def time_ops(reps: int, threads: int) -> dict[str, float]:
         "domain_sketch sketch_dim=128*256": lambda: rnb.ops.domain_sketch(
             x, dy, ids, m, sk, backend="torch", check_ids=False
         ),
+        # No work to speak of: what one OpenMP parallel region costs on this machine now.
+        "probe: torch.zeros(1024, 256)": lambda: torch.zeros(n, k_in),
     }
     for fn in ops.values():  # warm-up (hash tables, allocator)
         fn()
@@ -355,6 +357,21 @@ def format_summary(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def reading(summary: list[dict], target: float = 0.01) -> str:
+    """One sentence per mode: the smallest size whose worst R&B error meets ``target``."""
+    out = []
+    for mode in ("projected", "sketch"):
+        ok = [
+            it["proj_dim"]
+            for it in summary
+            if it["mode"] == mode and it["rnb_max_abs"][1] <= target
+        ]
+        at = "proj_dim " + ", ".join(map(str, ok)) if ok else "none of the proj_dim tried"
+        out.append(f"{mode}: R&B weights within {target} (max abs, worst seed and round) of exact "
+                   f"at {at}.")  # fmt: skip
+    return " ".join(out)
+
+
 def write_md(summary, timing, env, setup, elapsed) -> None:
     lines = [
         "# Projected vs sketch vs exact statistics on real gradients (CPU)",
@@ -372,10 +389,15 @@ def write_md(summary, timing, env, setup, elapsed) -> None:
         "",
         format_summary(summary),
         "",
+        reading(summary),
+        "",
         "## Op time at the CPU GPT config",
         "",
         "`N=1024, K_in=256, K_out=8192, m=16` (every domain present), fp32, torch backend; the ops"
-        " run round-robin, median of the repetitions. Each op includes its `dW = dyᵀ x`.",
+        " run round-robin, median of the repetitions. Each op includes its `dW = dyᵀ x`. The"
+        " probe row is a 1 MiB `torch.zeros`: with 2 threads on a loaded shared machine every"
+        " OpenMP parallel region waits for a scheduler slice, so ops made of several small"
+        " parallel kernels pay that wait several times; the 1-thread column measures the work.",
         "",
         "| op | "
         + " | ".join(f"{t} thread(s): median ms (vs `dy.t().mm(x)`)" for t in timing)
