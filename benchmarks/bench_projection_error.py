@@ -358,7 +358,7 @@ def format_summary(summary: list[dict]) -> str:
 
 
 def reading(summary: list[dict], target: float = 0.01) -> str:
-    """One sentence per mode: the smallest size whose worst R&B error meets ``target``."""
+    """One sentence per mode: the sizes whose worst R&B error meets ``target``."""
     out = []
     for mode in ("projected", "sketch"):
         ok = [
