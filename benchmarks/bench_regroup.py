@@ -16,21 +16,19 @@ What is measured (wall-clock, one run each, ``time.perf_counter``):
                    the first 50k of them, so at 100k the streamed ARI is lower by design:
                    it shows the cost of an unrepresentative fit sample.
 
-Run:
+Run (with the package installed or importable):
     python benchmarks/bench_regroup.py                 # full: ~10 min on 2 cores
     python benchmarks/bench_regroup.py --quick         # smoke test: ~1 min
-Writes benchmarks/results/regroup_cpu.{csv,json} (or ``--tag``).
+Writes ``regroup_cpu.{csv,json}`` (or ``--tag``) into the results directory (``--out``, else
+``benchmarks/results`` of the checkout, else ``./benchmark_results``), replacing the previous
+run; every CSV row carries the environment columns of ``rnb_kernels.experiments.harness``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime as dt
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,11 +38,10 @@ from typing import Any
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from rnb_kernels.datasets import load_natural_instructions  # noqa: E402
-from rnb_kernels.regroup import (  # noqa: E402
+from rnb_kernels._deps import has_module
+from rnb_kernels.datasets import load_natural_instructions
+from rnb_kernels.experiments.harness import environment, results_dir, write_csv
+from rnb_kernels.regroup import (
     TfidfEmbedder,
     agreement,
     embed_to_memmap,
@@ -54,50 +51,24 @@ from rnb_kernels.regroup import (  # noqa: E402
     kmeans_stream,
     silhouette_scores,
 )
-from rnb_kernels.regroup._deps import has_module  # noqa: E402
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def git_sha() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
-def environment() -> dict[str, Any]:
+def package_versions() -> dict[str, str]:
+    """Versions of the packages regrouping speed depends on (beyond the harness columns)."""
     versions = {}
-    for pkg in ("numpy", "scikit-learn", "scipy", "torch", "sentence-transformers", "faiss-cpu"):
+    for pkg in ("numpy", "scikit-learn", "scipy", "sentence-transformers", "faiss-cpu"):
         try:
             versions[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
+    return versions
+
+
+def usable_cpus() -> int:
     try:
-        threads = len(os.sched_getaffinity(0))
+        return len(os.sched_getaffinity(0))
     except AttributeError:
-        threads = os.cpu_count()
-    return {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "usable_cpus": threads,
-        "load_avg_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "python": platform.python_version(),
-        "versions": versions,
-        "git_sha": git_sha(),
-        "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+        return os.cpu_count() or 1
 
 
 def timed(fn: Any) -> tuple[Any, float]:
@@ -113,13 +84,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="sizes 2000, minilm 200")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--out", type=Path, default=None, help="results directory")
     ap.add_argument("--tag", default="regroup_cpu")
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.minilm_n = [2000], 200
 
-    env = environment()
+    env = environment("cpu")
+    extra = {"usable_cpus": usable_cpus(), "versions": package_versions()}
+    out = results_dir(args.out)
     # Import the lazily-loaded dependencies up front so no timing includes import cost.
     import sklearn.cluster  # noqa: F401
     import sklearn.decomposition  # noqa: F401
@@ -127,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     import sklearn.metrics  # noqa: F401
 
     print(
-        f"# {env['cpu']} ({env['cores']} cores, load {env['load_avg_at_start']}), sha {env['git_sha']}"
+        f"# {env['hardware']} ({extra['usable_cpus']} usable CPUs, load {env['load_avg_1min']}), "
+        f"git {env['git_sha']}"
     )
     ni, t_load = timed(lambda: load_natural_instructions(download=True))
     print(f"loaded NI v1: {len(ni)} texts, {ni.num_domains} subtasks in {t_load:.1f}s")
@@ -198,18 +172,13 @@ def main(argv: list[str] | None = None) -> int:
         res = kmeans(x, min(args.k, n // 4), seed=args.seed)
         rows[-1]["ari"] = agreement(res.labels, ni.labels[idx])["ari"]
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": env, "corpus": {"name": "natural-instructions-v1",
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": {**env, **extra}, "corpus": {"name": "natural-instructions-v1",
                "texts": len(ni), "domains": ni.num_domains, "load_s": t_load}, "rows": rows}  # fmt: skip
-    (args.out / f"{args.tag}.json").write_text(json.dumps(payload, indent=2))
+    (out / f"{args.tag}.json").write_text(json.dumps(payload, indent=2))
     flat = ["stage", "n", "method", "seconds", "texts_per_s", "ari", "note"]
-    with (args.out / f"{args.tag}.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=[*flat, "cpu", "cores", "git_sha", "timestamp"])
-        w.writeheader()
-        for r in rows:
-            w.writerow({**{c: r.get(c) for c in flat},
-                        **{c: env[c] for c in ("cpu", "cores", "git_sha", "timestamp")}})  # fmt: skip
-    print(f"wrote {args.out / (args.tag + '.csv')} and .json")
+    write_csv(out / f"{args.tag}.csv", [{**{c: r.get(c) for c in flat}, **env} for r in rows])
+    print(f"wrote {out / (args.tag + '.csv')} and .json")
     return 0
 
 

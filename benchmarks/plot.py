@@ -3,12 +3,14 @@
 One figure per CSV (``benchmarks/results/kernels_gpu.csv`` -> ``kernels_gpu.png``), one panel
 per op (exact, sketch, gram), one group of bars per benchmarked shape, one bar per provider;
 the floor is 1 (``dy.T @ x`` for exact/sketch, the copy-bandwidth read of ``A`` for gram) and
-a black tick marks the DESIGN.md section 5 bound for that shape. Only the latest run in each
-CSV (by timestamp and hardware) is drawn.
+a black tick marks the performance target for that shape (see ``bench_kernels.py``). Only the
+latest run in each CSV (by timestamp and hardware) is drawn. Reads rows written before the
+shared harness too (their ``hardware`` carries the thread count; newer rows have a
+``threads`` column).
 
 Usage::
 
-    python benchmarks/plot.py                      # every benchmarks/results/kernels_*.csv
+    python benchmarks/plot.py                      # every kernels_*.csv in the results directory
     python benchmarks/plot.py path/to/kernels_gpu.csv --out fig.png
 """
 
@@ -18,18 +20,11 @@ import argparse
 import csv
 from pathlib import Path
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+from rnb_kernels.experiments.harness import results_dir
+from rnb_kernels.experiments.plots import pyplot
+
 PROVIDER_ORDER = ["triton", "cuda", "torch", "cublas", "loop"]
 OPS = ["exact", "sketch", "gram"]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: CI machines and GPU nodes have no display
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def latest_run(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -52,7 +47,7 @@ def plot_csv(path: Path, out: Path) -> Path:
         rows = latest_run(list(csv.DictReader(f)))
     if not rows:
         raise SystemExit(f"{path}: no rows")
-    plt = _pyplot()
+    plt = pyplot()
     ops = [op for op in OPS if any(r["op"] == op for r in rows)]
     n_shapes = max(len({shape_label(r) for r in rows if r["op"] == op}) for op in ops)
     fig, axes = plt.subplots(
@@ -81,11 +76,12 @@ def plot_csv(path: Path, out: Path) -> Path:
         ax.set_xticklabels(shapes, rotation=60, ha="right", fontsize=7)
         floor = "copy-bandwidth read of A" if op == "gram" else "dy.T @ x"
         ax.set_ylabel(f"time / ({floor})")
-        ax.set_title(f"{op}  (black tick: DESIGN.md §5 target)", fontsize=9)
+        ax.set_title(f"{op}  (black tick: performance target)", fontsize=9)
         ax.legend(fontsize=7, ncol=len(provs))
     first = rows[0]
+    threads = f" ({first['threads']} threads)" if first.get("threads") else ""
     fig.suptitle(
-        f"{first['hardware']} | torch {first['torch']} triton {first['triton']} "
+        f"{first['hardware']}{threads} | torch {first['torch']} triton {first['triton']} "
         f"cuda {first['cuda'] or '-'} | {first['git_sha']} | {first['timestamp']}",
         fontsize=8,
     )
@@ -100,10 +96,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="ratio-to-floor bar charts of kernels_*.csv")
     ap.add_argument("csvs", nargs="*", type=Path)
     ap.add_argument("--out", type=Path, help="output .png (only with a single CSV)")
+    ap.add_argument("--results", type=Path, help="results directory (default benchmarks/results)")
     args = ap.parse_args(argv)
-    paths = args.csvs or sorted(RESULTS_DIR.glob("kernels_*.csv"))
+    folder = results_dir(args.results)
+    paths = args.csvs or sorted(folder.glob("kernels_*.csv"))
     if not paths:
-        raise SystemExit(f"no kernels_*.csv under {RESULTS_DIR}")
+        raise SystemExit(f"no kernels_*.csv under {folder}")
     if args.out and len(paths) > 1:
         raise SystemExit("--out needs exactly one CSV")
     for p in paths:

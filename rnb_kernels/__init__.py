@@ -17,6 +17,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "DomainGradientTracker": "rnb_kernels.tracking",
+    "validate_domain_ids": "rnb_kernels.tracking",
+    "Mixer": "rnb_kernels.mixing",
+    "MixingContext": "rnb_kernels.mixing",
+    "register_mixer": "rnb_kernels.mixing",
+    "build_mixer": "rnb_kernels.mixing",
+    "mixer_names": "rnb_kernels.mixing",
+    "register_statistic": "rnb_kernels.balancer",
     "RnB": "rnb_kernels.mixing",
     "DGA": "rnb_kernels.mixing",
     "DGADistribution": "rnb_kernels.mixing",
@@ -41,6 +48,8 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _LAZY:
+        # For "regroup" the import below binds the subpackage here; the function replaces it,
+        # and the subpackage is callable anyway (see rnb_kernels.regroup).
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

@@ -80,9 +80,3 @@ def backends() -> dict[str, BackendStatus]:
         True
     """
     return {name: backend_status(name) for name in BACKENDS}
-
-
-def require_backend(name: str) -> None:
-    status = backend_status(name)
-    if not status.available:
-        raise BackendUnavailableError(f"backend {name!r} cannot run here: {status.reason}")

@@ -36,7 +36,14 @@ from .tracking import DomainGradientTracker, validate_domain_ids
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Balancer", "Statistic", "register_statistic", "statistic_names"]
+__all__ = [
+    "Balancer",
+    "Statistic",
+    "needs_tracker",
+    "register_statistic",
+    "statistic_names",
+    "unregister_statistic",
+]
 
 
 @dataclass(frozen=True)
@@ -84,11 +91,28 @@ def statistic_names() -> tuple[str, ...]:
     return tuple(_STATISTICS)
 
 
+def unregister_statistic(name: str) -> None:
+    """Remove a registered statistic (tests that register toy statistics clean up with this)."""
+    _STATISTICS.pop(name, None)
+
+
+def needs_tracker(mixer: Mixer | type[Mixer]) -> bool:
+    """Whether a mixer (or mixer class) requires a statistic that reads per-domain gradients,
+    i.e. whether a :class:`Balancer` for it builds a :class:`DomainGradientTracker`."""
+    return any(_STATISTICS[r].needs_tracker for r in mixer.requires if r in _STATISTICS)
+
+
 # Built-in statistics. Gradient ones read the tracker; with ``alignment_fn`` (paper-style DGA)
 # the alignment comes from that function as means, so counts / target_count are left out.
 @register_statistic("gram", needs_tracker=True)
 def _gram(b: Balancer) -> Any:
     return b.tracker.gram().cpu()
+
+
+@register_statistic("gram_vec", needs_tracker=True)
+def _gram_vec(b: Balancer) -> Any:
+    # G c for the mixer's own coefficients (R&B: p_eval / counts), without forming G.
+    return b.tracker.gram_vector(b.mixer.gram_coefficients(b.tracker.counts().cpu())).cpu()
 
 
 @register_statistic("alignment", needs_tracker=True)
@@ -214,9 +238,7 @@ class Balancer:
                 f"registered: {list(_STATISTICS)} (see register_statistic)"
             )
         self.num_domains = mixer.stat_domains
-        needs_grads = alignment_fn is None and any(
-            _STATISTICS[r].needs_tracker for r in mixer.requires
-        )
+        needs_grads = alignment_fn is None and needs_tracker(mixer)
         if isinstance(tracker, DomainGradientTracker):
             if tracker.num_domains != self.num_domains:
                 raise ValueError(
@@ -279,7 +301,7 @@ class Balancer:
             yield _Step(self, validate_domain_ids(domain_ids, self.num_domains))
             return
         ids = self.tracker.validate_ids(domain_ids)
-        with self.tracker.domains(ids, grad_scale=grad_scale):
+        with self.tracker.domains(ids, grad_scale=grad_scale, validated=True):
             yield _Step(self, ids)
 
     def record_loss(self, loss: torch.Tensor, domain_ids: Any) -> None:
@@ -390,12 +412,9 @@ class Balancer:
         return weights
 
     def _log(self, record: dict[str, Any]) -> None:
-        logger.info(
-            "round %d (step %d): weights %s",
-            record["round"],
-            record["step"],
-            [round(w, 4) for w in record["weights"]],
-        )
+        logger.info("%s", round_summary(record))
+        # The full vector goes to DEBUG and the log files, not the console.
+        logger.debug("round %d weights %s", record["round"], record["weights"])
         if self.log_dir is None or rdist.rank() != 0:
             return
         path = os.path.join(self.log_dir, "mixture.csv")
@@ -460,6 +479,26 @@ class Balancer:
             self._tb = None
         if self.tracker is not None:
             self.tracker.remove()
+
+
+def round_summary(record: dict[str, Any], top: int = 3) -> str:
+    """One readable line per round: entropy as an effective number of domains, the heaviest
+    domains and the update time (the full weights are in the logs).
+
+    Example:
+        >>> round_summary({"round": 2, "step": 20, "weights": [0.5, 0.25, 0.25],
+        ...                "update_time_s": 0.0012})
+        'round 2 (step 20): eff. domains 2.83/3, top d0=0.500 d1=0.250 d2=0.250, update 1.2 ms'
+    """
+    w = torch.tensor(record["weights"], dtype=torch.float64)
+    p = w[w > 0]
+    eff = float(torch.exp(-(p * p.log()).sum()))
+    order = torch.argsort(w, descending=True, stable=True)[:top].tolist()
+    heads = " ".join(f"d{i}={float(w[i]):.3f}" for i in order)
+    return (
+        f"round {record['round']} (step {record['step']}): eff. domains {eff:.2f}/{w.numel()}, "
+        f"top {heads}, update {1e3 * record['update_time_s']:.1f} ms"
+    )
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -7,11 +7,13 @@ import importlib
 import sys
 
 # Subcommands live next to their feature; each module provides add_parser(sub) and run(args).
+# The command line sits on top of every layer: it names the experiments' modules here and
+# imports them only when it builds its parser; no library module imports them.
 _SUBCOMMANDS = {
     "backends": "rnb_kernels.cli",
     "regroup": "rnb_kernels.regroup.cli",
-    "demo": "rnb_kernels.demo",
-    "bench": "rnb_kernels.bench.cli",
+    "demo": "rnb_kernels.experiments.demo",
+    "bench": "rnb_kernels.experiments.bench.cli",
 }
 
 

@@ -82,16 +82,3 @@ def check_consistent(values: torch.Tensor, name: str) -> None:
             f"{name} differ across ranks (max spread {diff:.3e}) on rank {rank()}; every rank "
             "must feed identical statistics to the mixer"
         )
-
-
-def broadcast_(t: torch.Tensor, src: int = 0) -> None:
-    """Overwrite ``t`` on every rank with rank ``src``'s value, in place. No-op on one process."""
-    if not is_initialized() or world_size() == 1:
-        return
-    dev = _comm_device(t)
-    if t.device == dev and t.is_contiguous():
-        torch.distributed.broadcast(t, src)
-    else:
-        staged = t.to(dev).contiguous()
-        torch.distributed.broadcast(staged, src)
-        t.copy_(staged)

@@ -1,4 +1,5 @@
-"""`rnb bench overhead` at a tiny size: every variant runs and reports a ratio."""
+"""`rnb bench overhead` at a tiny size, and the benchmark harness (CSV, results location,
+interleaved timing, statistics)."""
 
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ def test_overhead_tiny_reports_ratios(tmp_path, capsys):
     for name in expected:
         r = float(rows[name]["ratio"])
         assert math.isfinite(r) and r > 0, name
-        assert rows[name]["machine"] and rows[name]["torch"] and rows[name]["git_sha"]
+        lo, hi = float(rows[name]["ratio_ci_low"]), float(rows[name]["ratio_ci_high"])
+        assert lo <= r <= hi, name
+        assert float(rows[name]["ms_q25"]) <= float(rows[name]["ms_per_step"])
+        assert float(rows[name]["ms_per_step"]) <= float(rows[name]["ms_q75"])
+        assert rows[name]["hardware"] and rows[name]["torch"] and rows[name]["git_sha"]
+        assert rows[name]["git_dirty"] in ("True", "False", "")
 
 
 def test_overhead_csv_appends_with_header_once(tmp_path):
-    from rnb_kernels.bench.env import append_csv
+    from rnb_kernels.experiments.harness import append_csv
 
     p = tmp_path / "x.csv"
     append_csv(p, [{"a": 1, "b": 2}])
@@ -52,3 +58,90 @@ def test_gpu_presets_refuse_cleanly_without_cuda(capsys):
     assert main(["bench", "overhead", "--preset", "gpu", "--no-save"]) == 2
     assert main(["bench", "mixing", "--preset", "gpu"]) == 2
     assert "needs a CUDA device" in capsys.readouterr().out
+
+
+def test_results_dir_order(tmp_path, monkeypatch):
+    from rnb_kernels.experiments import harness
+
+    monkeypatch.delenv("RNB_RESULTS_DIR", raising=False)
+    assert harness.results_dir(tmp_path / "x") == tmp_path / "x"
+    # From this source checkout: its benchmarks/results.
+    assert harness.results_dir() == harness._CHECKOUT / "benchmarks" / "results"
+    monkeypatch.setenv("RNB_RESULTS_DIR", str(tmp_path / "env"))
+    assert harness.results_dir() == tmp_path / "env"
+    monkeypatch.delenv("RNB_RESULTS_DIR")
+    # An installed package has no checkout beside it: the working directory.
+    monkeypatch.setattr(harness, "_CHECKOUT", tmp_path / "site-packages")
+    monkeypatch.chdir(tmp_path)
+    assert harness.results_dir() == tmp_path / "benchmark_results"
+    assert harness.results_csv("kernels", "cpu").name == "kernels_cpu.csv"
+
+
+def test_environment_columns():
+    from rnb_kernels.experiments.harness import environment
+
+    env = environment("cpu")
+    assert list(env) == ["timestamp", "device", "hardware", "threads", "torch", "triton",
+                         "cuda", "python", "git_sha", "git_dirty", "load_avg_1min"]  # fmt: skip
+    assert env["device"] == "cpu" and env["hardware"] and env["threads"] >= 1
+
+
+def test_time_interleaved_runs_round_robin():
+    from rnb_kernels.experiments.harness import time_interleaved
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(fns, repeats=3, warmup=1)
+    assert "".join(calls) == "abc" * 4
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    with pytest.raises(ValueError, match="repeats"):
+        time_interleaved(fns, repeats=0)
+
+
+def test_summarize_and_paired_ratio_ci():
+    import numpy as np
+
+    from rnb_kernels.experiments.harness import ratio_ci, summarize
+
+    x = np.arange(1.0, 102.0)  # median 51, quartiles 26 and 76
+    s = summarize(x)
+    assert (s.median, s.q25, s.q75, s.n) == (51.0, 26.0, 76.0, 101)
+    assert s.ci_low < 51.0 < s.ci_high and s.ci_high - s.ci_low < 30
+    # b is a with a drifting load common to both: pairing by round keeps the ratio exact.
+    drift = np.linspace(1.0, 3.0, 40)
+    a, b = 1.5 * drift, drift
+    ratio, lo, hi = ratio_ci(a, b)
+    assert ratio == pytest.approx(1.5) and lo <= 1.5 <= hi
+    assert summarize([2.0]) == summarize([2.0])  # deterministic (seeded bootstrap)
+    with pytest.raises(ValueError, match="paired"):
+        ratio_ci([1.0, 2.0], [1.0])
+
+
+def _script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_script_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # imports rnb_kernels like any user script: no sys.path edits
+    return mod
+
+
+def test_plot_reads_committed_and_new_kernel_rows(tmp_path):
+    """benchmarks/plot.py draws the committed CSV (columns of the old harness) and rows with
+    the harness's current columns."""
+    pytest.importorskip("matplotlib")
+    from pathlib import Path
+
+    from rnb_kernels.experiments.harness import append_csv, environment
+
+    plot = _script("plot")
+    committed = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "kernels_cpu.csv"
+    assert plot.main([str(committed), "--out", str(tmp_path / "old.png")]) == 0
+    assert (tmp_path / "old.png").stat().st_size > 0
+    row = {"op": "gram", "layer": "l", "tokens": "", "m": 4, "dtype": "fp32", "provider": "torch",
+           "ratio_to_floor": 2.0, "target_ratio": 1.25}  # fmt: skip
+    csv_path = append_csv(tmp_path / "kernels_cpu.csv", [{**environment("cpu"), **row}])
+    assert plot.main(["--results", str(tmp_path)]) == 0
+    assert csv_path.with_suffix(".png").stat().st_size > 0

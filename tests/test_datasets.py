@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import gzip
 import io
 import json
@@ -29,6 +30,8 @@ from rnb_kernels.datasets import (
 from rnb_kernels.datasets.fortunes import fortunes_dir
 from rnb_kernels.datasets.natural_instructions import _NI_PREFIX, TARBALL_NAME
 from rnb_kernels.regroup import default_cache_dir
+
+DATASETS = Path(__file__).resolve().parents[1] / "rnb_kernels" / "datasets"
 
 
 @pytest.fixture(autouse=True)
@@ -309,3 +312,26 @@ def test_split_stratified_keeps_every_domain_on_both_sides():
 def test_split_bad_inputs(args, match):
     with pytest.raises(ValueError, match=match):
         train_eval_split(*args)
+
+
+def test_datasets_imports_nothing_from_regroup():
+    """regroup's CLI reads corpora through datasets, so datasets must not import regroup (the
+    optional-dependency helper and the cache directory live in rnb_kernels._deps / _cache)."""
+    for path in DATASETS.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            bad = [n for n in names if "regroup" in n.split(".")]
+            assert not bad, f"{path.name} imports {bad}"
+
+
+def test_cache_dir_is_shared(monkeypatch, tmp_path):
+    from rnb_kernels._cache import default_cache_dir as shared
+    from rnb_kernels.datasets.natural_instructions import _cache_root
+
+    monkeypatch.setenv("RNB_CACHE", str(tmp_path))
+    assert shared() == default_cache_dir() == _cache_root(None) == tmp_path

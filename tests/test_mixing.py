@@ -27,7 +27,7 @@ F64 = torch.float64
 
 
 def hand_rnb(G, n, p_eval, lam):
-    """The DESIGN.md section 1 formula, written out with numpy."""
+    """The R&B formula of docs/design.md, written out with numpy."""
     G, n, p = np.asarray(G, float), np.asarray(n, float), np.asarray(p_eval, float)
     p = p / p.sum()
     inv = np.array([1.0 / c if c > 0 else 0.0 for c in n])
@@ -83,11 +83,32 @@ def test_dga_step_and_ema_match_formula(ema):
     alpha = np.array([0.5, 0.3, 0.2])
     a = np.array([0.4, -1.0, 2.0])
     eta = 0.7
-    mixer = DGA(3, step_size=eta, ema=ema, init_weights=alpha)
+    mixer = DGA(3, step_size=eta, ema=ema, init_weights=alpha, normalize="none")
     w = mixer.update(alignment=torch.tensor(a))
     hat = alpha * np.exp(eta * a)
     hat /= hat.sum()
     np.testing.assert_allclose(w.numpy(), (1 - ema) * alpha + ema * hat, rtol=1e-12)
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e4])
+def test_dga_max_normalisation_is_scale_free(scale):
+    """Default normalize="max": alignments are divided by the running max of |a|, so the
+    weights do not depend on the gradient scale, and a later, smaller alignment takes a
+    proportionally smaller step."""
+    alpha = np.array([0.5, 0.3, 0.2])
+    a1, a2 = np.array([0.4, -1.0, 2.0]), np.array([0.5, 0.1, -0.2])
+    mixer = DGA(3, step_size=0.7, ema=1.0, init_weights=alpha)
+    w1 = mixer.update(alignment=torch.tensor(a1 * scale)).numpy()
+    w2 = mixer.update(alignment=torch.tensor(a2 * scale)).numpy()
+    e1 = alpha * np.exp(0.7 * a1 / 2.0)
+    e1 /= e1.sum()
+    e2 = e1 * np.exp(0.7 * a2 / 2.0)  # the running max is still 2.0
+    e2 /= e2.sum()
+    np.testing.assert_allclose(w1, e1, rtol=1e-12)
+    np.testing.assert_allclose(w2, e2, rtol=1e-12)
+    restored = DGA(3, step_size=0.7, ema=1.0)
+    restored.load_state_dict(mixer.state_dict())
+    assert restored.scale == mixer.scale == 2.0 * scale
 
 
 def test_dga_ema_smooths():
@@ -604,3 +625,53 @@ def test_balancer_paper_style_alignment_and_distribution_variant():
     assert mixer.num_updates == 1 and not torch.equal(w, torch.full((3,), 1 / 3, dtype=F64))
     assert bal.history[0]["counts"] == [4.0, 4.0, 4.0, 4.0]
     bal.close()
+
+
+def test_dga_default_moves_toward_the_target_domain_at_tiny_gradient_scale():
+    """The issue that motivated normalize="max": final-layer alignments ~1e-4 left the paper's
+    raw form at step_size=1 within ~1e-4 of uniform. Target = domain 2's data: the default
+    raises domain 2's weight clearly, the raw form does not move."""
+    g = torch.Generator().manual_seed(3)
+    m, d = 3, 6
+    centers = torch.randn(m, d, generator=g) * 3
+
+    def batch(dom):
+        x = torch.randn(dom.numel(), d, generator=g) * 0.1
+        return x, centers[dom]
+
+    results = {}
+    for normalize in ("max", "none"):
+        torch.manual_seed(0)
+        model = nn.Linear(d, d)
+        mixer = DGA(m, step_size=1.0, ema=0.5, update_every=1, normalize=normalize)
+        tracker = DomainGradientTracker(model, m)
+        for _ in range(6):
+            dom = torch.arange(12) % m
+            x, y = batch(dom)
+            with tracker.domains(dom):
+                (1e-4 * (model(x) - y).square().sum()).backward()  # tiny gradient scale
+            xt, yt = batch(torch.full((12,), 2))
+            tracker.record_target(1e-4 * (model(xt) - yt).square().sum())
+            mixer.update(
+                alignment=tracker.target_alignment(),
+                counts=tracker.counts(),
+                target_count=tracker.target_count(),
+            )
+            tracker.reset()
+            model.zero_grad()
+        tracker.remove()
+        results[normalize] = mixer.weights
+    assert float(results["max"][2]) > 0.6 and int(results["max"].argmax()) == 2
+    assert float((results["none"] - 1 / 3).abs().max()) < 1e-3
+
+
+def test_round_summary_is_one_short_line():
+    from rnb_kernels.balancer import round_summary
+
+    w = [0.0] * 61
+    w[7], w[3] = 0.75, 0.25
+    line = round_summary({"round": 5, "step": 50, "weights": w, "update_time_s": 0.5})
+    assert "\n" not in line and len(line) < 120
+    eff = float(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
+    assert f"eff. domains {eff:.2f}/61" in line
+    assert "top d7=0.750 d3=0.250 d0=0.000" in line and "update 500.0 ms" in line

@@ -67,3 +67,56 @@ def test_arch_parsing_and_gencode():
     flags = " ".join(ns["gencode_flags"](["80", "90a"]))
     assert "arch=compute_90a,code=sm_90a" in flags
     assert "code=compute_80" in flags  # PTX only for the newest plain arch
+
+
+def test_regroup_is_callable_after_importing_the_subpackage():
+    """`from rnb_kernels.regroup import Partition` binds the subpackage to `rnb.regroup`; the
+    README's `rnb.regroup(texts, ...)` must still work (it raised TypeError before)."""
+    code = (
+        "import rnb_kernels as rnb\n"
+        "from rnb_kernels.regroup import Partition\n"
+        "texts = ['a cat sat', 'the dog ran', 'a cat ran', 'dogs bark loud', 'cats purr', 'dog']\n"
+        "part = rnb.regroup(texts, k=2, embedder='tfidf', seed=0)\n"
+        "print(isinstance(part, Partition), part.k, part.labels.shape)"
+    )
+    assert _run_python(code).strip() == "True 2 (6,)"
+
+
+def test_core_imports_load_no_experiment_code():
+    """The library proper never imports the experiments (train loop, demo, benchmarks)."""
+    core = ["rnb_kernels", "rnb_kernels.ops", "rnb_kernels.tracking", "rnb_kernels.mixing",
+            "rnb_kernels.sampling", "rnb_kernels.balancer", "rnb_kernels.regroup",
+            "rnb_kernels.distributed", "rnb_kernels.datasets"]  # fmt: skip
+    code = (
+        "import importlib, sys\n"
+        f"for m in {core!r}: importlib.import_module(m)\n"
+        "import rnb_kernels as rnb\n"
+        "for n in rnb.__all__: getattr(rnb, n)\n"
+        "print(sorted(m for m in sys.modules if m.startswith('rnb_kernels.experiments')))"
+    )
+    assert _run_python(code).strip() == "[]"
+
+
+def test_mixer_is_exported_and_every_mixer_builds_with_num_domains():
+    import rnb_kernels as rnb
+
+    assert rnb.Mixer is rnb.mixing.Mixer
+    ctx = rnb.MixingContext(num_domains=3, eval_proportions=[1, 1, 2], domain_sizes=[5, 3, 2])
+    hparams = {"dga": {"step_size": 1.0}, "dga-distribution": None}
+    for name in rnb.mixer_names():
+        if hparams.get(name, {}) is None:
+            continue  # needs bases; covered in test_mixing
+        mixer = rnb.build_mixer(name, ctx, **hparams.get(name, {}))
+        assert mixer.num_domains == 3 and mixer.name == name
+        cls = type(mixer)
+        kwargs = {"eval_proportions": [1, 1, 2]} if name == "rnb" else hparams.get(name, {})
+        assert cls(num_domains=3, **kwargs).num_domains == 3
+    assert rnb.Static(num_domains=2).weights.tolist() == [0.5, 0.5]
+    assert rnb.Static([1, 3]).weights.tolist() == [0.25, 0.75]
+    assert rnb.build_mixer("static", ctx).weights.tolist() == [0.5, 0.3, 0.2]  # natural
+    with pytest.raises(ValueError, match="weights has 2 entries but num_domains=3"):
+        rnb.Static([1, 3], num_domains=3)
+    with pytest.raises(ValueError, match="unknown mixer 'nope'"):
+        rnb.build_mixer("nope", ctx)
+    with pytest.raises(ValueError, match="needs MixingContext.eval_proportions"):
+        rnb.build_mixer("rnb", rnb.MixingContext(num_domains=3))

@@ -77,7 +77,7 @@ def test_largest_remainder_rule():
 @pytest.mark.parametrize("mode", ["categorical", "proportional"])
 def test_follows_mixer_weights_as_they_change(mode):
     labels = labels_of([40, 40, 40])
-    mixer = DGA(3, step_size=1.0, ema=1.0)
+    mixer = DGA(3, step_size=1.0, ema=1.0, normalize="none")
     s = MixtureSampler(labels, weights=mixer, batch_size=4, seed=0, mode=mode)
     it = iter(s)
     first_batch = [next(it) for _ in range(4)]

@@ -1,4 +1,4 @@
-"""Triton backend vs the float64 references (DESIGN.md sections 4 and 6).
+"""Triton backend vs the float64 references (docs/design.md: ops and reliability).
 
 Without a GPU the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``,
 set here before Triton is imported); with a GPU the same tests run the compiled kernels on

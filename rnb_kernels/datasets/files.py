@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._deps import require
 from .corpus import Corpus, CorpusNotFoundError
 
 __all__ = ["load_jsonl", "iter_jsonl", "load_parquet", "load_hf", "load_corpus", "NAMED_CORPORA"]
@@ -155,8 +156,6 @@ def load_parquet(
     limit: int | None = None,
 ) -> Corpus:
     """Load a parquet file (needs ``pyarrow``); same contract as :func:`load_jsonl`."""
-    from ..regroup._deps import require
-
     pq = require("pyarrow.parquet", what="reading parquet files", extra="hf")
     p = Path(path)
     if not p.is_file():
@@ -187,8 +186,6 @@ def load_hf(
     ``split``) or a local path.
     """
     if isinstance(dataset, (str, os.PathLike)):
-        from ..regroup._deps import require
-
         hf = require("datasets", what="loading Hugging Face datasets", extra="hf")
         dataset = hf.load_from_disk(str(dataset))
     if isinstance(getattr(dataset, "num_rows", None), dict):  # a DatasetDict of splits

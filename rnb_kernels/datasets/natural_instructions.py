@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._cache import default_cache_dir
 from .corpus import Corpus, CorpusNotFoundError
 
 logger = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ TEXT_MODES = ("input", "instruction_input", "input_target")
 
 
 def _cache_root(cache_dir: str | os.PathLike[str] | None) -> Path:
-    from ..regroup.embedders import default_cache_dir
-
     return Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
 
 

@@ -51,6 +51,9 @@ def _mean_alignment(
     return torch.where(c > 0, a / denom.clamp(min=1e-300), torch.zeros_like(a))
 
 
+_NORMALIZE = ("max", "none")
+
+
 @register_mixer
 class DGA(Mixer):
     """Dynamic Gradient Alignment mixer.
@@ -62,6 +65,13 @@ class DGA(Mixer):
             paper's stabilised setting.
         update_every: ``K`` optimizer steps per round.
         init_weights: initial ``α`` (default uniform).
+        normalize: how alignments are scaled before the step. ``"max"`` (default) divides them
+            by the largest alignment magnitude seen so far (kept in the state), so the first
+            update moves the best-aligned domain's log-weight by ``η`` whatever the model's
+            gradient scale (raw final-layer alignments are often ~1e-4, which makes a fixed
+            ``η`` of order 1 a no-op), and later steps shrink as the alignments do — which is
+            what lets the mirror descent settle. ``"none"`` is the paper's raw form, where
+            ``η`` must be tuned to the gradient scale.
 
     Example:
         >>> mixer = DGA(2, step_size=1.0, ema=1.0)
@@ -76,18 +86,29 @@ class DGA(Mixer):
     def __init__(
         self,
         num_domains: int,
-        step_size: float,
+        step_size: float = 1.0,
         ema: float = 0.1,
         update_every: int = 1,
         init_weights: Any = None,
+        normalize: str = "max",
     ) -> None:
         super().__init__(num_domains, update_every, init_weights)
         self.step_size = check_float(step_size, "step_size", low=0.0, low_open=True)
         self.ema = check_float(ema, "ema", low=0.0, high=1.0, low_open=True)
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"normalize must be one of {_NORMALIZE}, got {normalize!r}")
+        self.normalize = normalize
+        self.scale = 0.0  # running max of |alignment| ("max" normalisation)
 
     def _step(self, a: torch.Tensor) -> torch.Tensor:
         if not bool(torch.isfinite(a).all()):
             return self._skip("non-finite gradient alignment")
+        if self.normalize == "max":
+            scale = max(self.scale, float(a.abs().max()))
+            if scale == 0.0:
+                return self._skip("all alignments are 0", warn=False)
+            self.scale = scale
+            a = a / scale
         alpha = self._weights
         # log-space: exp(η a) overflows long before the normalised result does.
         logits = torch.log(alpha) + self.step_size * a
@@ -115,7 +136,16 @@ class DGA(Mixer):
         return self._step(a)
 
     def _extra_state(self) -> dict[str, Any]:
-        return {"step_size": self.step_size, "ema": self.ema}
+        return {
+            "step_size": self.step_size,
+            "ema": self.ema,
+            "normalize": self.normalize,
+            "scale": self.scale,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scale = float(state.get("scale", 0.0))
 
 
 @register_mixer
@@ -130,7 +160,7 @@ class DGADistribution(DGA):
 
     Args:
         bases: float ``[m, k]``, non-negative rows with positive sums (normalised here).
-        step_size, ema, update_every, init_weights: as in :class:`DGA`.
+        step_size, ema, update_every, init_weights, normalize: as in :class:`DGA`.
         num_domains: optional ``m``; must equal ``bases.shape[0]``.
 
     Example:
@@ -145,10 +175,11 @@ class DGADistribution(DGA):
     def __init__(
         self,
         bases: Any,
-        step_size: float,
+        step_size: float = 1.0,
         ema: float = 0.1,
         update_every: int = 1,
         init_weights: Any = None,
+        normalize: str = "max",
         *,
         num_domains: int | None = None,
     ) -> None:
@@ -158,7 +189,7 @@ class DGADistribution(DGA):
         if num_domains is not None and num_domains != b.shape[0]:
             raise ValueError(f"num_domains={num_domains} but bases has {b.shape[0]} rows")
         rows = [as_simplex(row, f"bases[{i}]") for i, row in enumerate(b)]
-        super().__init__(b.shape[0], step_size, ema, update_every, init_weights)
+        super().__init__(b.shape[0], step_size, ema, update_every, init_weights, normalize)
         self.bases = torch.stack(rows)
 
     name = "dga-distribution"

@@ -12,6 +12,11 @@ from .registry import register_mixer
 __all__ = ["RnB"]
 
 
+def _inverse(n: torch.Tensor) -> torch.Tensor:
+    # A domain with no samples has mean gradient 0: its row and column of G_mean vanish.
+    return torch.where(n > 0, 1.0 / n.clamp(min=1e-300), torch.zeros_like(n))
+
+
 @register_mixer
 class RnB(Mixer):
     """R&B mixer: ``p' = softmax(lam · G p_eval / ‖G p_eval‖₂)``, overwriting the old weights.
@@ -41,7 +46,9 @@ class RnB(Mixer):
     """
 
     name = "rnb"
-    requires = ("gram", "counts")
+    # G p_eval is all the update needs: the Balancer computes it as ``gram_vector`` (one pass
+    # over the statistics, ~2·m·P work) rather than the full Gram (m²·P).
+    requires = ("gram_vec", "counts")
 
     def __init__(
         self,
@@ -62,25 +69,42 @@ class RnB(Mixer):
             hparams["eval_proportions"] = context.require("eval_proportions", cls.name)
         return super().from_context(context, **hparams)
 
-    def update(self, gram: Any, counts: Any) -> torch.Tensor:
-        """New weights from this round's Gram of gradient sums and per-domain sample counts.
+    def gram_coefficients(self, counts: Any) -> torch.Tensor:
+        """float64 ``[m]``: ``c = p_eval / counts`` (0 for empty domains), so that
+        ``G_mean p_eval = (G c) / counts`` with ``G`` the Gram of gradient *sums*."""
+        n = check_counts(counts, "counts", self.num_domains)
+        return self.eval_proportions * _inverse(n)
+
+    def update(self, gram: Any = None, counts: Any = None, *, gram_vec: Any = None) -> torch.Tensor:
+        """New weights from this round's statistics and per-domain sample counts.
 
         Args:
             gram: float ``[m, m]``, ``<g_i, g_j>`` of per-domain gradient sums
-                (``tracker.gram()``).
+                (``tracker.gram()``); or, instead,
+            gram_vec: float ``[m]``, ``G c`` with ``c = gram_coefficients(counts)``
+                (``tracker.gram_vector(c)``, what the Balancer passes).
             counts: float ``[m]``, samples per domain in the round (``tracker.counts()``).
 
         Returns:
             float64 ``[m]`` new weights (also stored in :attr:`weights`).
         """
         m = self.num_domains
-        g = as_float64(gram, "gram", (m, m))
+        if counts is None:
+            raise TypeError("update() needs counts")
+        if (gram is None) == (gram_vec is None):
+            raise TypeError("update() needs exactly one of gram or gram_vec")
         n = check_counts(counts, "counts", m)
-        if not bool(torch.isfinite(g).all()):
-            return self._skip("non-finite gram")
-        inv = torch.where(n > 0, 1.0 / n.clamp(min=1e-300), torch.zeros_like(n))
-        g_mean = g * inv[:, None] * inv[None, :]
-        v = g_mean @ self.eval_proportions
+        inv = _inverse(n)
+        if gram is not None:
+            g = as_float64(gram, "gram", (m, m))
+            if not bool(torch.isfinite(g).all()):
+                return self._skip("non-finite gram")
+            gv = g @ (self.eval_proportions * inv)
+        else:
+            gv = as_float64(gram_vec, "gram_vec", (m,))
+            if not bool(torch.isfinite(gv).all()):
+                return self._skip("non-finite gram")
+        v = inv * gv
         norm = torch.linalg.vector_norm(v)
         if not bool(torch.isfinite(norm)):
             return self._skip("non-finite G p_eval (overflow)")

@@ -80,6 +80,15 @@ def check_id_values(domain_ids: torch.Tensor, num_domains: int) -> None:
         )
 
 
-def check_finite(name: str, t: torch.Tensor) -> None:
+def check_finite_tensor(name: str, t: torch.Tensor) -> None:
     if t.numel() and not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} contains NaN or Inf")
+
+
+def check_values(x, dy, domain_ids, num_domains: int, check_ids: bool, check_finite: bool) -> None:
+    """The value checks of the segmented ops, run inside the op before any state is written."""
+    if check_ids:
+        check_id_values(domain_ids, num_domains)
+    if check_finite:
+        check_finite_tensor("x", x)
+        check_finite_tensor("dy", dy)

@@ -10,8 +10,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import get_impl, resolve_backend
-from .grouping import group_rows, host_segments
-from .segmented_wgrad import domain_bias_sums
+from .segmented_wgrad import domain_bias_sums, domain_row_blocks
 
 _U32_MAX = 2**32 - 1
 
@@ -43,15 +42,16 @@ def domain_sketch_torch(
 ) -> torch.Tensor:
     """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add."""
     dw = dy.t().mm(x)
-    order, bounds = group_rows(domain_ids, num_domains)
-    segments = host_segments(bounds)
-    if segments:
-        bucket, sign = _flat_hash(dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device)
-        xs = x.index_select(0, order).float()
-        dys = dy.index_select(0, order).float()
-        for d, lo, hi in segments:
-            tile = dys[lo:hi].t().mm(xs[lo:hi])
-            sketch[d].index_add_(0, bucket, tile.reshape(-1) * sign)
+    bucket = sign = None
+    for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
+        if bucket is None:
+            k = sketch.shape[1]
+            bucket, sign = _flat_hash(dy.shape[1], x.shape[1], k, seed, layer, x.device)
+        dys, xs = parts[0]
+        tile = dys.t().mm(xs)
+        for dys, xs in parts[1:]:
+            tile.addmm_(dys.t(), xs)
+        sketch[d].index_add_(0, bucket, tile.reshape(-1) * sign)
     return dw
 
 
@@ -69,11 +69,7 @@ def _domain_sketch_op(
     check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    if check_ids:
-        V.check_id_values(domain_ids, num_domains)
-    if check_finite:
-        V.check_finite("x", x)
-        V.check_finite("dy", dy)
+    V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     impl = get_impl("domain_sketch", backend)
     dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer)
     if bias:

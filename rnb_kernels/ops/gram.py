@@ -30,9 +30,9 @@ def _gram_op(
     a: torch.Tensor, b: torch.Tensor | None, backend: str, check_finite: bool
 ) -> torch.Tensor:
     if check_finite:
-        V.check_finite("a", a)
+        V.check_finite_tensor("a", a)
         if b is not None:
-            V.check_finite("b", b)
+            V.check_finite_tensor("b", b)
     return get_impl("gram", backend)(a, b)
 
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["group_rows", "host_segments"]
+__all__ = ["group_rows", "host_runs", "host_segments"]
+
+# Contiguous runs are multiplied in place when they average at least this many rows; shorter
+# runs make GEMMs too small to pay for skipping the gather.
+MIN_MEAN_RUN = 32
 
 
 def group_rows(
@@ -45,3 +49,36 @@ def host_segments(bounds: torch.Tensor) -> list[tuple[int, int, int]]:
     """``[(domain, lo, hi), ...]`` for the non-empty domains (reads ``bounds`` on the host)."""
     b = bounds.tolist()
     return [(s - 1, b[s], b[s + 1]) for s in range(1, len(b) - 1) if b[s + 1] > b[s]]
+
+
+def host_runs(
+    domain_ids: torch.Tensor, min_mean_run: int = MIN_MEAN_RUN
+) -> list[tuple[int, list[tuple[int, int]]]] | None:
+    """Row ranges of each present domain as runs of equal ids in the *original* order, or
+    ``None`` when the runs are too short to use directly (then gather with :func:`group_rows`).
+
+    Per-sample ids broadcast over a sequence make one run per sample, so the torch backend can
+    multiply views of ``x`` and ``dy`` without copying ``[N, K]`` rows into domain order. Reads
+    the run boundaries on the host (one sync on a GPU, like :func:`host_segments`).
+
+    Returns:
+        ``[(domain, [(lo, hi), ...]), ...]`` for the domains present (``-1`` runs dropped), in
+        increasing domain order.
+
+    Example:
+        >>> host_runs(torch.tensor([1, 1, 0, 0, 1, 1]), min_mean_run=2)
+        [(0, [(2, 4)]), (1, [(0, 2), (4, 6)])]
+    """
+    n = domain_ids.shape[0]
+    if n == 0:
+        return []
+    starts = (domain_ids[1:] != domain_ids[:-1]).nonzero().flatten() + 1
+    if (starts.numel() + 1) * min_mean_run > n:
+        return None
+    edges = [0, *starts.tolist(), n]
+    first = domain_ids[torch.tensor(edges[:-1], device=domain_ids.device)].tolist()
+    spans: dict[int, list[tuple[int, int]]] = {}
+    for d, lo, hi in zip(first, edges[:-1], edges[1:]):
+        if d >= 0:
+            spans.setdefault(d, []).append((lo, hi))
+    return sorted(spans.items())

@@ -6,7 +6,27 @@ import torch
 
 from . import _validate as V
 from ._dispatch import get_impl, resolve_backend
-from .grouping import group_rows, host_segments
+from .grouping import group_rows, host_runs, host_segments
+
+
+def domain_row_blocks(
+    x: torch.Tensor, dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int
+):
+    """Yield ``(d, [(dy_block, x_block), ...])`` fp32 row blocks of each present domain, for the
+    torch backends: views of contiguous runs when the ids come in long runs (per-sample ids),
+    else slices of one gathered copy in domain order."""
+    runs = host_runs(domain_ids)
+    if runs is not None:
+        for d, spans in runs:
+            yield d, [(dy[lo:hi].float(), x[lo:hi].float()) for lo, hi in spans]
+        return
+    order, bounds = group_rows(domain_ids, num_domains)
+    segments = host_segments(bounds)
+    if segments:
+        xs = x.index_select(0, order).float()
+        dys = dy.index_select(0, order).float()
+        for d, lo, hi in segments:
+            yield d, [(dys[lo:hi], xs[lo:hi])]
 
 
 def domain_bias_sums(dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
@@ -23,13 +43,9 @@ def segmented_wgrad_torch(
     """Torch backend: ``dW = dyᵀ x`` in the input dtype (the same GEMM autograd runs for
     ``nn.Linear``, so ``param.grad`` is bit-identical), then fp32 per-domain GEMMs into ``acc``."""
     dw = dy.t().mm(x)
-    order, bounds = group_rows(domain_ids, num_domains)
-    segments = host_segments(bounds)
-    if segments:
-        xs = x.index_select(0, order).float()
-        dys = dy.index_select(0, order).float()
-        for d, lo, hi in segments:
-            acc[d].addmm_(dys[lo:hi].t(), xs[lo:hi])
+    for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
+        for dys, xs in parts:
+            acc[d].addmm_(dys.t(), xs)
     return dw
 
 
@@ -45,11 +61,7 @@ def _segmented_wgrad_op(
     check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    if check_ids:
-        V.check_id_values(domain_ids, num_domains)
-    if check_finite:
-        V.check_finite("x", x)
-        V.check_finite("dy", dy)
+    V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     dw = get_impl("segmented_wgrad", backend)(x, dy, domain_ids, num_domains, acc)
     if bias_acc is not None:
         bias_acc += domain_bias_sums(dy, domain_ids, num_domains)

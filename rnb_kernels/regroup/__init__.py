@@ -12,8 +12,16 @@ Example:
 
 Heavy dependencies (scikit-learn, sentence-transformers) are imported only when used;
 install them with ``pip install 'rnb_kernels[regroup]'``.
+
+This package is also callable: importing it binds ``rnb_kernels.regroup`` to the package (that
+is how Python's import system works), so ``rnb.regroup(texts, ...)`` must work on the package
+as well as on the function it re-exports.
 """
 
+import sys as _sys
+import types as _types
+
+from .._cache import default_cache_dir
 from .api import regroup, regroup_stream, validate_texts
 from .clustering import (
     KMeansResult,
@@ -26,15 +34,13 @@ from .clustering import (
     silhouette_scores,
     two_level_kmeans,
 )
+from .embed_cache import embed, embed_to_memmap
 from .embedders import (
     CallableEmbedder,
     Embedder,
     MiniLMEmbedder,
     SentenceTransformerEmbedder,
     TfidfEmbedder,
-    default_cache_dir,
-    embed,
-    embed_to_memmap,
     get_embedder,
 )
 from .partition import Partition, agreement, top_terms
@@ -65,3 +71,12 @@ __all__ = [
     "embed_to_memmap",
     "default_cache_dir",
 ]
+
+
+class _CallablePackage(_types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        """``rnb_kernels.regroup(texts, ...)``: the :func:`regroup` function."""
+        return regroup(*args, **kwargs)
+
+
+_sys.modules[__name__].__class__ = _CallablePackage

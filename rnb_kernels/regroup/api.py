@@ -20,14 +20,8 @@ from .clustering import (
     silhouette_scores,
     two_level_kmeans,
 )
-from .embedders import (
-    Embedder,
-    check_embeddings,
-    embed,
-    embed_to_memmap,
-    get_embedder,
-    texts_fingerprint,
-)
+from .embed_cache import embed, embed_to_memmap, texts_fingerprint
+from .embedders import Embedder, check_embeddings, get_embedder
 from .partition import Partition, agreement
 
 logger = logging.getLogger(__name__)

@@ -131,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``rnb regroup``; returns the process exit code (0 ok, 2 bad input)."""
     from ..datasets import CorpusNotFoundError, iter_jsonl, load_corpus
     from .api import regroup, regroup_stream
+    from .partition import json_default
 
     if not args.quiet:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -189,17 +190,9 @@ def run(args: argparse.Namespace) -> int:
         "metadata": part.metadata,
         "clusters": rows,
     }
-    (out / "summary.json").write_text(json.dumps(report, indent=2, default=_json_default))
+    (out / "summary.json").write_text(json.dumps(report, indent=2, default=json_default))
     plots = [] if args.no_plots else _plots(part, out)
     print(f"\nwrote {out / 'partition'}, summary.txt, summary.json" + "".join(
         f", {p.name}" for p in plots
     ))  # fmt: skip
     return 0
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")

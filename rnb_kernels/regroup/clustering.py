@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._deps import has_module, require
+from .._deps import has_module, require
 
 logger = logging.getLogger(__name__)
 

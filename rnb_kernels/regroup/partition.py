@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ._deps import require
+from .._deps import require
 from .clustering import membership_matrix, nearest_centroid
 from .embedders import Embedder, check_embeddings, embedder_from_state
 
@@ -347,7 +347,7 @@ class Partition:
             "embedder_config": emb_cfg,
         }
         np.savez(out / _ARRAYS, **arrays)
-        (out / _META).write_text(json.dumps(meta, indent=2, default=_json_default))
+        (out / _META).write_text(json.dumps(meta, indent=2, default=json_default))
         return out
 
     @classmethod
@@ -388,7 +388,8 @@ class Partition:
         )
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """``json.dumps(default=...)`` for numpy scalars / arrays and paths."""
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -318,7 +318,7 @@ class DomainGradientTracker:
         return float(grad_scale)
 
     @contextlib.contextmanager
-    def domains(self, domain_ids, grad_scale=None) -> Iterator[None]:
+    def domains(self, domain_ids, grad_scale=None, *, validated: bool = False) -> Iterator[None]:
         """Accumulate per-domain gradients of every backward run inside the block.
 
         Args:
@@ -327,6 +327,8 @@ class DomainGradientTracker:
                 layer's input are taken batch-first (``[B, ..., K_in]``).
             grad_scale: the loss scale the backward runs under (a float or a ``GradScaler``,
                 whose ``get_scale()`` is read on entry); statistics are stored unscaled.
+            validated: ``domain_ids`` already came out of :meth:`validate_ids` (the Balancer
+                validates once per micro-batch and passes them on).
 
         One block per micro-batch: samples are counted once, on exit, if a tracked layer's
         backward ran inside and no non-finite value was met.
@@ -336,7 +338,7 @@ class DomainGradientTracker:
             ...     loss.backward()
         """
         self._check_live()
-        ids = self.validate_ids(domain_ids)
+        ids = domain_ids if validated else self.validate_ids(domain_ids)
         scale = self._scale_value(grad_scale)
         counts = per_sample_counts(ids, self.num_domains)
         ctx = Context(DOMAIN, ids, scale, anchor_only=False)

@@ -1,6 +1,6 @@
 """Triton ``gram``: ``A Aᵀ`` / ``A bᵀ`` over per-domain accumulators, float64 result.
 
-Design (DESIGN.md section 4.3)
+Design (docs/design.md, "gram")
 ------------------------------
 * **One streaming pass.** ``P`` (tens of millions of columns) is split into ``C`` contiguous
   spans, one per program along grid axis 1, with ``C`` chosen so that the grid holds a few

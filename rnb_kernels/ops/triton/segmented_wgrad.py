@@ -1,6 +1,6 @@
 """Triton ``segmented_wgrad``: the layer's weight-gradient GEMM that also writes per-domain shares.
 
-Design (DESIGN.md section 4.1)
+Design (docs/design.md, "segmented_wgrad")
 ------------------------------
 * **Grouping.** Rows are grouped by a stable argsort of the ids (``-1`` rows first) plus
   per-id offsets (:func:`rnb_kernels.ops.grouping.group_rows`); the kernel *gathers* rows of ``x`` and

@@ -2,113 +2,45 @@
 
 The pieces a user would copy:
 
-* :func:`encode_texts` — texts -> fixed-length ``[n, T]`` inputs / shifted labels.
 * :func:`evaluate` — eval loss overall and per domain (token-weighted).
 * :func:`train` — the loop: :class:`~rnb_kernels.Balancer` draws each batch from the
-  current mixture, tracks per-domain gradients of the LM head during the ordinary backward,
-  and updates the mixture every ``update_every`` optimizer steps. tqdm progress, periodic
-  eval, logs (``train_log.jsonl``, ``eval_log.jsonl``, weights history) in ``out_dir``.
+  current mixture, tracks per-domain gradients during the ordinary backward when the mixer
+  needs them, and updates the mixture every ``update_every`` optimizer steps. tqdm progress,
+  periodic eval, logs (``<name>.train.jsonl``, ``.eval.jsonl``, ``.weights.jsonl``) in
+  ``out_dir``.
+* :func:`run_methods` — every method of an :class:`~.config.ExperimentConfig` on one
+  prepared corpus, the same model init, seed and token budget for each.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from .balancer import Balancer
+from ..balancer import Balancer
+from .config import ExperimentConfig, TrainConfig
+from .data import EncodedData, PreparedData
+from .methods import (
+    Method,
+    build_method_mixer,
+    get_method,
+    needs_tracker,
+    resolve_methods,
+    uses_alignment,
+)
 from .models import GPT, IGNORE_INDEX, GPTConfig, per_sample_loss
-from .tokenizer import CompactVocab
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "EncodedData",
-    "METHODS",
-    "TrainConfig",
-    "TrainResult",
-    "encode_texts",
-    "evaluate",
-    "train",
-]
-
-
-@dataclass
-class EncodedData:
-    """Fixed-length token rows with a domain label per row.
-
-    Attributes:
-        inputs: ``int64[n, T]`` token ids (right-padded).
-        labels: ``int64[n, T]`` next-token targets, ``-100`` on padding.
-        domains: ``int64[n]`` domain of each row (the mixer's domains for training data).
-    """
-
-    inputs: torch.Tensor
-    labels: torch.Tensor
-    domains: np.ndarray
-
-    def __len__(self) -> int:
-        return int(self.inputs.shape[0])
-
-    def subset(self, idx: np.ndarray | Sequence[int]) -> EncodedData:
-        idx = np.asarray(idx, dtype=np.int64)
-        t = torch.from_numpy(idx)
-        return EncodedData(self.inputs[t], self.labels[t], self.domains[idx])
-
-    def with_domains(self, domains: np.ndarray) -> EncodedData:
-        """Same rows, other labels (e.g. regrouped clusters instead of original domains)."""
-        domains = np.asarray(domains, dtype=np.int64)
-        if domains.shape != (len(self),):
-            raise ValueError(f"domains has shape {domains.shape}; expected ({len(self)},)")
-        return EncodedData(self.inputs, self.labels, domains)
-
-
-def encode_texts(
-    texts: Sequence[str],
-    tokenizer: Any,
-    context: int,
-    domains: np.ndarray | Sequence[int],
-    vocab: CompactVocab | None = None,
-) -> EncodedData:
-    """Tokenize, append EOS, truncate to ``context + 1`` tokens, shift, pad.
-
-    Args:
-        texts: ``n`` strings.
-        tokenizer: has ``encode_batch(texts) -> list[list[int]]`` and ``eos_id``.
-        context: model context ``T``.
-        domains: ``int[n]`` domain per text.
-        vocab: optional :class:`~rnb_kernels.tokenizer.CompactVocab` to remap ids.
-
-    Returns:
-        :class:`EncodedData` with ``inputs``/``labels`` of shape ``[n, T]``.
-    """
-    domains = np.asarray(domains, dtype=np.int64)
-    if domains.shape != (len(texts),):
-        raise ValueError(f"domains has shape {domains.shape}; expected ({len(texts)},)")
-    if context < 1:
-        raise ValueError(f"context must be >= 1; got {context}")
-    n = len(texts)
-    eos = CompactVocab.EOS if vocab is not None else tokenizer.eos_id
-    inputs = np.full((n, context), eos, dtype=np.int64)
-    labels = np.full((n, context), IGNORE_INDEX, dtype=np.int64)
-    for i, ids in enumerate(tokenizer.encode_batch(list(texts))):
-        seq = np.asarray(ids[:context], dtype=np.int64)
-        if vocab is not None:
-            seq = vocab(seq)
-        # EOS first as a BOS so the first real token is predicted too, and last to learn to stop.
-        seq = np.concatenate([[eos], seq, [eos]])[: context + 1]
-        L = seq.shape[0] - 1
-        inputs[i, :L] = seq[:-1]
-        labels[i, :L] = seq[1:]
-    return EncodedData(torch.from_numpy(inputs), torch.from_numpy(labels), domains)
+__all__ = ["TrainResult", "evaluate", "run_methods", "train"]
 
 
 @torch.no_grad()
@@ -150,63 +82,13 @@ def evaluate(
     return float(tok_sum.sum() / max(tok_cnt.sum(), 1.0)), per
 
 
-# Methods of the demo and the mixing benchmark. "dga" takes its per-domain gradients from the
-# training backward (tracker, no extra pass); "dga-extra" is the paper's extra forward/backward
-# per domain every round. "rnb" uses whatever domains the data carries (original or regrouped).
-METHODS = ("stratified", "static", "odm", "dga", "dga-extra", "rnb")
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and mixing settings shared by every method of a comparison.
-
-    Attributes:
-        steps: optimizer steps (token budget = ``steps * batch_size * context``).
-        batch_size: sequences per step.
-        lr, min_lr_frac, warmup, weight_decay, grad_clip: AdamW with linear warmup then
-            cosine decay to ``lr * min_lr_frac``.
-        eval_every: steps between evaluations (also evaluated at step 0 and at the end).
-        update_every: ``K``, optimizer steps per mixture round.
-        rnb_lam: R&B softmax temperature ``λ``.
-        dga_step_size, dga_ema: DGA ``η`` and ``β``.
-        dga_extra_batch: samples per domain in the paper-style extra passes.
-        tracker_mode, backend: how per-domain gradients are tracked.
-        seed: model init, sampling and target batches.
-        device: where the model and batches live (data stays on the CPU until batched).
-    """
-
-    steps: int = 300
-    batch_size: int = 16
-    lr: float = 3e-3
-    min_lr_frac: float = 0.1
-    warmup: int = 20
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    eval_every: int = 50
-    update_every: int = 10
-    rnb_lam: float = 2.0
-    dga_step_size: float = 1.0
-    dga_ema: float = 0.5
-    dga_extra_batch: int = 4
-    tracker_mode: str = "exact"
-    backend: str = "auto"
-    seed: int = 0
-    device: str = "cpu"
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
-        cos = 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-        return self.lr * (self.min_lr_frac + (1 - self.min_lr_frac) * cos)
-
-
 @dataclass
 class TrainResult:
     """What one run produced.
 
     Attributes:
-        method: method name (plus a suffix such as ``"rnb-regrouped"`` chosen by the caller).
+        method: the run's name (e.g. ``"rnb-regrouped"``).
+        num_domains: ``m``, domains the mixer saw.
         eval_steps, eval_losses: the eval curve.
         final_eval: final overall eval loss (nats/token).
         per_domain_eval: ``float64[g]`` final eval loss per reporting group (NaN if empty).
@@ -217,9 +99,11 @@ class TrainResult:
             target-gradient recording (DGA) and the extra passes (DGA paper style).
         domain_counts: ``float64[m]`` samples drawn per domain over the run.
         skipped_updates: mixer updates skipped for numerical reasons.
+        wall_s: wall time of the whole call (model build and evaluation included).
     """
 
     method: str
+    num_domains: int = 0
     eval_steps: list[int] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
     final_eval: float = float("nan")
@@ -230,6 +114,7 @@ class TrainResult:
     mix_s: float = 0.0
     domain_counts: np.ndarray = field(default_factory=lambda: np.zeros(0))
     skipped_updates: int = 0
+    wall_s: float = 0.0
 
     @property
     def overhead_pct(self) -> float:
@@ -238,6 +123,7 @@ class TrainResult:
         return 100.0 * self.mix_s / base if base > 0 else float("nan")
 
     def summary(self) -> dict[str, Any]:
+        """One results row: losses, timings, update counts and ``domains``."""
         per = self.per_domain_eval[np.isfinite(self.per_domain_eval)]
         return {
             "method": self.method,
@@ -250,26 +136,8 @@ class TrainResult:
             "updates": max(0, len(self.weight_steps) - 1),
             "skipped_updates": self.skipped_updates,
             "final_weight_max": float(self.weights[-1].max()) if self.weights.size else 1.0,
+            "domains": self.num_domains,
         }
-
-
-def _make_mixer(method: str, m: int, cfg: TrainConfig, train: EncodedData, p_eval: np.ndarray):
-    from .mixing import DGA, ODM, RnB, Static, Stratified
-
-    K = cfg.update_every
-    if method == "stratified":
-        return Stratified(m, update_every=K)
-    if method == "static":
-        mixer = Static.natural(np.bincount(train.domains, minlength=m))
-        mixer.update_every = K  # nothing changes; only keeps the weight log at the same cadence
-        return mixer
-    if method == "odm":
-        return ODM(m, update_every=1)  # the ODM paper's bandit observes every batch
-    if method in ("dga", "dga-extra"):
-        return DGA(m, step_size=cfg.dga_step_size, ema=cfg.dga_ema, update_every=K)
-    if method == "rnb":
-        return RnB(m, eval_proportions=p_eval, lam=cfg.rnb_lam, update_every=K)
-    raise ValueError(f"method must be one of {METHODS}; got {method!r}")
 
 
 def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -298,9 +166,11 @@ def train(
     model_cfg: GPTConfig,
     train_data: EncodedData,
     eval_data: EncodedData,
-    method: str,
+    method: str | Method,
     cfg: TrainConfig,
     *,
+    seed: int = 0,
+    hparams: Mapping[str, Mapping[str, Any]] | None = None,
     num_domains: int | None = None,
     p_eval: np.ndarray | None = None,
     eval_groups: np.ndarray | None = None,
@@ -310,33 +180,39 @@ def train(
     out_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a fresh :class:`~rnb_kernels.models.GPT` under one mixing method.
+    """Train a fresh :class:`~rnb_kernels.experiments.models.GPT` under one mixing method.
 
     Args:
-        model_cfg: model size (a fresh model seeded with ``cfg.seed`` is built, so every
+        model_cfg: model size (a fresh model seeded with ``seed`` is built, so every
             method starts from the same weights).
-        train_data: training rows; ``train_data.domains`` are the mixer's domains ``[0, m)``.
+        train_data: training rows; ``train_data.domains`` are the mixer's domains ``[0, m)``
+            (already in the method's domain space: see
+            :meth:`~.data.PreparedData.splits`).
         eval_data: eval rows; ``eval_data.domains`` in the same domain space (used for
             ``p_eval`` when not given).
-        method: one of :data:`METHODS`.
+        method: a method name or :class:`~.methods.Method` (its mixer and gradient source
+            are used here).
         cfg: optimisation / mixing settings.
+        seed: model init, sampling, tracker sketch and target batches.
+        hparams: ``{mixer name: {hyper-parameter: value}}`` (see
+            :attr:`~.config.ExperimentConfig.hparams`).
         num_domains: ``m`` (default ``max(train_data.domains) + 1``).
         p_eval: ``float[m]`` eval share per domain for R&B (default from ``eval_data``).
         eval_groups, num_groups: how eval losses are reported per domain (default: the
             mixer's domains). Use the original domains to compare original vs regrouped runs.
-        target: the specific set DGA aligns with (default: ``eval_data``).
-        name: label of the run in results and logs (default ``method``).
+        target: the specific set an alignment mixer (DGA) aligns with (default: ``eval_data``).
+        name: label of the run in results and logs (default the method's name).
         out_dir: where ``<name>.train.jsonl`` / ``.eval.jsonl`` / ``.weights.jsonl`` go.
         progress: show a tqdm bar.
 
     Returns:
         :class:`TrainResult`.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    t_call = time.perf_counter()
+    method = get_method(method)
     if len(train_data) == 0 or len(eval_data) == 0:
         raise ValueError("train_data and eval_data must be non-empty")
-    name = name or method
+    name = name or method.name
     m = int(num_domains if num_domains is not None else train_data.domains.max() + 1)
     if p_eval is None:
         p_eval = np.bincount(eval_data.domains, minlength=m).astype(np.float64)
@@ -350,30 +226,38 @@ def train(
         for suffix in ("train", "eval", "weights"):
             (logs / f"{name}.{suffix}.jsonl").unlink(missing_ok=True)
 
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     dev = torch.device(cfg.device)
     model = GPT(model_cfg).to(dev)
     model.train()
     opt = _optimizer(model, cfg)
-    mixer = _make_mixer(method, m, cfg, train_data, p_eval)
+    mixer = build_method_mixer(
+        method,
+        num_domains=m,
+        train_domains=train_data.domains,
+        eval_proportions=p_eval,
+        target_domains=target.domains,
+        update_every=cfg.update_every,
+        hparams=hparams,
+    )
     # Separate stream so that target / extra-pass batches do not shift the training samples.
-    aux_rng = np.random.default_rng(cfg.seed + 1)
+    aux_rng = np.random.default_rng(seed + 1)
     target_fn, alignment_fn = _gradient_sources(method, model, cfg, train_data, target, aux_rng, m)
     balancer = Balancer(
         model,
         mixer,
         tracker=(
-            {"mode": cfg.tracker_mode, "backend": cfg.backend, "seed": cfg.seed}
-            if method in ("dga", "rnb")
+            {"mode": cfg.tracker_mode, "backend": cfg.backend, "seed": seed}
+            if needs_tracker(method)
             else None
         ),
         log_dir=None if logs is None else logs / name,
         target_fn=target_fn,
         alignment_fn=alignment_fn,
     )
-    sampler = balancer.make_sampler(train_data.domains, batch_size=cfg.batch_size, seed=cfg.seed)
+    sampler = balancer.make_sampler(train_data.domains, batch_size=cfg.batch_size, seed=seed)
     batches = _batches(sampler, cfg.batch_size)
-    res = TrainResult(method=name)
+    res = TrainResult(method=name, num_domains=m)
     res.domain_counts = np.zeros(m)
     weights_hist = [mixer.sampling_weights.numpy().copy()]
     res.weight_steps = [0]
@@ -435,6 +319,7 @@ def train(
     if balancer.tracker is not None:
         balancer.tracker.remove()
     balancer.close()
+    res.wall_s = time.perf_counter() - t_call
     return res
 
 
@@ -455,8 +340,20 @@ def _batches(sampler: Any, batch_size: int):
                 buf = []
 
 
-def _gradient_sources(method, model, cfg, train_data, target, rng, m):
-    """DGA's specific-set loss (ours) or the paper's extra-pass alignment function."""
+def _gradient_sources(
+    method: Method,
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    train_data: EncodedData,
+    target: EncodedData,
+    rng: np.random.Generator,
+    m: int,
+) -> tuple[Any, Any]:
+    """``(target_fn, alignment_fn)`` for the Balancer: the specific-set loss whose gradient the
+    tracker records (gradient source ``"tracker"``), or the paper's extra-pass alignment
+    function (``"extra"``); ``(None, None)`` for a mixer that uses no alignment."""
+    if not uses_alignment(method):
+        return None, None
     dev = torch.device(cfg.device)
 
     def batch_loss(mod: torch.nn.Module, batch: tuple[EncodedData, np.ndarray]) -> torch.Tensor:
@@ -467,30 +364,57 @@ def _gradient_sources(method, model, cfg, train_data, target, rng, m):
     def target_batch() -> tuple[EncodedData, np.ndarray]:
         return target, rng.choice(len(target), size=min(cfg.batch_size, len(target)), replace=False)
 
-    if method == "dga":
+    if method.gradients == "tracker":
         # Summed per-sample losses: the tracker divides alignments by the sample counts.
         # Costs one forward and a backward that stops at the tracked LM head.
         return (lambda: batch_loss(model, target_batch()).sum()), None
-    if method == "dga-extra":
-        from .mixing import domain_gradient_alignment
 
-        members = [
-            np.flatnonzero(train_data.domains == d)
-            for d in range(int(train_data.domains.max()) + 1)
+    from ..mixing import domain_gradient_alignment
+
+    members = [np.flatnonzero(train_data.domains == d) for d in range(m)]
+
+    def alignment() -> torch.Tensor:
+        # One batch per domain and one of the target set, each a full forward/backward
+        # over all parameters, as in the DGA paper.
+        batches = [
+            (train_data, rng.choice(ix, size=min(cfg.extra_batch, ix.size), replace=False))
+            if ix.size
+            else None
+            for ix in members
         ]
+        return domain_gradient_alignment(
+            model, lambda mod, b: batch_loss(mod, b).mean(), batches, target_batch()
+        )
 
-        def alignment() -> torch.Tensor:
-            # One batch per domain and one of the target set, each a full forward/backward
-            # over all parameters, as in the DGA paper.
-            batches = [
-                (train_data, rng.choice(ix, size=min(cfg.dga_extra_batch, ix.size), replace=False))
-                if ix.size
-                else None
-                for ix in members
-            ]
-            return domain_gradient_alignment(
-                model, lambda mod, b: batch_loss(mod, b).mean(), batches, target_batch()
-            )
+    return None, alignment
 
-        return None, alignment
-    return None, None
+
+def run_methods(
+    cfg: ExperimentConfig,
+    prep: PreparedData,
+    *,
+    seed: int,
+    log_dir: str | Path | None = None,
+    progress: bool = True,
+) -> Iterator[tuple[Method, TrainResult]]:
+    """Train every method of ``cfg`` on one prepared corpus, one after the other.
+
+    Every run starts from the same model init and gets the same seed and token budget;
+    per-domain eval losses are always reported on the original domains, so a regrouped run
+    is compared on the same footing.
+
+    Yields:
+        ``(method, result)`` as each run finishes.
+    """
+    methods = resolve_methods(cfg.methods)  # fail before any training
+    model_cfg = replace(cfg.model, vocab_size=prep.vocab.size)
+    for method in methods:
+        tr, ev, m = prep.splits(method.domains)
+        logger.info("run %s: mixer %s on %d %s domains", method.name, method.mixer, m,
+                    method.domains)  # fmt: skip
+        result = train(
+            model_cfg, tr, ev, method, cfg.train, seed=seed, hparams=cfg.hparams,
+            num_domains=m, eval_groups=prep.eval.domains, num_groups=prep.num_original,
+            name=method.name, out_dir=log_dir, progress=progress,
+        )  # fmt: skip
+        yield method, result

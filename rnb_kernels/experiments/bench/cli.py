@@ -7,8 +7,14 @@ import importlib
 import logging
 
 _BENCHES = {
-    "mixing": ("rnb_kernels.bench.mixing", "mixing methods x corpora x seeds: eval loss, overhead"),
-    "overhead": ("rnb_kernels.bench.overhead", "step time tracked vs untracked vs the anchors"),
+    "mixing": (
+        "rnb_kernels.experiments.bench.mixing",
+        "mixing methods x corpora x seeds: eval loss, overhead",
+    ),
+    "overhead": (
+        "rnb_kernels.experiments.bench.overhead",
+        "step time tracked vs untracked vs the anchors",
+    ),
 }
 
 

@@ -1,7 +1,8 @@
-"""Lazy imports of the optional `regroup` dependencies.
+"""Lazy imports of optional dependencies (the ``regroup`` and ``hf`` extras).
 
-`import rnb_kernels` must stay light and work without scikit-learn or sentence-transformers,
-so every heavy import goes through here, inside the function that needs it.
+`import rnb_kernels` must stay light and work without scikit-learn, sentence-transformers,
+pyarrow or datasets, so every such import goes through here, inside the function that needs
+it. Shared by ``regroup/`` and ``datasets/``, which therefore need not import each other.
 """
 
 from __future__ import annotations

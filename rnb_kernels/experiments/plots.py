@@ -1,4 +1,4 @@
-"""Matplotlib (Agg) plots shared by ``rnb demo`` and ``rnb bench mixing``."""
+"""Matplotlib (Agg) plots shared by ``rnb demo``, ``rnb bench mixing`` and ``benchmarks/``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["plot_eval_curves", "plot_weights", "plot_method_bars"]
+__all__ = ["plot_eval_curves", "plot_method_bars", "plot_weights", "pyplot"]
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the headless Agg backend."""
     import matplotlib
 
     # Agg: no display on CI machines or servers; must be chosen before pyplot is imported.
@@ -32,7 +33,7 @@ def plot_eval_curves(
         curves: ``{method: (steps, eval_losses)}``.
         path: output ``.png``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for name, (steps, losses) in curves.items():
         ax.plot(steps, losses, marker="o", ms=3, label=name)
@@ -62,7 +63,7 @@ def plot_weights(
             labelled; the rest are drawn but unlabelled so the legend stays readable).
         path: output ``.png``.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = max(1, len(runs))
     fig, axes = plt.subplots(n, 1, figsize=(7.0, 2.4 * n), squeeze=False)
     for ax, (method, (steps, w)) in zip(axes[:, 0], runs.items()):
@@ -96,7 +97,7 @@ def plot_method_bars(
     rows: Mapping[str, tuple[float, float]], path: str | Path, ylabel: str, title: str = ""
 ) -> Path:
     """Bar chart with error bars: ``{method: (mean, std)}``."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(rows) + 2), 3.8))
     names = list(rows)
     means = [rows[k][0] for k in names]

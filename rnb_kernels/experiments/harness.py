@@ -1,0 +1,382 @@
+"""The one benchmark harness: environment columns, results location, CSV and markdown output,
+timing (GPU, CPU, and interleaved A/B of whole steps) and robust statistics.
+
+Used by ``rnb bench mixing``, ``rnb bench overhead`` and the scripts in ``benchmarks/``.
+
+* :func:`environment` — the columns every result row carries, under one set of names:
+  ``timestamp, device, hardware, threads, torch, triton, cuda, python, git_sha, git_dirty,
+  load_avg_1min``. ``hardware`` is the GPU name on CUDA and the CPU model otherwise.
+* :func:`results_dir` — ``--out`` when given, else ``$RNB_RESULTS_DIR``, else
+  ``benchmarks/results`` of the source checkout the package was imported from, else
+  ``./benchmark_results`` (an installed package has no checkout).
+* :func:`append_csv` (header union), :func:`write_csv`, :func:`markdown_table`.
+* :func:`median_ms` — ``triton.testing.do_bench`` on CUDA (L2 flushed between runs, CUDA
+  events), a ``perf_counter`` loop on the CPU (:func:`cpu_time_ms`).
+* :func:`time_interleaved` — variants run round-robin (A B C A B C ...), so load from other
+  processes and clock drift hit every variant alike; :func:`summarize` (median, IQR,
+  bootstrap CI of the median) and :func:`ratio_ci` (ratio of medians, bootstrap CI paired by
+  round) turn the samples into numbers that can be compared.
+
+Example:
+    >>> samples = time_interleaved({"a": lambda: sum(range(100)), "b": lambda: None}, 5)
+    >>> s = summarize(samples["a"])
+    >>> s.ci_low <= s.median <= s.ci_high
+    True
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Summary",
+    "append_csv",
+    "copy_bandwidth",
+    "cpu_model",
+    "cpu_time_ms",
+    "environment",
+    "git_info",
+    "gpu_time_ms",
+    "markdown_table",
+    "median_ms",
+    "median_ms_group",
+    "ratio_ci",
+    "results_csv",
+    "results_dir",
+    "summarize",
+    "time_interleaved",
+    "write_csv",
+]
+
+# The repository root when the package runs from a source checkout (editable install or
+# PYTHONPATH); an installed wheel has no benchmarks/ beside it.
+_CHECKOUT = Path(__file__).resolve().parents[2]
+
+
+# ----------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    """CPU model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_info(path: str | Path | None = None) -> tuple[str, bool | None]:
+    """``(short SHA of HEAD, tracked files differ from it)`` of the checkout holding ``path``
+    (default: this package's checkout); ``("unknown", None)`` outside git."""
+    cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+        if sha.returncode != 0:
+            return "unknown", None
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd, capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return sha.stdout.strip(), bool(dirty.stdout.strip())
+
+
+def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The columns that make a result row comparable across machines and commits."""
+    device = torch.device(device)
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    try:  # CPU rows from a shared machine are only as good as its idleness
+        load = round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        load = ""
+    sha, dirty = git_info()
+    return {
+        "timestamp": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda or "",
+        "python": platform.python_version(),
+        "git_sha": sha,
+        "git_dirty": "" if dirty is None else dirty,
+        "load_avg_1min": load,
+    }
+
+
+# ----------------------------------------------------------------------------- output
+def results_dir(out: str | Path | None = None) -> Path:
+    """Where results go: ``out``, else ``$RNB_RESULTS_DIR``, else the source checkout's
+    ``benchmarks/results``, else ``./benchmark_results`` (not created here)."""
+    if out is not None:
+        return Path(out)
+    env = os.environ.get("RNB_RESULTS_DIR")
+    if env:
+        return Path(env)
+    checkout = _CHECKOUT / "benchmarks" / "results"
+    if checkout.is_dir():
+        return checkout
+    return Path.cwd() / "benchmark_results"
+
+
+def results_csv(prefix: str, device: str | torch.device, out: str | Path | None = None) -> Path:
+    """``<results_dir(out)>/<prefix>_<gpu|cpu>.csv``."""
+    kind = "gpu" if torch.device(device).type == "cuda" else "cpu"
+    return results_dir(out) / f"{prefix}_{kind}.csv"
+
+
+def append_csv(path: str | Path, rows: Iterable[Mapping[str, Any]]) -> Path:
+    """Append rows to a CSV, writing the header when the file is new.
+
+    Columns are the union of the existing header and the new keys: a new column rewrites the
+    file once with the wider header (old rows get empty cells) instead of misaligning rows.
+    """
+    rows = list(rows)
+    path = Path(path)
+    old: list[dict[str, str]] = []
+    header: list[str] = []
+    if path.exists() and path.stat().st_size:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = list(reader.fieldnames or [])
+            old = list(reader)
+    added = [k for k in dict.fromkeys(k for r in rows for k in r) if k not in header]
+    if added or not old:
+        return write_csv(path, [*old, *rows], [*header, *added])
+    with open(path, "a", newline="") as f:
+        csv.DictWriter(f, fieldnames=header, restval="").writerows(rows)
+    return path
+
+
+def write_csv(
+    path: str | Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None
+) -> Path:
+    """Write ``rows`` to a new CSV (columns: ``columns``, else every key in first-seen order)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if columns is None:
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), restval="")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """GitHub markdown table of ``rows`` (floats as ``%.4g``; missing cells empty)."""
+
+    def cell(v: Any) -> str:
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- timing
+def gpu_time_ms(
+    fn: Callable[[], object], *, warmup_ms: float = 25.0, rep_ms: float = 100.0
+) -> float:
+    """Median ms of ``fn()`` on a CUDA device with ``triton.testing.do_bench``."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def cpu_time_ms(
+    fn: Callable[[], object],
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+    min_reps: int = 3,
+    max_reps: int = 1000,
+) -> float:
+    """Median ms of ``fn()`` on the CPU: run for about ``warmup_ms``, then timed one call at
+    a time for about ``rep_ms`` (at least ``min_reps`` calls). The median discards stragglers
+    caused by other processes."""
+    t_end = time.perf_counter() + warmup_ms / 1e3
+    fn()
+    while time.perf_counter() < t_end:
+        fn()
+    times: list[float] = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < min_reps or (time.perf_counter() < t_end and len(times) < max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def median_ms(
+    fn: Callable[[], object],
+    device: str | torch.device,
+    *,
+    warmup_ms: float = 25.0,
+    rep_ms: float = 100.0,
+) -> float:
+    """Median ms of ``fn()``: :func:`gpu_time_ms` on CUDA, :func:`cpu_time_ms` otherwise."""
+    if torch.device(device).type == "cuda":
+        return gpu_time_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return cpu_time_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
+
+
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Time whole steps of several variants round-robin: A B C, A B C, ...
+
+    Every variant runs ``warmup`` untimed rounds, then ``repeats`` timed ones; sample ``i`` of
+    every variant comes from round ``i``, so samples are paired by round (see
+    :func:`ratio_ci`).
+
+    Args:
+        fns: ``{name: fn}``; each ``fn()`` is one unit of work (a step, a round of steps).
+        repeats: timed rounds (``>= 1``).
+        warmup: untimed rounds first.
+        sync: called before each clock read (e.g. ``torch.cuda.synchronize``) so the time of
+            asynchronous work lands in its own variant.
+
+    Returns:
+        ``{name: [seconds] * repeats}``.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1; got {repeats}")
+    if not fns:
+        raise ValueError("fns is empty")
+    sync = sync or (lambda: None)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms_group(
+    fns: Mapping[str, Callable[[], object]],
+    device: str | torch.device,
+    *,
+    rep_ms: float = 100.0,
+    min_reps: int = 5,
+    max_reps: int = 1000,
+) -> dict[str, float]:
+    """Median ms of each of several callables that are compared with one another.
+
+    CUDA: :func:`gpu_time_ms` one after the other (the GPU is not shared). CPU:
+    :func:`time_interleaved`, with as many rounds as fit ``rep_ms`` per callable (at least
+    ``min_reps``), so the ratios between them stay meaningful on a loaded machine.
+    """
+    if torch.device(device).type == "cuda":
+        return {name: gpu_time_ms(fn, rep_ms=rep_ms) for name, fn in fns.items()}
+    t0 = time.perf_counter()
+    for fn in fns.values():  # one untimed round: warm-up and the size of a round
+        fn()
+    per_round = max(time.perf_counter() - t0, 1e-9)
+    repeats = int(min(max_reps, max(min_reps, rep_ms * len(fns) / 1e3 / per_round)))
+    samples = time_interleaved(fns, repeats, warmup=0)
+    return {name: float(np.median(t) * 1e3) for name, t in samples.items()}
+
+
+def copy_bandwidth(device: str | torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-memory copy bandwidth in bytes/s (read + write counted): what a plain
+    ``copy_`` achieves on this machine, the yardstick of the bandwidth-bound targets."""
+    n = nbytes // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    ms = median_ms(lambda: dst.copy_(src), device)
+    return 2 * n * 4 / (ms / 1e3)
+
+
+# ----------------------------------------------------------------------------- statistics
+@dataclass(frozen=True)
+class Summary:
+    """Robust summary of timing samples (same unit as the samples).
+
+    Attributes:
+        median: the sample median.
+        q25, q75: the interquartile range.
+        ci_low, ci_high: bootstrap confidence interval of the median.
+        n: number of samples.
+    """
+
+    median: float
+    q25: float
+    q75: float
+    ci_low: float
+    ci_high: float
+    n: int
+
+
+def _boot_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def summarize(
+    samples: Sequence[float], confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> Summary:
+    """Median, IQR and a percentile-bootstrap CI of the median of ``samples`` (``float[n]``)."""
+    x = np.asarray(samples, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"samples must be a non-empty 1-D sequence; got shape {x.shape}")
+    meds = np.median(x[_boot_indices(x.size, n_boot, seed)], axis=1)
+    alpha = (1.0 - confidence) / 2
+    q25, q75 = np.percentile(x, [25, 75])
+    lo, hi = np.quantile(meds, [alpha, 1 - alpha])
+    return Summary(float(np.median(x)), float(q25), float(q75), float(lo), float(hi), int(x.size))
+
+
+def ratio_ci(
+    a: Sequence[float],
+    b: Sequence[float],
+    confidence: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """``median(a) / median(b)`` and its bootstrap CI, resampling *rounds*: sample ``i`` of
+    ``a`` and of ``b`` are drawn together, as :func:`time_interleaved` measured them side by
+    side.
+
+    Returns:
+        ``(ratio, ci_low, ci_high)``.
+    """
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1 or x.size == 0:
+        raise ValueError(f"a and b must be paired 1-D samples; got {x.shape} and {y.shape}")
+    idx = _boot_indices(x.size, n_boot, seed)
+    ratios = np.median(x[idx], axis=1) / np.median(y[idx], axis=1)
+    alpha = (1.0 - confidence) / 2
+    lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
+    return float(np.median(x) / np.median(y)), float(lo), float(hi)
