@@ -207,6 +207,16 @@ def test_op_id_patterns(pattern, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_op_per_sample_runs(backend):
+    # Per-sample ids broadcast over 40 tokens: long runs, which the torch backend multiplies
+    # as views in place instead of gathering rows into domain order.
+    g = torch.Generator().manual_seed(19)
+    x, dy = make_inputs(200, 9, 30, torch.float32, g)
+    ids = torch.randint(-1, 4, (5,), generator=g).repeat_interleave(40).to(DEVICE)
+    check_against_reference(x, dy, ids, 4, backend, bias=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_op_more_domains_than_rows_and_wide_projection(backend):
     g = torch.Generator().manual_seed(5)
     x, dy = make_inputs(37, 5, 300, torch.float32, g)

@@ -17,7 +17,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import get_impl, resolve_backend
-from .grouping import group_rows, host_segments
+from .segmented_wgrad import domain_row_blocks
 
 _U32 = 2**32
 
@@ -101,16 +101,16 @@ def domain_projection_torch(
     bias: bool,
 ) -> torch.Tensor:
     """Torch backend: ``dW = dy.t().mm(x)`` (autograd's GEMM, so ``param.grad`` is
-    bit-identical), then ``proj[d] += (dy_d P_outᵀ)ᵀ x_d`` per present domain, in fp32."""
+    bit-identical), then ``proj[d] += (dy_d P_outᵀ)ᵀ x_d`` per present domain, in fp32.
+
+    ``dy`` is folded for every row (ignored rows included) before rows are grouped: the fold
+    is the one pass over ``[N, K_out]``, and grouping then moves only ``[N, proj_dim]``."""
     dw = dy.t().mm(x)
-    order, bounds = group_rows(domain_ids, num_domains)
-    segments = host_segments(bounds)
-    if segments:
-        dyp = project_columns_torch(dy, proj.shape[1], seed, layer, row_offset, H.PROJ_OUT)
-        dyp = dyp.index_select(0, order)
-        xs = input_side(x.index_select(0, order), proj_in_dim, bias, seed, layer)
-        for d, lo, hi in segments:
-            proj[d].addmm_(dyp[lo:hi].t(), xs[lo:hi])
+    dyp = project_columns_torch(dy, proj.shape[1], seed, layer, row_offset, H.PROJ_OUT)
+    xin = input_side(x, proj_in_dim, bias, seed, layer)
+    for d, parts in domain_row_blocks(xin, dyp, domain_ids, num_domains):
+        for dys, xs in parts:
+            proj[d].addmm_(dys.t(), xs)
     return dw
 
 
@@ -130,11 +130,7 @@ def _domain_projection_op(
     check_ids: bool,
     check_finite: bool,
 ) -> torch.Tensor:
-    if check_ids:
-        V.check_id_values(domain_ids, num_domains)
-    if check_finite:
-        V.check_finite("x", x)
-        V.check_finite("dy", dy)
+    V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     impl = get_impl("domain_projection", backend)
     return impl(x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias)
 
