@@ -263,6 +263,26 @@ def test_odm_matches_exp3_and_favours_high_loss():
         mixer.update(losses=torch.tensor([float("nan"), 1.0, 1.0]), counts=torch.ones(3))
 
 
+def test_odm_exploration_shortens_the_uniform_phase():
+    """With the paper's rate (exploration=1) the policy is exactly uniform for K ln K updates;
+    exploration c < 1 leaves it after c² K ln K and keeps a floor of ε_t per domain."""
+    m = 20
+    losses = torch.linspace(1.0, 3.0, m)
+    paper, scaled = ODM(m), ODM(m, exploration=0.2)
+    for _ in range(10):
+        w_paper = paper.update(losses=losses, counts=torch.ones(m))
+        w_scaled = scaled.update(losses=losses, counts=torch.ones(m))
+    np.testing.assert_allclose(w_paper.numpy(), 1 / m)  # 10 < 20 ln 20 = 60
+    assert float(w_scaled[-1]) > 1.1 / m and int(w_scaled.argmax()) == m - 1
+    assert float(w_scaled.min()) >= scaled._eps(11) - 1e-12
+    state = scaled.state_dict()
+    again = ODM(m)
+    again.load_state_dict(state)
+    assert again.exploration == 0.2
+    with pytest.raises(ValueError, match="exploration"):
+        ODM(m, exploration=0.0)
+
+
 def _drive(mixer, rng):
     m = mixer.num_domains
     if isinstance(mixer, RnB):
