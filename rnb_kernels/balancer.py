@@ -64,6 +64,7 @@ class Statistic:
 
 
 _STATISTICS: dict[str, Statistic] = {}
+_TB_MISSING_LOGGED = False
 
 
 def register_statistic(name: str, *, needs_tracker: bool = False, replace: bool = False):
@@ -285,7 +286,10 @@ class Balancer:
 
                 self._tb = SummaryWriter(self.log_dir)
             except ImportError:
-                logger.info("tensorboard not installed; logging CSV and JSONL only")
+                global _TB_MISSING_LOGGED
+                if not _TB_MISSING_LOGGED:  # once per process, not once per run
+                    logger.info("tensorboard not installed; logging CSV and JSONL only")
+                    _TB_MISSING_LOGGED = True
 
     # ------------------------------------------------------------------ loop hooks
     def make_sampler(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import numpy as np
@@ -695,3 +696,17 @@ def test_round_summary_is_one_short_line():
     eff = float(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
     assert f"eff. domains {eff:.2f}/61" in line
     assert "top d7=0.750 d3=0.250 d0=0.000" in line and "update 500.0 ms" in line
+
+
+def test_balancer_round_line_names_domains(caplog):
+    from rnb_kernels.balancer import round_summary
+
+    rec = {"round": 1, "step": 5, "weights": [0.2, 0.8], "update_time_s": 0.001}
+    assert "top winogrande=0.800 quoref=0.200" in round_summary(rec, names=["quoref", "winogrande"])
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="domain_names has 1 entries; the mixer has 2"):
+        Balancer(model, Stratified(2), domain_names=["a"])
+    bal = Balancer(model, Stratified(2), domain_names=["a", "b"], log_name="run7")
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
+        bal.update()
+    assert any(r.getMessage().startswith("run7: round 1 (step 0)") for r in caplog.records)
