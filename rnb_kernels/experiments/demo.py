@@ -195,11 +195,17 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format=fmt)
     fh = logging.FileHandler(out / "demo.log", mode="w")
     fh.setFormatter(logging.Formatter(fmt))
     root = logging.getLogger()
     root.addHandler(fh)
+    # The package's records reach demo.log even where the root logger was configured already
+    # (an embedding application, pytest).
+    pkg = logging.getLogger("rnb_kernels")
+    old_level = pkg.level
+    pkg.setLevel(level)
     try:
         # Log lines go through tqdm.write, so they print above the progress bar, not into it.
         with logging_redirect_tqdm():
@@ -207,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         root.removeHandler(fh)
         fh.close()
+        pkg.setLevel(old_level)
     print(res["table"])
     print(
         f"\nwrote {out}/: results.csv results.md eval_loss.png weights.png meta.json "
