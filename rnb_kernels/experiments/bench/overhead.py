@@ -48,6 +48,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["PRESETS", "OverheadConfig", "add_arguments", "format_rows", "run", "run_overhead"]
 
 
+def _tracker_modes() -> tuple[str, ...]:
+    """The tracker's modes, its default ("auto", the size rule) first when it has one."""
+    import inspect
+
+    from ...tracking import DomainGradientTracker
+    from ...tracking.slot import MODE_OPS
+
+    default = inspect.signature(DomainGradientTracker).parameters["mode"].default
+    return (*(["auto"] if default == "auto" else []), *MODE_OPS)
+
+
+DEFAULT_MODES = _tracker_modes()
+
+
 @dataclass(frozen=True)
 class OverheadConfig:
     """Model and batch shape of the benchmark (``T`` tokens per sample, ``m`` domains).
@@ -60,15 +74,15 @@ class OverheadConfig:
     """
 
     vocab_size: int = 8192
-    n_embd: int = 128
+    n_embd: int = 256
     n_layer: int = 2
     n_head: int = 4
-    context: int = 64
-    batch_size: int = 16
+    context: int = 128
+    batch_size: int = 8
     num_domains: int = 16
     update_every: int = 10
     sketch_dim: int = 8192
-    rounds: int = 4
+    rounds: int = 15
     warmup: int = 1
     device: str = "cpu"
     dtype: str = "float32"
@@ -80,7 +94,8 @@ PRESETS: dict[str, OverheadConfig] = {
         vocab_size=512, n_embd=32, n_layer=1, n_head=2, context=16, batch_size=4,
         num_domains=4, sketch_dim=1024, rounds=3, warmup=1, update_every=2,
     ),
-    # Several minutes on a 2-core CPU: the row recorded for every change.
+    # The CPU target shape (vocab 8192, width 256, 2 layers, 8 x 128 tokens, m = 16, a round
+    # every 10 steps); ~10 minutes on a 2-core CPU: the row recorded for every change.
     "cpu": OverheadConfig(),
     # GPT-2-small-sized, sequence 1024, micro-batch 8, m = 64 domains, bf16 autocast: the
     # setting the step-time overhead target is stated for.
@@ -150,11 +165,14 @@ class _Variant:
         self.opt.zero_grad(set_to_none=True)
 
     def round(self) -> None:
-        """One mixing round: ``update_every`` steps, then the statistics a mixer reads."""
+        """One mixing round: ``update_every`` steps, then what an R&B update reads (counts and
+        ``G c`` in one pass over the statistics, as the Balancer does) and the reset."""
         for _ in range(self.cfg.update_every):
             self.step()
         if self.tracker is not None:
-            self.tracker.gram()
+            counts = self.tracker.counts()
+            c = torch.where(counts > 0, 1.0 / counts.clamp(min=1), 0.0)
+            self.tracker.gram_vector(c.cpu())
             self.tracker.reset()
 
     def close(self) -> None:
@@ -212,7 +230,7 @@ def _torch_func(v: _Variant) -> _Variant:
 def run_overhead(
     cfg: OverheadConfig,
     *,
-    modes: tuple[str, ...] = ("exact", "sketch"),
+    modes: tuple[str, ...] = DEFAULT_MODES,
     anchors: bool = True,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
@@ -306,7 +324,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=None, help="untimed rounds per variant")
     p.add_argument("--update-every", type=int, default=None, help="steps per mixing round")
     p.add_argument("--num-domains", type=int, default=None, help="m")
-    p.add_argument("--modes", default="exact,sketch", help="tracker modes, comma-separated")
+    p.add_argument(
+        "--modes",
+        default=",".join(DEFAULT_MODES),
+        help="tracker modes, comma-separated (auto = the tracker's default for this layer)",
+    )
     p.add_argument("--no-anchors", action="store_true", help="skip the two anchor variants")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--csv", default=None, help="append rows to this file instead")
