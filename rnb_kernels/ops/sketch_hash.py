@@ -16,7 +16,9 @@ MurmurHash3 finaliser::
 ``i`` indexes output features (rows of the weight, ``K_out``) and ``j`` input features
 (``K_in``); a layer's bias is column ``j = K_in`` of the augmented ``[W | b]``. The hash depends
 only on ``(seed, layer, i, j)``, so sketches are linear: sketches of different steps,
-micro-batches and ranks add up to the sketch of the sum.
+micro-batches and ranks add up to the sketch of the sum. ``i`` is the *global* row: a rank
+holding rows ``[row_offset, row_offset + K_out)`` of a row-sharded (vocabulary-parallel) weight
+hashes ``row_offset + i``, so the shards' sketches add up to the sketch of the whole weight.
 
 Projected mode hashes single features instead of elements (one count-sketch per side of the
 weight, :func:`projection_hash`)::
@@ -113,8 +115,11 @@ def sketch_hash(
     layer: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
+    *,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buckets and signs of the count-sketch for a ``[k_out, k_in]`` weight.
+    """Buckets and signs of the count-sketch for a ``[k_out, k_in]`` weight (rows
+    ``[row_offset, row_offset + k_out)`` of a row-sharded one).
 
     Returns:
         ``bucket``: int64 ``[k_out, k_in]`` in ``[0, sketch_dim)``;
@@ -124,8 +129,10 @@ def sketch_hash(
         >>> b, s = sketch_hash(3, 5, 16, seed=1)
         >>> b.shape, s.abs().unique().tolist()
         (torch.Size([3, 5]), [1.0])
+        >>> torch.equal(sketch_hash(2, 5, 16, seed=1, row_offset=1)[0], b[1:])
+        True
     """
-    i = torch.arange(k_out, dtype=torch.int64, device=device)
+    i = torch.arange(row_offset, row_offset + k_out, dtype=torch.int64, device=device)
     j = torch.arange(k_in, dtype=torch.int64, device=device)
     return _bucket_sign(_hash(i, j, seed, layer), sketch_dim, dtype)
 
@@ -138,11 +145,14 @@ def bias_hash(
     layer: int = 0,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    *,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bucket (int64 ``[k_out]``) and sign (``[k_out]``) of a bias, hashed as column ``k_in`` of
     the augmented ``[W | b]`` so a layer with bias is sketched as one ``[k_out, k_in + 1]``
-    matrix and no bias bucket collides systematically with a weight bucket."""
-    i = torch.arange(k_out, dtype=torch.int64, device=device)
+    matrix and no bias bucket collides systematically with a weight bucket. ``row_offset``
+    as in :func:`sketch_hash`."""
+    i = torch.arange(row_offset, row_offset + k_out, dtype=torch.int64, device=device)
     j = torch.tensor([k_in], dtype=torch.int64, device=device)
     bucket, sign = _bucket_sign(_hash(i, j, seed, layer), sketch_dim, dtype)
     return bucket[:, 0], sign[:, 0]
