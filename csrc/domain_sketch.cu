@@ -17,6 +17,7 @@ struct SketchArgs {
   uint32_t k;     // buckets, >= 1
   uint32_t seed;
   uint32_t layer;
+  uint32_t row_offset;  // global index of row 0 (row-sharded weights)
 };
 
 template <typename T>
@@ -28,7 +29,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     float* row = s.sketch + d * int64_t(s.k);
     for_each_quad<T, 1>(frag, scratch, row0, col0, k_out, k_in,
                         [&](int64_t gi, int64_t gj, const float4& v, int cols) {
-                          const uint32_t key = sketch_row_key(s.seed, s.layer, uint32_t(gi));
+                          const uint32_t key = sketch_row_key(s.seed, s.layer, uint32_t(gi) + s.row_offset);
 #pragma unroll
                           for (int w = 0; w < 4; ++w) {
                             const float x = quad_at(v, w);
@@ -63,14 +64,14 @@ cudaError_t domain_sketch_launch(const void* x, const void* dy, const int64_t* o
                                  const int64_t* bounds, DType dtype, int64_t n, int64_t k_in,
                                  int64_t k_out, int64_t ldx, int64_t ldy, int64_t num_domains,
                                  float* sketch, int64_t sketch_dim, uint32_t seed,
-                                 uint32_t layer, void* dw, float* workspace,
+                                 uint32_t layer, uint32_t row_offset, void* dw, float* workspace,
                                  int64_t workspace_len, cudaStream_t stream) {
   // The hash indexes rows and columns as uint32 and buckets with a uint32 modulus.
   const int64_t u32 = int64_t(0xFFFFFFFFu);
   if (!wg::valid_problem(dtype, n, k_in, k_out, ldx, ldy, num_domains) || sketch_dim < 1 ||
-      sketch_dim > u32 || k_in > u32 || k_out > u32)
+      sketch_dim > u32 || k_in > u32 || k_out > u32 || int64_t(row_offset) + k_out > u32 + 1)
     return cudaErrorInvalidValue;
-  const SketchArgs s{sketch, uint32_t(sketch_dim), seed, layer};
+  const SketchArgs s{sketch, uint32_t(sketch_dim), seed, layer, row_offset};
   switch (dtype) {
     case DType::kFloat32:
       return launch_typed<float>(x, dy, order, bounds, dtype, n, k_in, k_out, ldx, ldy,

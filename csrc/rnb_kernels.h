@@ -44,12 +44,13 @@ cudaError_t segmented_wgrad_launch(const void* x, const void* dy, const int64_t*
                                    int64_t workspace_len, cudaStream_t stream);
 
 // Sketch mode: sketch (fp32 [num_domains, sketch_dim], contiguous) row d += the count-sketch of
-// domain d's dyᵀ·x under the (seed, layer) hash of sketch_hash.h.
+// domain d's dyᵀ·x under the (seed, layer) hash of sketch_hash.h. Row i is hashed as global row
+// row_offset + i (a row shard of a larger weight), so shards' sketches add up.
 cudaError_t domain_sketch_launch(const void* x, const void* dy, const int64_t* order,
                                  const int64_t* bounds, DType dtype, int64_t n, int64_t k_in,
                                  int64_t k_out, int64_t ldx, int64_t ldy, int64_t num_domains,
                                  float* sketch, int64_t sketch_dim, uint32_t seed,
-                                 uint32_t layer, void* dw, float* workspace,
+                                 uint32_t layer, uint32_t row_offset, void* dw, float* workspace,
                                  int64_t workspace_len, cudaStream_t stream);
 
 }  // namespace rnb

@@ -101,20 +101,23 @@ PYBIND11_MODULE(_C, mod) {
       [](std::uintptr_t x, std::uintptr_t dy, std::uintptr_t order, std::uintptr_t bounds,
          int dtype, int64_t n, int64_t k_in, int64_t k_out, int64_t ldx, int64_t ldy,
          int64_t num_domains, std::uintptr_t sketch, int64_t sketch_dim, uint32_t seed,
-         uint32_t layer, std::uintptr_t dw, std::uintptr_t workspace, int64_t workspace_len,
-         std::uintptr_t stream) {
+         uint32_t layer, uint32_t row_offset, std::uintptr_t dw, std::uintptr_t workspace,
+         int64_t workspace_len, std::uintptr_t stream) {
         check(rnb::domain_sketch_launch(
                   ptr<const void>(x), ptr<const void>(dy), ptr<const int64_t>(order),
                   ptr<const int64_t>(bounds), rnb::DType(dtype), n, k_in, k_out, ldx, ldy,
-                  num_domains, ptr<float>(sketch), sketch_dim, seed, layer, ptr<void>(dw),
-                  ptr<float>(workspace), workspace_len, stream_of(stream)),
+                  num_domains, ptr<float>(sketch), sketch_dim, seed, layer, row_offset,
+                  ptr<void>(dw), ptr<float>(workspace), workspace_len, stream_of(stream)),
               "domain_sketch");
       },
       py::arg("x"), py::arg("dy"), py::arg("order"), py::arg("bounds"), py::arg("dtype"),
       py::arg("n"), py::arg("k_in"), py::arg("k_out"), py::arg("ldx"), py::arg("ldy"),
       py::arg("num_domains"), py::arg("sketch"), py::arg("sketch_dim"), py::arg("seed"),
-      py::arg("layer"), py::arg("dw"), py::arg("workspace"), py::arg("workspace_len"),
-      py::arg("stream"),
+      py::arg("layer"), py::arg("row_offset"), py::arg("dw"), py::arg("workspace"),
+      py::arg("workspace_len"), py::arg("stream"),
       "dw[k_out, k_in] = dy^T x over all rows; sketch[d] (fp32 [num_domains, sketch_dim]) += "
-      "count-sketch of domain d's dy^T x under the (seed, layer) hash");
+      "count-sketch of domain d's dy^T x under the (seed, layer) hash, row i hashed as global "
+      "row row_offset + i");
+  // Lets the Python launcher tell this build from ones whose domain_sketch has no row_offset.
+  mod.attr("DOMAIN_SKETCH_ROW_OFFSET") = true;
 }

@@ -19,9 +19,9 @@ def is_initialized() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def world_size() -> int:
-    """Number of ranks (1 without an initialised process group)."""
-    return torch.distributed.get_world_size() if is_initialized() else 1
+def world_size(group=None) -> int:
+    """Number of ranks in ``group`` (default: all; 1 without an initialised process group)."""
+    return torch.distributed.get_world_size(group) if is_initialized() else 1
 
 
 def rank() -> int:
@@ -41,21 +41,24 @@ def _comm_device(t: torch.Tensor) -> torch.device:
     return torch.device("cpu") if "gloo" in str(backend) else t.device
 
 
-def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
-    """Sum each tensor over ranks, in place. No-op on a single process.
+def all_reduce_sum_(tensors: Iterable[torch.Tensor], group=None) -> None:
+    """Sum each tensor over the ranks of ``group`` (default: all), in place. No-op on a single
+    process or a one-rank group.
 
     Args:
-        tensors: tensors of identical shapes and dtypes on every rank (same order everywhere).
+        tensors: tensors of identical shapes and dtypes on every rank of ``group`` (same order
+            everywhere).
+        group: a ``ProcessGroup`` (e.g. a DeviceMesh dimension's ``get_group()``) or ``None``.
     """
-    if not is_initialized() or world_size() == 1:
+    if not is_initialized() or world_size(group) == 1:
         return
     for t in tensors:
         dev = _comm_device(t)
         if t.device == dev and t.is_contiguous():
-            torch.distributed.all_reduce(t)
+            torch.distributed.all_reduce(t, group=group)
         else:
             staged = t.to(dev).contiguous()
-            torch.distributed.all_reduce(staged)
+            torch.distributed.all_reduce(staged, group=group)
             t.copy_(staged)
 
 

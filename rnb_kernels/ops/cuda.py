@@ -102,6 +102,7 @@ def domain_sketch_cuda(
     sketch: torch.Tensor,
     seed: int,
     layer: int,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """``_domain_sketch_kernel``: ``dW = dyᵀ x`` and ``sketch[d] +=`` count-sketch of domain ``d``'s
     ``dyᵀ x`` (hash of :mod:`rnb_kernels.ops.sketch_hash`).
@@ -113,11 +114,15 @@ def domain_sketch_cuda(
         num_domains: ``m``.
         sketch: float32 ``[m, k]`` contiguous, updated in place.
         seed, layer: hash key, integers in ``[0, 2**32)``.
+        row_offset: global index of row 0 of a row shard (builds without
+            ``DOMAIN_SKETCH_ROW_OFFSET`` only take 0; the public op checks).
 
     Returns:
         ``dW`` ``[K_out, K_in]`` in ``x.dtype``. Runs on the current stream of ``x.device``.
     """
-    extra = (sketch.data_ptr(), sketch.shape[1], int(seed), int(layer))
+    extra: tuple = (sketch.data_ptr(), sketch.shape[1], int(seed), int(layer))
+    if getattr(extension(), "DOMAIN_SKETCH_ROW_OFFSET", False):
+        extra += (int(row_offset),)
     return _segmented_call("domain_sketch", x, dy, domain_ids, num_domains, extra)
 
 

@@ -15,20 +15,41 @@ from .segmented_wgrad import domain_bias_sums, domain_row_blocks
 _U32_MAX = 2**32 - 1
 
 
+def _cuda_takes_row_offset() -> bool:
+    # Builds of rnb_kernels._C older than the row_offset argument hash rows from 0.
+    from .cuda import extension
+
+    return bool(getattr(extension(), "DOMAIN_SKETCH_ROW_OFFSET", False))
+
+
 @functools.lru_cache(maxsize=8)
 def _flat_hash(
-    k_out: int, k_in: int, sketch_dim: int, seed: int, layer: int, device: torch.device
+    k_out: int,
+    k_in: int,
+    sketch_dim: int,
+    seed: int,
+    layer: int,
+    device: torch.device,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cached flat ``(bucket int32 [K_out*K_in], sign float32 [K_out*K_in])`` on ``device``."""
-    bucket, sign = H.sketch_hash(k_out, k_in, sketch_dim, seed, layer, device, torch.float32)
+    bucket, sign = H.sketch_hash(
+        k_out, k_in, sketch_dim, seed, layer, device, torch.float32, row_offset=row_offset
+    )
     return bucket.reshape(-1).to(torch.int32), sign.reshape(-1)
 
 
 @functools.lru_cache(maxsize=32)
 def _bias_hash(
-    k_out: int, k_in: int, sketch_dim: int, seed: int, layer: int, device: torch.device
+    k_out: int,
+    k_in: int,
+    sketch_dim: int,
+    seed: int,
+    layer: int,
+    device: torch.device,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return H.bias_hash(k_out, k_in, sketch_dim, seed, layer, device)
+    return H.bias_hash(k_out, k_in, sketch_dim, seed, layer, device, row_offset=row_offset)
 
 
 def domain_sketch_torch(
@@ -39,6 +60,7 @@ def domain_sketch_torch(
     sketch: torch.Tensor,
     seed: int,
     layer: int,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add."""
     dw = dy.t().mm(x)
@@ -46,7 +68,7 @@ def domain_sketch_torch(
     for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
         if bucket is None:
             k = sketch.shape[1]
-            bucket, sign = _flat_hash(dy.shape[1], x.shape[1], k, seed, layer, x.device)
+            bucket, sign = _flat_hash(dy.shape[1], x.shape[1], k, seed, layer, x.device, row_offset)
         dys, xs = parts[0]
         tile = dys.t().mm(xs)
         for dys, xs in parts[1:]:
@@ -68,18 +90,24 @@ def _domain_sketch_op(
     backend: str,
     check_ids: bool,
     check_finite: bool,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     impl = get_impl("domain_sketch", backend)
-    dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer)
+    dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer, row_offset)
     if bias:
-        bucket, sign = _bias_hash(dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device)
+        bucket, sign = _bias_hash(
+            dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device, row_offset
+        )
         sketch.index_add_(1, bucket, domain_bias_sums(dy, domain_ids, num_domains) * sign)
     return dw
 
 
 @_domain_sketch_op.register_fake
-def _(x, dy, domain_ids, num_domains, sketch, seed, layer, bias, backend, check_ids, check_finite):
+def _(
+    x, dy, domain_ids, num_domains, sketch, seed, layer, bias, backend, check_ids, check_finite,
+    row_offset=0,
+):  # fmt: skip
     return x.new_empty(dy.shape[1], x.shape[1])
 
 
@@ -97,6 +125,7 @@ def domain_sketch(
     bias: bool = False,
     check_ids: bool = True,
     check_finite: bool = False,
+    row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus a count-sketch of each domain's share.
 
@@ -121,6 +150,10 @@ def domain_sketch(
             the augmented ``[W | b]`` (so a layer with bias is one ``[K_out, K_in + 1]`` sketch).
         check_ids: as in :func:`segmented_wgrad`.
         check_finite: raise ``ValueError`` before touching ``sketch`` on NaN/Inf inputs.
+        row_offset: global index of ``dy``'s first column when this is a row shard of a larger
+            weight (rows ``[row_offset, row_offset + K_out)``, a vocabulary-parallel head): rows
+            are hashed by global index, so the shards' sketches add up to the full weight's.
+            ``row_offset + K_out <= 2**32``.
 
     Returns:
         ``(dW, sketch)``: ``dW`` ``[K_out, K_in]`` in ``x.dtype`` and the updated sketch.
@@ -130,10 +163,17 @@ def domain_sketch(
         >>> dw, s = domain_sketch(x, dy, torch.tensor([0, 0, 1, 1, -1]), 2, sketch_dim=64)
         >>> s.shape
         torch.Size([2, 64])
+        >>> # Two row shards of the same gradient add up to its sketch.
+        >>> ids = torch.tensor([0, 0, 1, 1, -1])
+        >>> _, top = domain_sketch(x, dy[:, :2], ids, 2, sketch_dim=64)
+        >>> _, bot = domain_sketch(x, dy[:, 2:], ids, 2, sketch_dim=64, row_offset=2)
+        >>> torch.allclose(top + bot, s, atol=1e-5)
+        True
     """
     V.check_wgrad_inputs(x, dy, domain_ids, num_domains)
     V.check_int(seed, "seed", low=0, high=_U32_MAX)
     V.check_int(layer, "layer", low=0, high=_U32_MAX)
+    V.check_int(row_offset, "row_offset", low=0, high=_U32_MAX + 1 - dy.shape[1])
     if sketch is None:
         V.check_int(sketch_dim, "sketch_dim", low=1)
         sketch = torch.zeros(num_domains, sketch_dim, dtype=torch.float32, device=x.device)
@@ -145,8 +185,13 @@ def domain_sketch(
     be = resolve_backend("domain_sketch", backend, x.device)
     if be != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
+    if row_offset and be == "cuda" and not _cuda_takes_row_offset():
+        raise ValueError(
+            "row_offset: this build's cuda domain_sketch kernel hashes rows from 0; "
+            "rebuild rnb_kernels._C or use backend='triton' / 'torch' for row-sharded weights"
+        )
     dw = _domain_sketch_op(
         x, dy, domain_ids, num_domains, sketch, seed, layer, bool(bias), be,
-        bool(check_ids), bool(check_finite),
+        bool(check_ids), bool(check_finite), int(row_offset),
     )  # fmt: skip
     return dw, sketch

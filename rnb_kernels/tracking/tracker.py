@@ -2,9 +2,10 @@
 normal backward at (nearly) no extra cost.
 
 The weight gradient of each tracked layer goes through :func:`rnb_kernels.ops.segmented_wgrad`
-(exact mode) or :func:`rnb_kernels.ops.domain_sketch` (sketch mode): the op returns the ordinary
-weight gradient ``dyᵀ x`` *and* adds each domain's share into fp32 statistics, so the bookkeeping
-replaces the weight-gradient GEMM instead of adding a second pass. On the torch backend the
+(exact mode), :func:`rnb_kernels.ops.domain_projection` (projected mode) or
+:func:`rnb_kernels.ops.domain_sketch` (sketch mode): the op returns the ordinary weight gradient
+``dyᵀ x`` *and* adds each domain's share into fp32 statistics, so the bookkeeping replaces the
+weight-gradient GEMM instead of adding a second pass. On the torch backend the
 returned gradient is literally ``dy.t().mm(x)``, the GEMM autograd runs for ``nn.Linear``, so
 ``param.grad`` is bit-identical to an untracked backward (other backends compute it in their own
 kernel: equal within the dtype's rounding). See :mod:`.linear` for how the backward is routed.
@@ -30,6 +31,15 @@ min/max reduction over ``x`` and ``dy`` and a host sync per tracked layer. Loss 
 is undone exactly: pass ``grad_scale=scaler`` to :meth:`domains` and the buffers are kept in the
 current scale's units and rescaled (by a power of two, so exactly) when the scale changes.
 
+Choosing the mode
+-----------------
+``mode="auto"`` (default) keeps exact accumulators while they are small and projects beyond:
+exact when ``num_domains * P_tracked <= AUTO_EXACT_MAX_ELEMENTS`` (``2**24`` fp32 elements,
+64 MiB; ``P_tracked`` counts weights and biases of the tracked layers), projected otherwise. The
+resolved mode is stored in :attr:`DomainGradientTracker.mode` and logged; pass ``mode="exact"``
+/ ``"projected"`` / ``"sketch"`` to override. ``docs/tracking.md`` ("Projected mode") explains
+the projection, its variance and the default ``proj_dim``.
+
 Multi-process
 -------------
 Buffers and counts are local to each rank. Reading statistics (``gram()``, ``counts()``,
@@ -37,6 +47,24 @@ Buffers and counts are local to each rank. Reading statistics (``gram()``, ``cou
 ``torch.distributed`` is initialised, so the reads are collectives: call them on all ranks.
 Accumulating more after such a read (without ``reset()``) is supported: each rank then scales
 its (now global) buffers by ``1 / world_size`` so the next all-reduce does not double count.
+
+Under FSDP2 the forward sees the unsharded weight, so every rank accumulates full-size
+statistics of its own data and the all-reduce above sums them. A row-sharded (tensor-parallel,
+vocabulary-parallel) tracked weight is accumulated on this rank's rows only: exact buffers are
+``[m, V / tp, K_in]`` and their partial Grams are summed over the tensor-parallel group at read
+time; sketches hash rows by their global index, so the shards' sketches are summed into the
+full one. Ranks of one tensor-parallel group see the same data, so counts and buffers are
+summed over the data-parallel group only (``dp_group``). See ``docs/distributed.md``.
+
+Never silently tracking nothing
+-------------------------------
+A tracked layer whose weight is used without calling its ``forward`` (a fused linear
+cross-entropy such as Liger-Kernel's reads ``lm_head.weight`` directly) would contribute
+nothing. At the end of every ``domains()`` / ``target()`` block the tracker checks, per layer,
+whether its statistics were accumulated; if not, while its weight received a gradient in the
+block or the model ran its forward without calling the layer's, it raises (``on_untracked=
+"raise"``, default) or warns, naming the layer and the fix
+(:func:`rnb_kernels.integrations.fused_ce.fused_linear_cross_entropy` with ``tracker=``).
 """
 
 from __future__ import annotations
@@ -55,7 +83,7 @@ from .. import distributed as rdist
 from ..ops import gram
 from ..ops.gram import gram_matvec
 from .ids import per_sample_counts, validate_domain_ids
-from .linear import DOMAIN, TARGET, Context, canonical_name, is_tracked, make_forward
+from .linear import DOMAIN, SLOTS, TARGET, Context, canonical_name, is_tracked, make_forward
 from .slot import MODE_OPS, Slot
 
 logger = logging.getLogger(__name__)
@@ -63,8 +91,16 @@ logger = logging.getLogger(__name__)
 __all__ = ["DomainGradientTracker"]
 
 _MODES = tuple(MODE_OPS)
+# mode="auto": exact accumulators up to this many fp32 elements (m * P_tracked), 64 MiB; a
+# GPT-2 head at m = 16 is 620M elements, the CPU GPT config (8192 x 256, m = 16) 34M.
+AUTO_EXACT_MAX_ELEMENTS = 2**24
+# Projected mode's default rows per layer: on real LM-head gradients R&B weights stay within
+# 0.01 of exact from 64 rows on (worst 0.0078); 128 leaves a 2x margin (worst 0.0054) at a
+# cost that hardly depends on it (benchmarks/results/projection_error_cpu.md).
+DEFAULT_PROJ_DIM = 128
 _NONFINITE = ("round", "micro-batch")
 _ID_CHECKS = ("auto", "eager", "deferred")
+_ON_UNTRACKED = ("raise", "warn", "ignore")
 
 
 class DomainGradientTracker:
@@ -77,9 +113,16 @@ class DomainGradientTracker:
             an ``nn.Linear`` of the model, a name pattern (``fnmatch``, e.g. ``"blocks.*.mlp.fc2"``)
             or a list mixing both. Every match must be an ``nn.Linear``.
         mode: ``"exact"`` keeps fp32 ``[m, K_out, K_in]`` (+ ``[m, K_out]`` bias) accumulators
-            per layer; ``"sketch"`` keeps a fp32 count-sketch ``[m, sketch_dim]`` per layer
-            (the bias sketched as an extra column).
+            per layer; ``"projected"`` keeps fp32 ``[m, proj_dim, K_in + bias]`` (or
+            ``[m, proj_dim, proj_in_dim]``) count-sketch projections of the output side per
+            layer; ``"sketch"`` keeps a fp32 count-sketch ``[m, sketch_dim]`` per layer (the bias
+            sketched as an extra column); ``"auto"`` (default) picks exact while
+            ``m * P_tracked <= AUTO_EXACT_MAX_ELEMENTS`` (2**24), projected beyond. The
+            resolved mode is :attr:`mode`.
         sketch_dim: buckets per layer in sketch mode.
+        proj_dim: output-side rows per layer in projected mode.
+        proj_in_dim: projected mode: also project the input side to this many columns
+            (``None``: keep ``K_in``, plus one column for a bias).
         backend: op backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         seed: count-sketch hash seed (tracked layer ``l`` uses hash layer id ``l``).
         skip_nonfinite: ``"round"`` (default; free: a round whose statistics turned non-finite
@@ -90,6 +133,14 @@ class DomainGradientTracker:
             :meth:`domains` (a host sync for GPU ids), ``"deferred"`` at the round's end (bad
             ids masked to ``-1`` on the device, then ``ValueError`` from the next statistics
             read), ``"auto"`` = eager for CPU ids, deferred otherwise.
+        on_untracked: what to do when a ``domains()`` / ``target()`` block ends and a tracked
+            layer was bypassed (its weight used without its forward, e.g. by a fused linear
+            cross-entropy): ``"raise"`` ``RuntimeError`` (default), ``"warn"`` (a
+            ``RuntimeWarning``, counted in ``untracked_micro_batches``) or ``"ignore"``.
+        dp_group: the process group over which ranks see *different* data (``ProcessGroup`` or
+            a 1-D ``DeviceMesh``). Default: every rank, or none when a tracked weight is
+            row-sharded over all ranks (pure tensor parallelism); with tensor parallelism over
+            part of the ranks it must be given.
 
     Example:
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
@@ -107,13 +158,17 @@ class DomainGradientTracker:
         model: nn.Module,
         num_domains: int,
         modules: nn.Module | str | Sequence[nn.Module | str] | None = None,
-        mode: str = "exact",
+        mode: str = "auto",
         sketch_dim: int = 8192,
         backend: str = "auto",
         seed: int = 0,
         *,
+        proj_dim: int = DEFAULT_PROJ_DIM,
+        proj_in_dim: int | None = None,
         skip_nonfinite: bool | str = "round",
         id_check: str = "auto",
+        on_untracked: str = "raise",
+        dp_group: Any = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -121,12 +176,20 @@ class DomainGradientTracker:
             raise TypeError(f"num_domains must be an int, got {type(num_domains).__name__}")
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int):
-            raise TypeError(f"sketch_dim must be an int, got {type(sketch_dim).__name__}")
-        if sketch_dim < 1:
-            raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
+        if not isinstance(mode, str) or mode not in (*_MODES, "auto"):
+            raise ValueError(f"mode must be 'auto' or one of {_MODES}, got {mode!r}")
+        for name, v in (("sketch_dim", sketch_dim), ("proj_dim", proj_dim)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if proj_in_dim is not None:
+            if isinstance(proj_in_dim, bool) or not isinstance(proj_in_dim, int):
+                raise TypeError(
+                    f"proj_in_dim must be None or an int, got {type(proj_in_dim).__name__}"
+                )
+            if proj_in_dim < 1:
+                raise ValueError(f"proj_in_dim must be >= 1, got {proj_in_dim}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**32:
@@ -139,6 +202,10 @@ class DomainGradientTracker:
             )
         if id_check not in _ID_CHECKS:
             raise ValueError(f"id_check must be one of {_ID_CHECKS}, got {id_check!r}")
+        if on_untracked not in _ON_UNTRACKED:
+            raise ValueError(f"on_untracked must be one of {_ON_UNTRACKED}, got {on_untracked!r}")
+        if hasattr(dp_group, "get_group"):  # a 1-D DeviceMesh
+            dp_group = dp_group.get_group()
         named = self._resolve_modules(model, modules)
         for name, mod in named:
             if is_tracked(mod):
@@ -146,12 +213,25 @@ class DomainGradientTracker:
             if not mod.weight.requires_grad:
                 logger.warning("%s.weight does not require grad: nothing will be tracked", name)
         self.num_domains = num_domains
-        self.mode = mode
+        self.requested_mode = mode
+        self.mode = resolve_mode(mode, num_domains, named)
+        if mode == "auto":
+            logger.info(
+                "mode='auto' -> %r: m * P_tracked = %d x %d = %d fp32 elements %s %d "
+                "(AUTO_EXACT_MAX_ELEMENTS)",
+                self.mode, num_domains, _num_params(named), num_domains * _num_params(named),
+                "<=" if self.mode == "exact" else ">", AUTO_EXACT_MAX_ELEMENTS,
+            )  # fmt: skip
         self.sketch_dim = sketch_dim
+        self.proj_dim = proj_dim
+        self.proj_in_dim = proj_in_dim
         self.backend = backend
         self.seed = seed
         self.skip_nonfinite = skip_nonfinite
         self.id_check = id_check
+        self.on_untracked = on_untracked
+        self.dp_group = dp_group
+        self.untracked_micro_batches = 0  # blocks with a bypassed layer (on_untracked="warn")
         self.nonfinite_skips = 0  # micro-batches dropped (skip_nonfinite="micro-batch")
         self.nonfinite_rounds = 0  # statistics reads that came out non-finite ("round")
         self._model_params = [p for p in model.parameters()]
@@ -166,10 +246,18 @@ class DomainGradientTracker:
         self._removed = False
         for slot in self._slots:
             slot.module.forward = make_forward(self, slot)
+        # Evidence for the bypass check (see the module docstring): the model's forward ran, and
+        # a tracked weight received a gradient (never fires for FSDP2's sharded parameters,
+        # whose gradient is reduce-scattered into place; the forward evidence covers those).
+        self._hooks = [model.register_forward_pre_hook(self._on_model_forward)]
+        for slot in self._slots:
+            w = slot.module.weight
+            if w.requires_grad:
+                self._hooks.append(w.register_hook(self._weight_grad_hook(slot.index)))
         logger.debug(
             "tracking %s in %s mode (m=%d, P=%d)",
             self.module_names,
-            mode,
+            self.mode,
             num_domains,
             self.num_params,
         )
@@ -223,9 +311,74 @@ class DomainGradientTracker:
         """``P_tracked``: weight + bias elements of all tracked layers."""
         return sum(s.num_params for s in self._slots)
 
+    def memory_bytes(self) -> int:
+        """Bytes of statistics buffers this rank holds (all tracked layers, domain + target)."""
+        return sum(s.memory_bytes() for s in self._slots)
+
     def _check_live(self) -> None:
         if self._removed:
             raise RuntimeError("this tracker was removed; create a new one")
+
+    # ------------------------------------------------------------------ bypass check
+    def _on_model_forward(self, module, args) -> None:
+        # Skipped while compiling: reading the per-micro-batch context would add guards.
+        if torch.compiler.is_compiling():
+            return
+        ctx = self._active
+        if ctx is not None and torch.is_grad_enabled():
+            ctx.model_ran = True
+
+    def _weight_grad_hook(self, index: int):
+        def hook(grad):
+            ctx = self._active
+            if ctx is not None:
+                ctx.weight_grads.add(index)
+
+        return hook
+
+    def _check_bypass(self, ctx: Context) -> None:
+        """End of a block: no tracked layer may have been used without its statistics."""
+        if self.on_untracked == "ignore" or ctx.bad or ctx.anchor_only:
+            return
+        bypassed, unreached = [], []
+        for slot in self._slots:
+            i = slot.index
+            if i in ctx.accumulated:
+                continue
+            if i in ctx.weight_grads or (ctx.model_ran and i not in ctx.forwarded):
+                bypassed.append(slot.name)
+            elif i in ctx.forwarded:
+                unreached.append(slot.name)
+        block = "tracker.domains()" if ctx.kind == DOMAIN else "tracker.target()"
+        if unreached:
+            msg = (
+                f"tracked layer(s) {unreached} ran their forward inside {block} but no backward "
+                "reached them inside the block: run loss.backward() inside the `with` block, or "
+                "these statistics are lost"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=4)
+            logger.warning(msg)
+        if not bypassed:
+            return
+        name = bypassed[0]
+        msg = (
+            f"tracked layer(s) {bypassed}: inside {block} the weight was used (the model ran, "
+            f"or {name}.weight received a gradient) but {name}.forward was never called, so the "
+            "tracker recorded nothing for it and its per-domain statistics would silently be "
+            "zero. The usual cause is a fused linear cross-entropy that reads "
+            f"{name}.weight directly, e.g. Liger-Kernel's LigerFusedLinearCrossEntropyLoss or "
+            "apply_liger_kernel_to_*(fused_linear_cross_entropy=True), or a chunked loss of "
+            "HF/torchtune. Compute the loss with rnb_kernels.integrations.fused_ce."
+            f"fused_linear_cross_entropy(hidden, {name}.weight, targets, tracker=tracker) (or "
+            "tracker.fused_cross_entropy(hidden, targets)), which collects the statistics in "
+            "its own backward, or switch the fused loss off. (on_untracked='warn' turns this "
+            "error into a warning.)"
+        )
+        if self.on_untracked == "raise":
+            raise RuntimeError(msg)
+        self.untracked_micro_batches += 1
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+        logger.warning(msg)
 
     # ------------------------------------------------------------------ contexts
     def _begin(self, ctx: Context) -> None:
@@ -235,15 +388,16 @@ class DomainGradientTracker:
                 f"a {self._active.kind} context is already active; contexts do not nest"
             )
         if self._synced and rdist.world_size() > 1:
-            # Buffers hold the global sum on every rank: keep 1/W of it here so the next
-            # all-reduce adds only the new local contributions once.
-            w = float(rdist.world_size())
+            # Buffers hold the global sum on every rank: keep 1/W of it here (W = the ranks
+            # the sum was taken over) so the next all-reduce adds only new contributions once.
+            dp = float(self._dp()[1])
             for slot in self._slots:
+                w = dp * (slot.tp_size if self._sums_over_tp(slot) else 1)
                 for group in (DOMAIN, TARGET):
                     for t in slot.tensors(group):
                         t.div_(w)
-            self._counts.div_(w)
-            self._target_count.div_(w)
+            self._counts.div_(dp)
+            self._target_count.div_(dp)
         self._synced = False
         self._active = ctx
 
@@ -306,6 +460,7 @@ class DomainGradientTracker:
         if ctx.seen and not ctx.bad:
             self._counts += counts.to(self._counts.device)
         self._end_micro_batch(ctx)
+        self._check_bypass(ctx)
 
     def validate_ids(self, domain_ids: Any, name: str = "domain_ids") -> torch.Tensor:
         """Validate one micro-batch's ids as :meth:`domains` does (``id_check``); int64 result.
@@ -357,6 +512,7 @@ class DomainGradientTracker:
             for p, g in saved:
                 p.grad = g
         self._end_target(ctx, n)
+        self._check_bypass(ctx)
 
     def record_target(
         self, loss: torch.Tensor, mask=None, grad_scale=None, retain_graph: bool = False
@@ -391,8 +547,49 @@ class DomainGradientTracker:
         finally:
             self._active = None
         if not ctx.seen and not ctx.bad:
-            raise ValueError("loss does not depend on any tracked module")
+            raise ValueError(
+                "loss does not depend on any tracked module (a fused linear cross-entropy that "
+                "reads the head's weight directly bypasses it: use "
+                "rnb_kernels.integrations.fused_ce.fused_linear_cross_entropy(..., tracker=))"
+            )
         self._end_target(ctx, n)
+
+    def fused_cross_entropy(
+        self, hidden: torch.Tensor, targets: torch.Tensor, module: Any = None, **kwargs: Any
+    ) -> torch.Tensor:
+        """Cross-entropy of a tracked head on ``hidden`` without materialising the logits, its
+        statistics collected in the same backward (no extra pass).
+
+        :func:`rnb_kernels.integrations.fused_ce.fused_linear_cross_entropy` with this tracker
+        and the head's weight and bias; use it where a fused loss (e.g. Liger-Kernel's) would
+        read ``lm_head.weight`` directly and bypass the tracked forward.
+
+        Args:
+            hidden: ``[..., K_in]`` inputs of the head (e.g. ``[B, T, H]``).
+            targets: int ``[...]`` (``hidden``'s leading shape).
+            module: the tracked layer (module or name); default: the last tracked one (the
+                LM head with ``modules=None``).
+            **kwargs: more :func:`~rnb_kernels.integrations.fused_ce.fused_linear_cross_entropy`
+                arguments (``chunk_size``, ``ignore_index``, ``reduction``, ``domain_ids``...).
+
+        Example:
+            >>> with tracker.domains(ids):  # doctest: +SKIP
+            ...     tracker.fused_cross_entropy(model.body(x), targets).backward()
+        """
+        from ..integrations.fused_ce import fused_linear_cross_entropy
+
+        self._check_live()
+        if module is None:
+            slot = self._slots[-1]
+        else:
+            hits = [s for s in self._slots if s.module is module or s.name == module]
+            if not hits:
+                raise ValueError(f"module: {module!r} is not tracked by this tracker")
+            slot = hits[0]
+        mod = slot.module
+        return fused_linear_cross_entropy(
+            hidden, mod.weight, targets, tracker=self, bias=mod.bias, module=mod, **kwargs
+        )
 
     # ------------------------------------------------------------------ statistics
     def sync(self) -> None:
@@ -404,16 +601,53 @@ class DomainGradientTracker:
         self._raise_deferred_id_errors()
         if self._synced or not rdist.is_initialized() or rdist.world_size() == 1:
             return
+        dp_group, dp_size = self._dp()
         tensors: list[torch.Tensor] = [self._counts, self._target_count.view(1)]
+        over_tp: list[tuple[Any, list[torch.Tensor]]] = []
         for slot in self._slots:
+            slot.ensure_buffers()
             for group in (DOMAIN, TARGET):
                 slot.normalize_scale(group)
                 tensors.extend(slot.tensors(group))
-        rdist.all_reduce_sum_(tensors)
+                if self._sums_over_tp(slot):
+                    over_tp.append((slot.tp_group, slot.tensors(group)))
+        if dp_size > 1:
+            rdist.all_reduce_sum_(tensors, group=dp_group)
+        # Shard sketches are hashed by global row: their sum over the group is the full sketch.
+        for group, ts in over_tp:
+            rdist.all_reduce_sum_(ts, group=group)
         for slot in self._slots:
             for group in (DOMAIN, TARGET):
                 slot.dirty[group] = True
         self._synced = True
+
+    def _sums_over_tp(self, slot: Slot) -> bool:
+        """A sharded sketch is summed over its group at sync; a sharded exact slot keeps its
+        rows and only its partial Grams are summed (:meth:`_tp_sum`)."""
+        return slot.sharded and self.mode != "exact"
+
+    def _dp(self) -> tuple[Any, int]:
+        """``(group, size)`` of the ranks holding different data (``group`` None = all)."""
+        if not rdist.is_initialized():
+            return None, 1
+        if self.dp_group is not None:
+            return self.dp_group, rdist.world_size(self.dp_group)
+        tp = {s.tp_size for s in self._slots if s.sharded}
+        if not tp:
+            return None, rdist.world_size()
+        if tp == {rdist.world_size()}:
+            return None, 1
+        raise ValueError(
+            f"dp_group: tracked weights are row-sharded over {sorted(tp)} of "
+            f"{rdist.world_size()} ranks; pass DomainGradientTracker(..., dp_group=...) (the "
+            "data-parallel group, e.g. mesh['dp'])"
+        )
+
+    def _tp_sum(self, slot: Slot, value: torch.Tensor) -> torch.Tensor:
+        """Sum a sharded exact slot's partial statistic over its tensor-parallel group."""
+        if slot.sharded and self.mode == "exact" and slot.tp_size > 1:
+            rdist.all_reduce_sum_([value], group=slot.tp_group)
+        return value
 
     def _raise_deferred_id_errors(self) -> None:
         # The round's one host read of the deferred id check.
@@ -452,8 +686,8 @@ class DomainGradientTracker:
         """float64 ``[m, m]``: ``G_ij = <g_i, g_j>`` of the per-domain gradient *sums*.
 
         Exact mode: Gram of the ``[m, P_tracked]`` accumulators (:func:`rnb_kernels.ops.gram`
-        per layer block, summed). Sketch mode: sum over layers of the sketch Grams, an
-        unbiased estimate.
+        per layer block, summed). Projected and sketch modes: sum over layers of the Grams of
+        the projections / sketches, an unbiased estimate.
         """
         self.sync()
         m = self.num_domains
@@ -463,7 +697,7 @@ class DomainGradientTracker:
             for rows in slot.gram_parts(DOMAIN):
                 part += gram(rows, backend=self.backend)
             s = slot.scale[DOMAIN]
-            out += (part / (s * s)).to(self.device)
+            out += self._tp_sum(slot, part / (s * s)).to(self.device)
         return self._checked(out, "gram")
 
     def gram_vector(self, coeffs: Any) -> torch.Tensor:
@@ -482,15 +716,20 @@ class DomainGradientTracker:
         for slot in self._slots:
             s = slot.scale[DOMAIN]
             cs = c.to(slot.device)
+            part = torch.zeros(m, dtype=torch.float64, device=slot.device)
             for rows in slot.gram_parts(DOMAIN):
-                out += (gram_matvec(rows, cs) / (s * s)).to(self.device)
+                part += gram_matvec(rows, cs)
+            out += self._tp_sum(slot, part / (s * s)).to(self.device)
         return self._checked(out, "gram vector")
 
     def domain_grads(self) -> torch.Tensor:
         """Exact mode: float32 ``[m, P_tracked]`` per-domain gradient sums (weights then bias of
         each tracked layer, flattened row-major, layers in :attr:`module_names` order)."""
         if self.mode != "exact":
-            raise RuntimeError("domain_grads() needs mode='exact'; sketch mode keeps no [m, P]")
+            raise RuntimeError(
+                f"domain_grads() needs mode='exact'; {self.mode} mode keeps no [m, P]"
+            )
+        self._no_row_shards("domain_grads()")
         self.sync()
         return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
 
@@ -501,21 +740,44 @@ class DomainGradientTracker:
         self.sync()
         return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
 
+    def domain_projections(self) -> torch.Tensor:
+        """Projected mode: float32 ``[m, Σ_layers proj_dim * K_in']`` -- each layer's
+        ``[proj_dim, K_in']`` state flattened row-major (``K_in' = K_in + bias``, or
+        ``proj_in_dim``), layers side by side in :attr:`module_names` order. Inner products of
+        rows are unbiased estimates of those of :meth:`domain_grads`' rows."""
+        if self.mode != "projected":
+            raise RuntimeError(f"domain_projections() needs mode='projected', not {self.mode!r}")
+        self.sync()
+        return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
+
     def target_grad(self) -> torch.Tensor:
-        """The target row: float32 ``[P_tracked]`` (exact) or ``[L * sketch_dim]`` (sketch)."""
+        """The target row: float32 ``[P_tracked]`` (exact), ``[Σ_layers proj_dim * K_in']``
+        (projected) or ``[L * sketch_dim]`` (sketch)."""
+        if self.mode == "exact":
+            self._no_row_shards("target_grad()")
         self.sync()
         return torch.cat([s.rows(TARGET).to(self.device) for s in self._slots], 1)[0]
 
+    def _no_row_shards(self, what: str) -> None:
+        names = [s.name for s in self._slots if s.sharded]
+        if names:
+            raise RuntimeError(
+                f"{what}: tracked layers {names} are row-sharded (tensor parallel), each rank "
+                "holds only its rows; use gram(), gram_vector() or target_alignment()"
+            )
+
     def target_alignment(self) -> torch.Tensor:
         """float64 ``[m]``: ``<g_i, g_target>`` of the sums (divide by ``counts()`` and
-        ``target_count()`` for means). Sketch mode: unbiased estimate."""
+        ``target_count()`` for means). Projected / sketch mode: unbiased estimate."""
         self.sync()
         out = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
         for slot in self._slots:
             dom, tgt = slot.gram_parts(DOMAIN), slot.gram_parts(TARGET)
             s = slot.scale[DOMAIN] * slot.scale[TARGET]
+            part = torch.zeros(self.num_domains, dtype=torch.float64, device=slot.device)
             for a, b in zip(dom, tgt):
-                out += (gram(a, b[0], backend=self.backend) / s).to(self.device)
+                part += gram(a, b[0], backend=self.backend)
+            out += self._tp_sum(slot, part / s).to(self.device)
         return self._checked(out, "target alignment")
 
     def reset(self) -> None:
@@ -536,11 +798,15 @@ class DomainGradientTracker:
     def state_dict(self) -> dict[str, Any]:
         """Everything needed to continue bit-exactly (buffers are cloned)."""
         self._check_live()
+        for s in self._slots:
+            s.ensure_buffers()
         return {
-            "version": 2,
+            "version": 3,
             "mode": self.mode,
             "num_domains": self.num_domains,
             "sketch_dim": self.sketch_dim,
+            "proj_dim": self.proj_dim,
+            "proj_in_dim": self.proj_in_dim,
             "seed": self.seed,
             "modules": self.module_names,
             "counts": self._counts.clone(),
@@ -566,13 +832,18 @@ class DomainGradientTracker:
         for key in ("mode", "num_domains", "sketch_dim", "seed", "modules"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
-        mine = (self.mode, self.num_domains, self.sketch_dim, self.seed, self.module_names)
-        theirs = tuple(state[k] for k in ("mode", "num_domains", "sketch_dim", "seed", "modules"))
-        if self.mode != "sketch":
-            mine, theirs = mine[:2] + mine[3:], theirs[:2] + theirs[3:]
+        # Only the settings that shape this mode's buffers or hash must match.
+        keys = ["mode", "num_domains", "seed", "modules"]
+        keys += {"sketch": ["sketch_dim"], "projected": ["proj_dim", "proj_in_dim"]}.get(
+            self.mode, []
+        )
+        mine = tuple(self.module_names if k == "modules" else getattr(self, k) for k in keys)
+        theirs = tuple(state.get(k, "<missing>") for k in keys)
         if mine != theirs:
             raise ValueError(f"state was saved by a tracker configured as {theirs}, not {mine}")
         slots = state["slots"]
+        for s in self._slots:
+            s.ensure_buffers()
         if len(slots) != len(self._slots):
             raise ValueError(f"state has {len(slots)} slots, this tracker {len(self._slots)}")
         for s, st in zip(self._slots, slots):
@@ -603,7 +874,10 @@ class DomainGradientTracker:
         """Restore every tracked module exactly (its ``forward``); the tracker becomes unusable."""
         if self._removed:
             return
+        for h in self._hooks:
+            h.remove()
         for slot in self._slots:
+            SLOTS.pop(slot.key, None)
             mod = slot.module
             current = mod.__dict__.get("forward")
             if not getattr(current, "_rnb_tracker_forward", False):
@@ -625,3 +899,22 @@ class DomainGradientTracker:
             f"DomainGradientTracker(num_domains={self.num_domains}, mode={self.mode!r}, "
             f"modules={self.module_names}, P={self.num_params})"
         )
+
+
+def _num_params(named: Sequence[tuple[str, nn.Linear]]) -> int:
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for _, m in named)
+
+
+def resolve_mode(mode: str, num_domains: int, named: Sequence[tuple[str, nn.Linear]]) -> str:
+    """The mode ``mode="auto"`` stands for: ``"exact"`` while the exact accumulators hold at
+    most :data:`AUTO_EXACT_MAX_ELEMENTS` fp32 elements (``num_domains * P_tracked``), else
+    ``"projected"``. Any other mode is returned as is.
+
+    Example:
+        >>> head = [("lm_head", nn.Linear(256, 8192, bias=False))]
+        >>> resolve_mode("auto", 4, head), resolve_mode("auto", 16, head)
+        ('exact', 'projected')
+    """
+    if mode != "auto":
+        return mode
+    return "exact" if num_domains * _num_params(named) <= AUTO_EXACT_MAX_ELEMENTS else "projected"

@@ -41,6 +41,7 @@ def domain_sketch_triton(
     sketch: torch.Tensor,
     seed: int,
     layer: int,
+    row_offset: int = 0,
 ) -> torch.Tensor:
     """Triton backend of :func:`rnb_kernels.ops.domain_sketch` (inputs already validated).
 
@@ -52,6 +53,8 @@ def domain_sketch_triton(
         sketch: float32 contiguous ``[m, k]``; ``sketch[d, bucket(i, j)] += sign(i, j) *
             (Σ_{n∈d} dy_nᵀ x_n)[i, j]`` in place.
         seed, layer: hash key in ``[0, 2**32)``.
+        row_offset: global index of row 0 (a row shard of a larger weight); the kernel hashes
+            row ``i`` as ``row_offset + i`` (``ROW_OFFSET``).
 
     Returns:
         ``dW = dyᵀ x`` over all rows, ``[K_out, K_in]`` in ``x.dtype``.
@@ -72,5 +75,6 @@ def domain_sketch_triton(
         sketch,
         sketch=True,
         key_base=key_base(seed, layer),
+        row_offset=row_offset,
         tuned=_domain_sketch_tuned,
     )

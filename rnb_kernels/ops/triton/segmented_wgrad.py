@@ -69,7 +69,7 @@ def _gpu_configs() -> list[triton.Config]:
     ]
 
 
-@triton.jit(do_not_specialize=["SKETCH_DIM", "KEY_BASE"])
+@triton.jit(do_not_specialize=["SKETCH_DIM", "KEY_BASE", "ROW_OFFSET"])
 def _segmented_wgrad_kernel(
     x_ptr,  # [N, K_in]
     dy_ptr,  # [N, K_out]
@@ -86,6 +86,7 @@ def _segmented_wgrad_kernel(
     stride_dyk,
     SKETCH_DIM,
     KEY_BASE,  # int32 bit pattern of sketch_hash.key_base(seed, layer)
+    ROW_OFFSET,  # int32 bit pattern of the global index of row 0 (row-sharded weights)
     ROW_MUL: tl.constexpr,  # the hash multipliers, from rnb_kernels.ops.sketch_hash
     COL_MUL: tl.constexpr,
     FMIX1: tl.constexpr,
@@ -125,7 +126,9 @@ def _segmented_wgrad_kernel(
     if SKETCH:
         # The count-sketch hash of rnb_kernels.ops.sketch_hash, in wrapping uint32 arithmetic.
         # Its row half depends on i only and its column mix on j only: computed once here.
-        row_key = offs_m.to(tl.uint32) * ROW_MUL ^ KEY_BASE.to(tl.uint32, bitcast=True)
+        # i is the global row, so the sketches of a row-sharded weight's shards add up.
+        glob_m = offs_m.to(tl.uint32) + ROW_OFFSET.to(tl.uint32, bitcast=True)
+        row_key = glob_m * ROW_MUL ^ KEY_BASE.to(tl.uint32, bitcast=True)
         row_key ^= row_key >> 16
         row_key *= FMIX1
         row_key ^= row_key >> 13
@@ -210,6 +213,7 @@ def launch_segmented(
     *,
     sketch: bool,
     key_base: int = 0,
+    row_offset: int = 0,
     tuned=None,
 ) -> torch.Tensor:
     """Shared launcher of both variants; returns ``dW``. ``tuned`` is the autotuned kernel
@@ -224,11 +228,11 @@ def launch_segmented(
     order, bounds = group_rows(domain_ids, num_domains, index_dtype=_index_dtype(n))
     # The hash base is a uint32 bit pattern; passed as int32 so one compiled variant serves
     # every seed (the kernel bitcasts it back).
-    key_i32 = key_base - (1 << 32) if key_base >= (1 << 31) else key_base
+    key_i32, offset_i32 = (v - (1 << 32) if v >= (1 << 31) else v for v in (key_base, row_offset))
     args = (
         x, dy, order, bounds, dw, out, k_out, k_in, num_domains + 1,
         x.stride(0), x.stride(1), dy.stride(0), dy.stride(1),
-        out.shape[1] if sketch else 1, key_i32,
+        out.shape[1] if sketch else 1, key_i32, offset_i32,
     )  # fmt: skip
     wide = k_out * k_in >= _WIDE_ELEMENTS
     precision = dot_precision(x.dtype, "ieee")
@@ -265,7 +269,7 @@ def _tune_exact_on_proxy(x, dy, order, dw, k_out, k_in, precision, wide) -> None
     bounds = torch.tensor([0, 0, n], dtype=order.dtype, device=x.device)
     _segmented_wgrad_tuned[_grid(k_out, k_in)](
         x, dy, order, bounds, dw, scratch, k_out, k_in, 2,
-        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), 1, 0,
+        x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), 1, 0, 0,
         SKETCH=False, PRECISION=precision, UPCAST=False, WIDE=wide, **H.kernel_constants(),
     )  # fmt: skip
     _tuned_keys.add(key)
