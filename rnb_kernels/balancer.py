@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +64,7 @@ class Statistic:
 
 
 _STATISTICS: dict[str, Statistic] = {}
+_TB_MISSING_LOGGED = False
 
 
 def register_statistic(name: str, *, needs_tracker: bool = False, replace: bool = False):
@@ -192,6 +193,9 @@ class Balancer:
             of the tracker.
         verify_ranks: after each update, all-reduce min/max of the weights and raise
             ``RuntimeError`` if ranks disagree (one tiny collective per round).
+        domain_names: optional ``m`` names used in the per-round INFO line (default
+            ``d0 .. d{m-1}``).
+        log_name: optional run label prefixed to the per-round INFO line.
 
     Attributes:
         global_step: optimizer steps seen. update_time_s: total seconds spent in updates
@@ -210,6 +214,8 @@ class Balancer:
         target_fn: Callable[[], torch.Tensor] | None = None,
         alignment_fn: Callable[[], Any] | None = None,
         verify_ranks: bool = True,
+        domain_names: Sequence[str] | None = None,
+        log_name: str | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -238,6 +244,15 @@ class Balancer:
                 f"registered: {list(_STATISTICS)} (see register_statistic)"
             )
         self.num_domains = mixer.stat_domains
+        if domain_names is not None:
+            domain_names = [str(n) for n in domain_names]
+            if len(domain_names) != len(mixer.weights):
+                raise ValueError(
+                    f"domain_names has {len(domain_names)} entries; the mixer has "
+                    f"{len(mixer.weights)} weights"
+                )
+        self.domain_names = domain_names
+        self.log_name = log_name
         needs_grads = alignment_fn is None and needs_tracker(mixer)
         if isinstance(tracker, DomainGradientTracker):
             if tracker.num_domains != self.num_domains:
@@ -271,7 +286,10 @@ class Balancer:
 
                 self._tb = SummaryWriter(self.log_dir)
             except ImportError:
-                logger.info("tensorboard not installed; logging CSV and JSONL only")
+                global _TB_MISSING_LOGGED
+                if not _TB_MISSING_LOGGED:  # once per process, not once per run
+                    logger.info("tensorboard not installed; logging CSV and JSONL only")
+                    _TB_MISSING_LOGGED = True
 
     # ------------------------------------------------------------------ loop hooks
     def make_sampler(
@@ -412,7 +430,8 @@ class Balancer:
         return weights
 
     def _log(self, record: dict[str, Any]) -> None:
-        logger.info("%s", round_summary(record))
+        prefix = f"{self.log_name}: " if self.log_name else ""
+        logger.info("%s%s", prefix, round_summary(record, names=self.domain_names))
         # The full vector goes to DEBUG and the log files, not the console.
         logger.debug("round %d weights %s", record["round"], record["weights"])
         if self.log_dir is None or rdist.rank() != 0:
@@ -481,9 +500,9 @@ class Balancer:
             self.tracker.remove()
 
 
-def round_summary(record: dict[str, Any], top: int = 3) -> str:
+def round_summary(record: dict[str, Any], top: int = 3, names: Sequence[str] | None = None) -> str:
     """One readable line per round: entropy as an effective number of domains, the heaviest
-    domains and the update time (the full weights are in the logs).
+    domains (by ``names`` when given) and the update time (the full weights are in the logs).
 
     Example:
         >>> round_summary({"round": 2, "step": 20, "weights": [0.5, 0.25, 0.25],
@@ -494,7 +513,8 @@ def round_summary(record: dict[str, Any], top: int = 3) -> str:
     p = w[w > 0]
     eff = float(torch.exp(-(p * p.log()).sum()))
     order = torch.argsort(w, descending=True, stable=True)[:top].tolist()
-    heads = " ".join(f"d{i}={float(w[i]):.3f}" for i in order)
+    label = (lambda i: names[i]) if names is not None else (lambda i: f"d{i}")
+    heads = " ".join(f"{label(i)}={float(w[i]):.3f}" for i in order)
     return (
         f"round {record['round']} (step {record['step']}): eff. domains {eff:.2f}/{w.numel()}, "
         f"top {heads}, update {1e3 * record['update_time_s']:.1f} ms"

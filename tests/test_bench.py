@@ -48,6 +48,7 @@ def test_overhead_csv_appends_with_header_once(tmp_path):
     assert rows[0]["c"] == "" and rows[2]["c"] == "6"
 
 
+@pytest.mark.hardware  # runs on machines without a GPU; strict mode accepts the skip elsewhere
 def test_gpu_presets_refuse_cleanly_without_cuda(capsys):
     import torch
 

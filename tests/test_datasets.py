@@ -20,11 +20,13 @@ from rnb_kernels.datasets import (
     CorpusNotFoundError,
     iter_jsonl,
     load_corpus,
+    load_csv,
     load_fortunes,
     load_hf,
     load_jsonl,
     load_natural_instructions,
     load_parquet,
+    load_text,
     train_eval_split,
 )
 from rnb_kernels.datasets.fortunes import fortunes_dir
@@ -257,9 +259,69 @@ def test_hf_datasets(tmp_path):
 def test_load_corpus_dispatch_errors(tmp_path):
     with pytest.raises(CorpusNotFoundError, match="neither a file nor a named corpus"):
         load_corpus("no-such-corpus")
-    (tmp_path / "x.csv").write_text("text\nhello\n")
-    with pytest.raises(ValueError, match="unsupported file type"):
-        load_corpus(tmp_path / "x.csv")
+    (tmp_path / "x.docx").write_text("text\nhello\n")
+    with pytest.raises(ValueError, match=r"unsupported file type.*\.txt.*\.csv"):
+        load_corpus(tmp_path / "x.docx")
+
+
+# ---------------------------------------------------------------- plain text and CSV
+def test_plain_text_one_example_per_line(tmp_path):
+    p = tmp_path / "d.txt"
+    p.write_text("first example\n\n  \nsecond, with a comma\r\nthird\n")
+    c = load_corpus(p)
+    assert c.texts == ["first example", "second, with a comma", "third"]
+    assert c.labels is None and c.num_domains == 0
+    assert load_text(p, limit=2).texts == ["first example", "second, with a comma"]
+    g = tmp_path / "d.txt.gz"
+    with gzip.open(g, "wt", encoding="utf-8") as f:
+        f.write("zipped\ntext\n")
+    assert load_corpus(g).texts == ["zipped", "text"]
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "exc", "match"),
+    [
+        pytest.param(b"\n \n", {}, ValueError, "empty corpus: .*d.txt has no non-blank lines", id="empty"),
+        pytest.param(b"ok\n\xff\xfe bad\n", {}, ValueError, r"d.txt:\d+: not UTF-8", id="not-utf8"),
+        pytest.param(b"a\n", {"domain_field": "src"}, ValueError, "plain text .* no domain column", id="domain-on-txt"),
+    ],
+)  # fmt: skip
+def test_plain_text_errors_name_the_problem(tmp_path, content, kwargs, exc, match):
+    p = tmp_path / "d.txt"
+    p.write_bytes(content)
+    with pytest.raises(exc, match=match):
+        load_corpus(p, **kwargs)
+    with pytest.raises(FileNotFoundError, match="no such text file"):
+        load_text(tmp_path / "missing.txt")
+
+
+def test_csv_and_tsv_with_text_and_domain_columns(tmp_path):
+    p = tmp_path / "d.csv"
+    p.write_text('id,review,cat\n1,"hello, world",a\n2,"two\nlines",b\n3,third,a\n')
+    c = load_corpus(p, text_field="review", domain_field="cat")
+    assert c.texts == ["hello, world", "two\nlines", "third"]
+    assert c.label_names == ["a", "b"] and c.labels.tolist() == [0, 1, 0]
+    assert load_csv(p, "review", limit=1).texts == ["hello, world"]
+    t = tmp_path / "d.tsv"
+    t.write_text("text\tsrc\nx y\tu\nz\tv\n")
+    assert load_corpus(t, domain_field="src").domains == ["u", "v"]
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "match"),
+    [
+        pytest.param("id,body\n1,a\n", {}, r"d.csv: missing column 'text' \(columns present: \['id', 'body'\]\); name the text column with --text-column", id="missing-text-column"),
+        pytest.param("text\na\n", {"domain_field": "src"}, "missing column 'src'", id="missing-domain-column"),
+        pytest.param("text,src\na,x\nb\n", {"domain_field": "src"}, "d.csv:3: no value for domain column 'src'", id="short-row"),
+        pytest.param("text\n", {}, "empty corpus: .*has no rows", id="header-only"),
+        pytest.param("", {}, "empty corpus: .*has no header row", id="empty-file"),
+    ],
+)  # fmt: skip
+def test_csv_errors_name_the_problem(tmp_path, content, kwargs, match):
+    p = tmp_path / "d.csv"
+    p.write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_corpus(p, **kwargs)
 
 
 @needs_fortunes

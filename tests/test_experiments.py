@@ -76,7 +76,7 @@ def test_config_replace_routes_each_setting_to_its_section():
         DEMO.replace(stepz=3)
     # warmup follows steps unless set (15 warmup steps per 225 optimizer steps).
     assert DEMO.train.warmup_steps == 20 and QUICK.replace(steps=60).train.warmup_steps == 4
-    assert json.loads(json.dumps(DEMO.to_dict()))["hparams"]["rnb"] == {"lam": 2.0}
+    assert json.loads(json.dumps(DEMO.to_dict()))["hparams"]["rnb"] == {"lam": 5.0}
 
 
 # ----------------------------------------------------------------------------- methods
@@ -193,7 +193,7 @@ def test_toy_mixer_through_rnb_demo(tmp_path, toy_mixer, fortunes, capsys):
     rounds = QUICK.train.steps // QUICK.train.update_every
     assert int(rows["toy"]["updates"]) == rounds == len(toy_mixer.seen)
     per_round = QUICK.train.update_every * QUICK.train.batch_size
-    _check_all_on_domain_zero(out / "logs", "toy", per_round)
+    _check_all_on_domain_zero(out / "s0" / "logs", "toy", per_round)
     # The Balancer gave the toy its declared statistics: per-domain mean losses where drawn.
     for losses, counts in toy_mixer.seen:
         assert float(counts.sum()) == per_round
@@ -206,15 +206,17 @@ def test_toy_mixer_through_rnb_bench_mixing(tmp_path, toy_mixer, fortunes, capsy
 
     out = tmp_path / "bench"
     args = ["bench", "mixing", "--preset", "tiny", "--corpora", "fortunes", "--seeds", "0",
-            "--methods", "toy,toy-regrouped", "--out", str(out), "--no-progress"]  # fmt: skip
+            "--scenarios", "target-shift", "--methods", "toy,toy-regrouped", "--out", str(out),
+            "--no-progress"]  # fmt: skip
     assert main(args) == 0
-    assert "| fortunes | toy |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "## fortunes, target-shift" in printed and "| toy |" in printed
     with open(out / "mixing_tiny.csv") as f:
         rows = {r["method"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"toy", "toy-regrouped"}
     assert int(rows["toy-regrouped"]["domains"]) < int(rows["toy"]["domains"])
     tiny = BENCH_PRESETS["tiny"].train
-    logs = out / "mixing_tiny_work" / "fortunes_s0" / "logs"
+    logs = out / "mixing_tiny_work" / "fortunes_target-shift" / "s0" / "logs"
     for name in rows:
         assert float(rows[name]["final_weight_max"]) == 1.0
         _check_all_on_domain_zero(logs, name, tiny.update_every * tiny.batch_size)
@@ -227,3 +229,171 @@ def test_unknown_method_is_refused_before_any_work(tmp_path, capsys):
     assert main(["bench", "mixing", "--preset", "tiny", "--methods", "nope"]) == 2
     assert capsys.readouterr().out.count("unknown method 'nope'") == 2
     assert not (tmp_path / "partition").exists()
+
+
+# ----------------------------------------------------------------------------- GPT-Neo
+def test_gpt_neo_from_config_tied_head_tracked():
+    """The experiments' model: transformers' GPT-Neo from a config (no download), its tied
+    lm_head followed by the tracker; per-domain head gradients match a brute force."""
+    pytest.importorskip("transformers")
+    import copy
+
+    import torch.nn.functional as F
+
+    from rnb_kernels.experiments.models import GPT_NEO_125M, ModelConfig, build_model, lm_logits
+    from rnb_kernels.tracking import DomainGradientTracker
+
+    assert (GPT_NEO_125M.n_layer, GPT_NEO_125M.n_embd, GPT_NEO_125M.n_head) == (12, 768, 12)
+    assert GPT_NEO_125M.attention_types() == [[["global", "local"], 6]]
+    assert ModelConfig(n_layer=3).attention_types() == [[["global", "local"], 1], [["global"], 1]]
+    torch.manual_seed(0)
+    V, m = 37, 3
+    model = build_model(ModelConfig(vocab_size=V, context=12, n_layer=2, n_head=2, n_embd=16))
+    assert type(model).__name__ == "GPTNeoForCausalLM"
+    assert model.lm_head.weight is model.transformer.wte.weight
+    untracked = copy.deepcopy(model)
+    tracker = DomainGradientTracker(model, m)
+    assert tracker.module_names == ["lm_head"]
+    x = torch.randint(0, V, (4, 12))
+    ids = torch.tensor([0, 2, 2, 1])
+    with tracker.domains(ids):
+        F.cross_entropy(lm_logits(model, x).reshape(-1, V), x.reshape(-1)).backward()
+    out = untracked(input_ids=x, output_hidden_states=True)
+    F.cross_entropy(out.logits.reshape(-1, V), x.reshape(-1)).backward(retain_graph=True)
+    for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
+        assert torch.equal(p.grad, q.grad), n  # tracking does not change any gradient
+    h = out.hidden_states[-1].detach().double()
+    lp = F.cross_entropy(out.logits.reshape(-1, V), x.reshape(-1), reduction="none").view(4, -1)
+    grads = tracker.domain_grads()
+    for d in range(m):
+        (dy,) = torch.autograd.grad(
+            (lp * (ids == d)[:, None]).sum() / lp.numel(), out.logits, retain_graph=True
+        )
+        ref = dy.double().reshape(-1, V).T @ h.reshape(-1, 16)
+        torch.testing.assert_close(grads[d].double(), ref.reshape(-1), rtol=1e-4, atol=1e-6)
+    tracker.remove()
+
+
+# ----------------------------------------------------------------------------- data, scenarios
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    try:
+        load_fortunes()
+    except (CorpusNotFoundError, FileNotFoundError) as exc:
+        pytest.skip(f"fortunes corpus not installed: {exc}")
+    from rnb_kernels.experiments.config import BENCH_PRESETS
+    from rnb_kernels.experiments.data import prepare
+
+    cfg = BENCH_PRESETS["tiny"].replace(corpus="fortunes")
+    out = tmp_path_factory.mktemp("prep")
+    return cfg, {
+        s: prepare(cfg.replace(scenario=s).corpus, vocab_cap=256, context=16, out=out / s)
+        for s in ("target-shift", "in-distribution")
+    }
+
+
+def test_splits_are_disjoint_and_the_target_shift_evaluates_the_target_only(prepared):
+    cfg, preps = prepared
+    shift, ind = preps["target-shift"], preps["in-distribution"]
+    names = [shift.corpus.label_names[i] for i in shift.target_domains]
+    assert names and set(names) <= {"linux", "linuxcookie", "debian", "computers"}
+    for prep in (shift, ind):
+        texts = {k: {bytes(r.numpy()) for r in v.inputs} for k, v in prep.data.items()}
+        n = {k: len(v) for k, v in prep.data.items()}
+        assert n["target"] == cfg.corpus.target_size and min(n.values()) > 0
+        # Every set is its own examples (duplicated fortunes aside, rows never repeat).
+        assert len(texts["test"] & texts["val"]) <= 1
+        assert len(prep.clusters["test"]) == n["test"]
+        assert prep.split("test", "regrouped").domains.max() < prep.partition.k
+    for k in ("val", "test", "target"):
+        assert np.isin(shift.data[k].domains, shift.target_domains).all(), k
+    assert not np.isin(shift.data["train"].domains, shift.target_domains).all()
+    assert len(np.unique(ind.data["test"].domains)) > len(shift.target_domains)
+    share = shift.target_share("original")
+    np.testing.assert_array_equal(np.flatnonzero(share == 1.0), shift.target_domains)
+    assert ((0 <= shift.target_share("regrouped")) & (shift.target_share("regrouped") <= 1)).all()
+    assert shift.domain_names("regrouped")[0].startswith("c0")
+
+
+def test_target_keywords_must_pick_some_but_not_all_domains():
+    from rnb_kernels.experiments.config import CorpusConfig
+    from rnb_kernels.experiments.data import target_domains
+
+    names = ["subtask001_a_x", "subtask002_b_winogrande", "subtask003_winogrande_c"]
+    assert target_domains(names, CorpusConfig()).tolist() == [1, 2]
+    assert target_domains(names, CorpusConfig(scenario="in-distribution")).tolist() == [0, 1, 2]
+    with pytest.raises(ValueError, match="match 0 of 3"):
+        target_domains(names, CorpusConfig(target=("nope",)))
+    with pytest.raises(ValueError, match="scenario must be one of"):
+        CorpusConfig(scenario="other")
+
+
+def test_oracle_weights_are_the_target_histogram():
+    from rnb_kernels.experiments.methods import build_method_mixer, get_method
+
+    assert get_method("oracle").weights == "target" and get_method("oracle").mixer == "static"
+    mixer = build_method_mixer(
+        "oracle", num_domains=4, train_domains=np.array([0, 1, 2, 3]),
+        eval_proportions=np.ones(4), target_domains=np.array([1, 1, 3, 1]), update_every=2,
+    )  # fmt: skip
+    np.testing.assert_allclose(mixer.weights.numpy(), [0, 0.75, 0, 0.25])
+
+
+def test_a_sweep_never_reads_the_test_split(prepared, tmp_path, monkeypatch):
+    from rnb_kernels.experiments.bench import sweep
+    from rnb_kernels.experiments.data import PreparedData
+
+    cfg, preps = prepared
+    read = []
+    orig = PreparedData.split
+    monkeypatch.setattr(
+        PreparedData, "split", lambda self, name, *a: read.append(name) or orig(self, name, *a)
+    )
+    monkeypatch.setattr(sweep, "prepare", lambda *a, **k: preps["target-shift"])
+    for name, value in (("LAMBDAS", (5.0,)), ("DGA_STEPS", (1.0,)), ("DGA_EMAS", (1.0,)),
+                        ("ODM_SMOOTHING", (0.9,)), ("ODM_EXPLORATION", (0.1,)),
+                        ("UPDATE_EVERY", (2,)), ("K_RANGES", ())):  # fmt: skip
+        monkeypatch.setattr(sweep, name, value)
+    rows, chosen = sweep.run_sweep(cfg.replace(seeds=(0,)), tmp_path, "t", progress=False)
+    assert "test" not in read and "val" in read
+    assert {r["split"] for r in rows} == {"val"}
+    assert chosen["hparams"]["rnb-regrouped"]["lam"] == 5.0
+    assert chosen["hparams"]["dga"]["update_every"] in (2, cfg.train.update_every)
+    md = sweep.format_sweep(chosen, cfg, "t")
+    assert "validation" in md and "| rnb-regrouped | lam | 5 |" in md
+
+
+# ----------------------------------------------------------------------------- statistics
+def test_aggregate_pairs_seeds_and_reports_the_gap_closed():
+    from rnb_kernels.experiments.compare import aggregate, format_table
+
+    base = {"corpus": "c", "scenario": "target-shift", "domains": 3, "domain_mean": 1.0,
+            "domain_worst": 2.0, "target_share": 0.5}  # fmt: skip
+    losses = {"stratified": [3.0, 3.2, 3.1], "oracle": [2.0, 2.2, 2.1],
+              "good": [2.5, 2.7, 2.6], "same": [3.0, 3.25, 3.05]}  # fmt: skip
+    times = {"stratified": 10.0, "oracle": 10.0, "good": 12.0, "same": 20.0}
+    rows = [
+        {**base, "method": m, "seed": s, "eval_loss": v[s], "train_s": times[m] * (1 + s)}
+        for m, v in losses.items()
+        for s in range(3)
+    ]
+    summ = {r["method"]: r for r in aggregate(rows)}
+    good = summ["good"]
+    assert good["diff"][0] == pytest.approx(-0.5) and good["diff"][2] == pytest.approx(-0.5)
+    assert good["gap_closed"][0] == pytest.approx(0.5)
+    assert good["cost"][0] == pytest.approx(1.2)
+    mean, lo, hi = summ["same"]["diff"]
+    assert lo < 0 < hi and mean == pytest.approx(0.0)
+    assert summ["stratified"]["diff"] is None and summ["oracle"]["gap_closed"] is None
+    table = format_table(list(summ.values()))
+    assert "| good | 3 | 3 | 2.6000 ± 0.1000 | -0.5000 [-0.5000, -0.5000] * | 50%" in table
+    assert "| same |" in table and "2.00×" in table
+
+
+def test_t_interval_matches_student_t():
+    from rnb_kernels.experiments.harness import paired_t, t_interval
+
+    m, lo, hi = t_interval([1.0, 2.0, 3.0, 4.0, 5.0])
+    assert m == 3.0 and hi - m == pytest.approx(2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / 5**0.5)
+    assert np.isnan(t_interval([1.0])[1])
+    assert paired_t([2.0, 3.0], [1.0, 2.0])[0] == 1.0

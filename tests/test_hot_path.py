@@ -54,12 +54,12 @@ def _model():
     return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 24))
 
 
-@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
 @pytest.mark.parametrize("per_token", [False, True])
 def test_tracked_micro_batch_makes_no_host_reads(mode, per_token):
     model = _model()
     tracker = DomainGradientTracker(
-        model, 5, modules=["0", "2"], mode=mode, sketch_dim=64, backend="triton",
+        model, 5, modules=["0", "2"], mode=mode, sketch_dim=64, proj_dim=8, backend="triton",
         id_check="deferred",
     )  # fmt: skip
     x = torch.randn(4, 3, 8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 
 import numpy as np
@@ -263,6 +264,26 @@ def test_odm_matches_exp3_and_favours_high_loss():
         mixer.update(losses=torch.tensor([float("nan"), 1.0, 1.0]), counts=torch.ones(3))
 
 
+def test_odm_exploration_shortens_the_uniform_phase():
+    """With the paper's rate (exploration=1) the policy is exactly uniform for K ln K updates;
+    exploration c < 1 leaves it after c² K ln K and keeps a floor of ε_t per domain."""
+    m = 20
+    losses = torch.linspace(1.0, 3.0, m)
+    paper, scaled = ODM(m), ODM(m, exploration=0.2)
+    for _ in range(10):
+        w_paper = paper.update(losses=losses, counts=torch.ones(m))
+        w_scaled = scaled.update(losses=losses, counts=torch.ones(m))
+    np.testing.assert_allclose(w_paper.numpy(), 1 / m)  # 10 < 20 ln 20 = 60
+    assert float(w_scaled[-1]) > 1.1 / m and int(w_scaled.argmax()) == m - 1
+    assert float(w_scaled.min()) >= scaled._eps(11) - 1e-12
+    state = scaled.state_dict()
+    again = ODM(m)
+    again.load_state_dict(state)
+    assert again.exploration == 0.2
+    with pytest.raises(ValueError, match="exploration"):
+        ODM(m, exploration=0.0)
+
+
 def _drive(mixer, rng):
     m = mixer.num_domains
     if isinstance(mixer, RnB):
@@ -476,7 +497,8 @@ class Tiny(nn.Module):
 def _corpus(n=240, m=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(n) % m
-    tokens = (torch.randint(0, 13, (n, 6), generator=g) + labels[:, None] * 3) % 13
+    # Each domain draws from its own 4-token window of the vocabulary: distributions differ.
+    tokens = (torch.randint(0, 4, (n, 6), generator=g) + labels[:, None] * 3) % 13
     return tokens, labels
 
 
@@ -675,3 +697,17 @@ def test_round_summary_is_one_short_line():
     eff = float(np.exp(-(0.75 * np.log(0.75) + 0.25 * np.log(0.25))))
     assert f"eff. domains {eff:.2f}/61" in line
     assert "top d7=0.750 d3=0.250 d0=0.000" in line and "update 500.0 ms" in line
+
+
+def test_balancer_round_line_names_domains(caplog):
+    from rnb_kernels.balancer import round_summary
+
+    rec = {"round": 1, "step": 5, "weights": [0.2, 0.8], "update_time_s": 0.001}
+    assert "top winogrande=0.800 quoref=0.200" in round_summary(rec, names=["quoref", "winogrande"])
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="domain_names has 1 entries; the mixer has 2"):
+        Balancer(model, Stratified(2), domain_names=["a"])
+    bal = Balancer(model, Stratified(2), domain_names=["a", "b"], log_name="run7")
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
+        bal.update()
+    assert any(r.getMessage().startswith("run7: round 1 (step 0)") for r in caplog.records)

@@ -81,7 +81,9 @@ def test_follows_mixer_weights_as_they_change(mode):
     s = MixtureSampler(labels, weights=mixer, batch_size=4, seed=0, mode=mode)
     it = iter(s)
     first_batch = [next(it) for _ in range(4)]
-    assert len(set(labels[first_batch])) >= 1
+    # Uniform weights at first: a batch of 4 from 3 equal domains is never all one domain in
+    # proportional mode, and in categorical mode the fixed seed gives a mixed batch as well.
+    assert len(set(labels[first_batch])) >= 2
     mixer.update(alignment=torch.tensor([-1e4, 1e4, -1e4]))  # all mass on domain 1
     nxt = [next(it) for _ in range(12)]
     assert set(labels[nxt]) == {1}

@@ -1,11 +1,14 @@
-"""User corpora: jsonl, parquet and Hugging Face ``datasets``, plus :func:`load_corpus`."""
+"""User corpora: plain text (one example per line), CSV / TSV, jsonl, parquet and Hugging Face
+``datasets``, plus :func:`load_corpus`."""
 
 from __future__ import annotations
 
+import csv
 import gzip
 import io
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,18 @@ import numpy as np
 from .._deps import require
 from .corpus import Corpus, CorpusNotFoundError
 
-__all__ = ["load_jsonl", "iter_jsonl", "load_parquet", "load_hf", "load_corpus", "NAMED_CORPORA"]
+__all__ = [
+    "load_text",
+    "load_csv",
+    "load_jsonl",
+    "iter_jsonl",
+    "load_parquet",
+    "load_hf",
+    "load_corpus",
+    "NAMED_CORPORA",
+    "TEXT_SUFFIXES",
+    "CSV_SUFFIXES",
+]
 
 NAMED_CORPORA = ("fortunes", "natural-instructions")
 _NI_ALIASES = {"natural-instructions", "natural_instructions", "ni", "ni-v1"}
@@ -30,16 +44,116 @@ def _encode_domains(values: list[Any], field: str, source: str) -> tuple[np.ndar
     return np.asarray([index[str(v)] for v in values], dtype=np.int64), names
 
 
+TEXT_SUFFIXES = (".txt", ".txt.gz", ".text")
+CSV_SUFFIXES = (".csv", ".csv.gz", ".tsv", ".tsv.gz")
+_SUPPORTED = ".txt (one example per line), .csv / .tsv, .jsonl / .jsonl.gz or .parquet"
+
+
 def _check_text(value: Any, field: str, where: str) -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where}: field {field!r} is {type(value).__name__}, not a string")
     return value
 
 
-def _open_text(path: Path) -> io.TextIOBase:
+def _open_text(path: Path, newline: str | None = None) -> io.TextIOBase:
     if path.suffix == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")  # type: ignore[return-value]
-    return open(path, encoding="utf-8")
+        return gzip.open(path, "rt", encoding="utf-8", newline=newline)  # type: ignore[return-value]
+    return open(path, encoding="utf-8", newline=newline)
+
+
+def load_text(path: str | os.PathLike[str], *, limit: int | None = None) -> Corpus:
+    """Load a plain-text file (optionally ``.gz``): one example per line, blank lines skipped.
+
+    Plain text carries no domain field; every text is unlabelled.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not UTF-8 (the message gives ``file:line``) or holds no
+            non-blank line.
+
+    Example:
+        >>> c = load_text("corpus.txt")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such text file: {p}")
+    texts: list[str] = []
+    lineno = 0
+    try:
+        with _open_text(p) as f:
+            for lineno, line in enumerate(f, start=1):  # noqa: B007 - reported on error
+                if limit is not None and len(texts) >= limit:
+                    break
+                line = line.rstrip("\r\n")
+                if line.strip():
+                    texts.append(line)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}:{lineno + 1}: not UTF-8 text ({exc.reason})") from exc
+    if not texts:
+        raise ValueError(f"empty corpus: {p} has no non-blank lines")
+    return Corpus(texts, None, None, name=p.name, meta={"path": str(p)})
+
+
+def load_csv(
+    path: str | os.PathLike[str],
+    text_field: str = "text",
+    domain_field: str | None = None,
+    *,
+    limit: int | None = None,
+) -> Corpus:
+    """Load a CSV (``.csv``) or tab-separated (``.tsv``) file with a header row, optionally
+    ``.gz``; the text and the optional domain are columns named in the header.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the header lacks ``text_field`` / ``domain_field`` (the message lists the
+            columns present), a row is missing a cell (``file:line``), the file is not UTF-8,
+            or it has no data row.
+
+    Example:
+        >>> c = load_csv("data.csv", text_field="review", domain_field="product")  # doctest: +SKIP
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no such CSV file: {p}")
+    delimiter = "\t" if ".tsv" in p.suffixes else ","
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # long documents in one cell
+    texts: list[str] = []
+    domains: list[Any] = []
+    try:
+        with _open_text(p, newline="") as f:
+            reader = csv.DictReader(f, delimiter=delimiter)
+            header = reader.fieldnames or []
+            if not header:
+                raise ValueError(f"empty corpus: {p} has no header row")
+            for fld in (text_field, domain_field):
+                if fld is not None and fld not in header:
+                    raise ValueError(
+                        f"{p}: missing column {fld!r} (columns present: {list(header)}); "
+                        "name the text column with --text-column"
+                    )
+            for row in reader:
+                if limit is not None and len(texts) >= limit:
+                    break
+                where = f"{p}:{reader.line_num}"
+                text = row.get(text_field)
+                if text is None:
+                    raise ValueError(f"{where}: row has no cell for column {text_field!r}")
+                texts.append(text)
+                if domain_field is not None:
+                    if row.get(domain_field) in (None, ""):
+                        raise ValueError(f"{where}: no value for domain column {domain_field!r}")
+                    domains.append(row[domain_field])
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{p}: not UTF-8 text ({exc.reason})") from exc
+    except csv.Error as exc:
+        raise ValueError(f"{p}: malformed CSV ({exc})") from exc
+    if not texts:
+        raise ValueError(f"empty corpus: {p} has no rows")
+    labels, names = (None, None)
+    if domain_field is not None:
+        labels, names = _encode_domains(domains, domain_field, str(p))
+    return Corpus(texts, labels, names, name=p.name, meta={"path": str(p)})
 
 
 def iter_jsonl(
@@ -221,10 +335,12 @@ def load_corpus(
 
     Args:
         source: ``"fortunes"``, ``"natural-instructions"`` (aliases ``"ni"``,
-            ``"natural_instructions"``), a ``.jsonl``/``.jsonl.gz``/``.ndjson`` file, a
+            ``"natural_instructions"``), a ``.txt`` file (one example per line), a
+            ``.csv``/``.tsv`` file, a ``.jsonl``/``.jsonl.gz``/``.ndjson`` file, a
             ``.parquet`` file, a ``save_to_disk`` directory, or a ``datasets.Dataset``.
-        text_field / domain_field: see :func:`load_jsonl` (ignored for named corpora,
-            which carry their own domains).
+        text_field / domain_field: the field (jsonl, parquet, HF) or column (CSV) holding
+            the text / the original domain; see :func:`load_jsonl` (ignored for named
+            corpora, which carry their own domains, and for plain text, which has none).
         limit: at most this many texts (a seeded uniform sample for named corpora).
         **kwargs: passed to the specific loader (e.g. ``split=`` for HF, ``text=`` for NI).
 
@@ -252,8 +368,17 @@ def load_corpus(
             f"{str(source)!r} is neither a file nor a named corpus ({', '.join(NAMED_CORPORA)})"
         )
     name = p.name.lower()
+    if name.endswith(TEXT_SUFFIXES):
+        if domain_field is not None:
+            raise ValueError(
+                f"{p} is plain text (one example per line) and has no domain column; "
+                "use a CSV or jsonl file for domains"
+            )
+        return load_text(p, limit=limit)
+    if name.endswith(CSV_SUFFIXES):
+        return load_csv(p, text_field, domain_field, limit=limit)
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
         return load_jsonl(p, text_field, domain_field, limit=limit)
     if name.endswith(".parquet"):
         return load_parquet(p, text_field, domain_field, limit=limit)
-    raise ValueError(f"unsupported file type for {p}: use .jsonl, .jsonl.gz or .parquet")
+    raise ValueError(f"unsupported file type for {p}: use {_SUPPORTED}")

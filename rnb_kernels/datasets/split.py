@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["train_eval_split"]
+__all__ = ["train_eval_split", "train_val_test_split"]
 
 
 def train_eval_split(
@@ -65,3 +65,39 @@ def train_eval_split(
     mask = np.ones(n, dtype=bool)
     mask[eval_idx] = False
     return np.flatnonzero(mask).astype(np.int64), eval_idx.astype(np.int64)
+
+
+def train_val_test_split(
+    labels: Sequence[Any] | np.ndarray,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.1,
+    *,
+    seed: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Three disjoint splits, stratified by label: train, validation (for choosing
+    hyper-parameters) and test (for reporting only).
+
+    The test split is cut first, then the validation split from the rest, each with
+    :func:`train_eval_split` (so a label with few examples keeps at least one in train).
+
+    Returns:
+        ``(train_idx, val_idx, test_idx)``: disjoint sorted ``int64`` arrays covering
+        ``range(len(labels))``.
+
+    Example:
+        >>> tr, va, te = train_val_test_split([0] * 10 + [1] * 10, 0.2, 0.2, seed=0)
+        >>> len(tr), len(va), len(te)
+        (12, 4, 4)
+    """
+    if not (val_fraction > 0.0 and test_fraction > 0.0):
+        raise ValueError(
+            f"val_fraction and test_fraction must be > 0; got {val_fraction}, {test_fraction}"
+        )
+    if not val_fraction + test_fraction < 1.0:
+        raise ValueError(
+            f"val_fraction + test_fraction must be < 1; got {val_fraction} + {test_fraction}"
+        )
+    labels = np.asarray(labels)
+    rest, test_idx = train_eval_split(labels, test_fraction, seed=seed)
+    tr, va = train_eval_split(labels[rest], val_fraction / (1.0 - test_fraction), seed=seed + 1)
+    return rest[tr], rest[va], test_idx

@@ -1,136 +1,132 @@
-"""``rnb demo``: regroup a real corpus, then train the same small GPT under Stratified, DGA
-and R&B (original and regrouped domains) with the same seed and token budget, and compare.
+"""``rnb demo``: does data mixing help? Regroup a real corpus, then train the same GPT-Neo
+under Stratified, the oracle, DGA and R&B over several seeds, and compare on held-out data.
 
-Natural Instructions v1 (61 task domains, from the BIG-bench archive, fetched and cached on
-first use) by default; Debian fortunes (``--corpus fortunes``) as the small fallback.
-``--quick`` is the CI-sized run (about a minute on fortunes). ``--methods a,b,...`` picks the
-runs: a named method (``stratified``, ``dga``, ``dga-extra``, ``rnb-original``,
-``rnb-regrouped``, ...) or any registered mixer, optionally suffixed ``-regrouped``.
+Default: the **target-shift** scenario on Natural Instructions v1 (61 task domains, from the
+BIG-bench archive, fetched with pip and cached on first use). The training pool holds every
+task; the evaluation (test split) holds only the 7 Winogrande tasks; the mixers see a
+256-example target sample of them (R&B: its proportions over the regrouped clusters as
+``p_eval``; DGA: its gradient). The **oracle** trains on the target's own tasks only: the
+reference a mixer should approach. ``--in-distribution`` trains and evaluates on the same 61
+tasks instead (the R&B paper's setting).
 
-Writes to ``--out`` (default ``out/demo``): ``results.csv``, ``results.md`` (the printed
-table), ``eval_loss.png``, ``weights.png``, ``partition/`` (the regrouping), per-run logs under
-``logs/`` and ``demo.log``.
+Three seeds (model init, sampling order, target batches); the data split and the regrouping
+are shared by every seed, so differences are paired on the same test set. The printed table
+gives, per method, the test loss (mean ± std), the paired difference to stratified with its
+95% interval, the share of the stratified→oracle gap closed, per-domain mean and worst, the
+share of training samples drawn from the target tasks, and the training time relative to
+stratified's in the same run.
+
+``--quick`` is the CI-sized run (one seed on the fortunes corpus, about a minute).
+``--methods a,b,...`` picks the runs: a named method (``stratified``, ``oracle``, ``static``,
+``odm``, ``dga``, ``dga-extra``, ``rnb-original``, ``rnb-regrouped``) or any registered mixer,
+optionally suffixed ``-regrouped``.
+
+Writes to ``--out`` (default ``out/demo``): ``results.csv`` (one row per run),
+``results.md`` (the printed table), ``eval_loss.png`` (test loss curves, band = lowest to
+highest seed), ``weights.png`` (the mixtures of the first seed as stacked areas, top domains
+named, regrouped clusters by their key terms), ``meta.json``, ``partition/`` (the
+regrouping), per-run logs under ``s<seed>/logs/`` (the Balancer's full weights per round in
+``<run>/mixture.{csv,jsonl}`` and TensorBoard) and ``demo.log``.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
+from .compare import aggregate, format_table, plot_comparison, run_comparison
 from .config import DEMO, QUICK, ExperimentConfig
-from .data import PreparedData, prepare
-from .methods import Method, resolve_methods
-from .train import TrainResult, run_methods
+from .harness import environment, write_csv
+from .methods import resolve_methods
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_parser", "format_table", "run", "run_demo"]
+__all__ = ["add_parser", "describe", "run", "run_demo"]
 
 
 def run_demo(cfg: ExperimentConfig, out: str | Path, progress: bool = True) -> dict[str, Any]:
-    """Run the whole comparison on ``cfg.seeds[0]``.
+    """Run the comparison of ``cfg`` (every seed) on the test split, write the outputs.
 
     Returns:
-        ``{"rows": [one summary per method], "results": {name: TrainResult}, "meta": {...},
-        "out": Path}``.
+        ``{"rows": [one row per run], "summary": [one row per method], "table": str,
+        "meta": {...}, "comparison": Comparison, "out": Path}``.
     """
     out = Path(out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    seed = cfg.seeds[0]
-    t_all = time.perf_counter()
-    prep = prepare(
-        cfg.corpus, vocab_cap=cfg.model.vocab_size, context=cfg.model.context, seed=seed, out=out
-    )
-    runs = {
-        method.name: (method, result)
-        for method, result in run_methods(
-            cfg, prep, seed=seed, log_dir=out / "logs", progress=progress
-        )
-    }
-    wall = time.perf_counter() - t_all
-
-    rows = [result.summary() for _, result in runs.values()]
-    _write_outputs(out, rows, runs, prep)
+    out.mkdir(parents=True, exist_ok=True)
+    comp = run_comparison(cfg, out, evaluate_on="test", progress=progress)
+    prep = comp.prepared
+    summary = aggregate(comp.rows)
+    env = environment(cfg.train.device)
     meta = {
         "config": cfg.to_dict(),
-        "seed": seed,
-        "model": {**cfg.to_dict()["model"], "vocab_size": prep.vocab.size},
+        "seeds": list(cfg.seeds),
+        "model": {**cfg.model.to_dict(), "vocab_size": prep.vocab.size},
         "corpus": prep.corpus.name,
-        "n_train": len(prep.train),
-        "n_eval": len(prep.eval),
+        "scenario": prep.scenario,
+        "target_domains": [prep.corpus.label_names[i] for i in prep.target_domains],
+        "sizes": {k: len(v) for k, v in prep.data.items()},
         "original_domains": prep.num_original,
-        "regrouped_k": prep.partition.k,
+        "regrouped_k": int(prep.partition.k),
         "tokenizer": prep.tokenizer,
         "vocab_coverage": prep.vocab.coverage,
-        "timings": {**prep.timings, "wall_s": wall},
+        "timings": {**prep.timings, "wall_s": comp.wall_s},
         "tokens_per_run": cfg.tokens_per_run(),
+        "environment": env,
     }
+    table = describe(meta) + "\n\n" + format_table(summary) + "\n\n" + _notes(meta)
+    write_csv(out / "results.csv", comp.rows)
+    (out / "results.md").write_text(table + "\n")
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-    results = {name: result for name, (_, result) in runs.items()}
-    return {"rows": rows, "results": results, "meta": meta, "out": out}
+    plot_comparison(comp, out / "eval_loss.png", out / "weights.png")
+    return {"rows": comp.rows, "summary": summary, "table": table, "meta": meta,
+            "comparison": comp, "out": out}  # fmt: skip
 
 
-def format_table(rows: list[dict[str, Any]], meta: dict[str, Any] | None = None) -> str:
-    """The table ``rnb demo`` prints (GitHub markdown, readable as plain text)."""
-    head = (
-        "| method | domains | eval loss | per-domain mean | per-domain worst "
-        "| mixing overhead | train time |"
+def describe(meta: dict[str, Any]) -> str:
+    """One paragraph: what was trained on what, and what was evaluated."""
+    n = meta["sizes"]
+    model = meta["model"]
+    what = (
+        f"**target shift** on {meta['corpus']}: the pool holds all {meta['original_domains']} "
+        f"domains; test, validation and the target sample hold only the "
+        f"{len(meta['target_domains'])} target domains ({', '.join(meta['target_domains'])})"
+        if meta["scenario"] == "target-shift"
+        else f"**in-distribution** on {meta['corpus']}: train and test on the same "
+        f"{meta['original_domains']} domains"
     )
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(
-            f"| {r['method']} | {r['domains']} | {r['eval_loss']:.4f} | {r['domain_mean']:.4f} "
-            f"| {r['domain_worst']:.4f} | {r['overhead_pct']:.2f}% | {r['train_s']:.1f}s |"
-        )
-    if meta:
-        lines.append("")
-        lines.append(
-            f"corpus {meta['corpus']}: {meta['n_train']} train / {meta['n_eval']} eval texts, "
-            f"{meta['original_domains']} original domains, regrouped k={meta['regrouped_k']}; "
-            f"{meta['tokens_per_run']} training tokens per run; wall {meta['timings']['wall_s']:.0f}s"
-        )
-    return "\n".join(lines)
-
-
-def _write_outputs(
-    out: Path,
-    rows: list[dict[str, Any]],
-    runs: dict[str, tuple[Method, TrainResult]],
-    prep: PreparedData,
-) -> None:
-    from .plots import plot_eval_curves, plot_weights
-
-    with open(out / "results.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    for name, (_, r) in runs.items():
-        np.save(out / "logs" / f"{name}.per_domain_eval.npy", r.per_domain_eval)
-    plot_eval_curves(
-        {n: (r.eval_steps, r.eval_losses) for n, (_, r) in runs.items()},
-        out / "eval_loss.png",
-        title=f"eval loss, {prep.corpus.name}",
+    return (
+        f"{what}. {n['train']} training / {n['val']} validation / {n['test']} test texts; "
+        f"the mixers see a {n['target']}-text target sample. Regrouped into "
+        f"k={meta['regrouped_k']} clusters. GPT-Neo {model['n_layer']}x{model['n_embd']} "
+        f"(vocab {model['vocab_size']}, T={model['context']}), "
+        f"{meta['tokens_per_run']:,} training tokens per run, seeds "
+        f"{', '.join(map(str, meta['seeds']))}."
     )
-    # Stratified weights never move; its panel would say nothing.
-    moving = {n: (m, r) for n, (m, r) in runs.items() if m.mixer != "stratified"}
-    plot_weights(
-        {n: (r.weight_steps, r.weights) for n, (_, r) in moving.items()},
-        out / "weights.png",
-        names={n: prep.domain_names(m.domains) for n, (m, _) in moving.items()},
+
+
+def _notes(meta: dict[str, Any]) -> str:
+    env = meta["environment"]
+    return (
+        "Test loss in nats/token. Δ = method − stratified, paired by seed, with a 95% "
+        "Student-t interval over seeds (* = the interval excludes 0; negative = better). Gap "
+        "closed = (stratified − method) / (stratified − oracle) per seed, mean and 95% "
+        "Student-t interval. Per-domain: over the evaluated domains, mean over seeds. Target "
+        "share: share of training samples drawn from the target domains. Time / stratified: "
+        "training-loop time (mixing included, evaluation excluded) over stratified's in the "
+        "same seed, in CPU time of the process and in wall time, on "
+        f"{env['hardware']} ({env['threads']} torch threads, 1-min load average "
+        f"{env['load_avg_1min']} at the end; other processes make wall times noisy). Wall "
+        f"{meta['timings']['wall_s']:.0f}s in all."
     )
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "demo",
-        help="regroup a real corpus and compare Stratified / DGA / R&B on a small GPT",
+        help="does mixing help? Stratified / oracle / DGA / R&B on GPT-Neo, several seeds",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -141,8 +137,15 @@ def add_parser(sub) -> None:
         help="ni (Natural Instructions v1; default) or fortunes (default with --quick)",
     )
     p.add_argument("--quick", action="store_true", help="CI size: ~1 minute on fortunes")
+    p.add_argument(
+        "--in-distribution",
+        action="store_true",
+        help="train and evaluate on the same domains instead of the target shift",
+    )
+    p.add_argument("--target", default=None, help="comma-separated target-domain keywords")
     p.add_argument("--out", default="out/demo", help="output directory")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per method")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run")
+    p.add_argument("--seeds", default=None, help="comma-separated training seeds (default 0,1,2)")
     p.add_argument(
         "--methods",
         default=None,
@@ -150,36 +153,70 @@ def add_parser(sub) -> None:
         "method, or any registered mixer with optional -regrouped / -extra suffixes",
     )
     p.add_argument("--embedder", default=None, help="regroup embedder: minilm or tfidf")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: these small models gain little from more, and "
+        "several threads slow down badly when other processes keep the cores busy; 0 = "
+        "torch's default)",
+    )
+    p.add_argument("--seed", type=int, default=None, help=argparse.SUPPRESS)  # old: one seed
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument("-v", "--verbose", action="store_true")  # fmt: skip
 
 
-def run(args: argparse.Namespace) -> int:
-    methods = None if args.methods is None else tuple(m for m in args.methods.split(",") if m)
-    cfg = (QUICK if args.quick else DEMO).replace(
-        corpus=args.corpus, steps=args.steps, embedder=args.embedder, methods=methods,
-        seeds=(args.seed,),
+def _csv(text: str | None, kind: type = str) -> tuple | None:
+    return None if text is None else tuple(kind(v) for v in text.split(",") if v)
+
+
+def config_from_args(args: argparse.Namespace) -> ExperimentConfig:
+    """The preset (:data:`~.config.DEMO` or :data:`~.config.QUICK`) with the flags applied."""
+    seeds = _csv(args.seeds, int) or ((args.seed,) if args.seed is not None else None)
+    return (QUICK if args.quick else DEMO).replace(
+        corpus=args.corpus, steps=args.steps, embedder=args.embedder, methods=_csv(args.methods),
+        seeds=seeds, scenario="in-distribution" if args.in_distribution else None,
+        target=_csv(args.target),
     )  # fmt: skip
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    cfg = config_from_args(args)
     try:
         resolve_methods(cfg.methods)
     except ValueError as exc:
         print(exc)
         return 2
+    if args.threads and not cfg.train.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     fmt = "%(asctime)s %(name)s %(levelname)s %(message)s"
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=fmt)
+    level = logging.DEBUG if args.verbose else logging.INFO
+    logging.basicConfig(level=level, format=fmt)
     fh = logging.FileHandler(out / "demo.log", mode="w")
     fh.setFormatter(logging.Formatter(fmt))
-    logging.getLogger().addHandler(fh)
+    root = logging.getLogger()
+    root.addHandler(fh)
+    # The package's records reach demo.log even where the root logger was configured already
+    # (an embedding application, pytest).
+    pkg = logging.getLogger("rnb_kernels")
+    old_level = pkg.level
+    pkg.setLevel(level)
     try:
-        res = run_demo(cfg, out, progress=not args.no_progress)
+        # Log lines go through tqdm.write, so they print above the progress bar, not into it.
+        with logging_redirect_tqdm():
+            res = run_demo(cfg, out, progress=not args.no_progress)
     finally:
-        logging.getLogger().removeHandler(fh)
+        root.removeHandler(fh)
         fh.close()
-    table = format_table(res["rows"], res["meta"])
-    (out / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"\nwrote {out}/: results.csv results.md eval_loss.png weights.png meta.json logs/")
+        pkg.setLevel(old_level)
+    print(res["table"])
+    print(
+        f"\nwrote {out}/: results.csv results.md eval_loss.png weights.png meta.json "
+        "partition/ s<seed>/logs/ demo.log"
+    )
     return 0

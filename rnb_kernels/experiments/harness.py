@@ -16,6 +16,8 @@ Used by ``rnb bench mixing``, ``rnb bench overhead`` and the scripts in ``benchm
   processes and clock drift hit every variant alike; :func:`summarize` (median, IQR,
   bootstrap CI of the median) and :func:`ratio_ci` (ratio of medians, bootstrap CI paired by
   round) turn the samples into numbers that can be compared.
+* :func:`t_interval` and :func:`paired_t` — mean and Student-t confidence interval of a few
+  per-seed values, or of per-seed differences (paired by seed), for learning-quality results.
 
 Example:
     >>> samples = time_interleaved({"a": lambda: sum(range(100)), "b": lambda: None}, 5)
@@ -52,10 +54,12 @@ __all__ = [
     "markdown_table",
     "median_ms",
     "median_ms_group",
+    "paired_t",
     "ratio_ci",
     "results_csv",
     "results_dir",
     "summarize",
+    "t_interval",
     "time_interleaved",
     "write_csv",
 ]
@@ -380,3 +384,54 @@ def ratio_ci(
     alpha = (1.0 - confidence) / 2
     lo, hi = np.quantile(ratios, [alpha, 1 - alpha])
     return float(np.median(x) / np.median(y)), float(lo), float(hi)
+
+
+# Two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (no scipy needed).
+_T975 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042)  # fmt: skip
+
+
+def _t_quantile(df: int, confidence: float) -> float:
+    if confidence == 0.95:
+        return _T975[df - 1] if df <= len(_T975) else 1.96
+    try:
+        from scipy import stats
+    except ImportError as exc:  # pragma: no cover - scipy comes with the regroup extra
+        raise ValueError(f"confidence {confidence} needs scipy (0.95 does not)") from exc
+    return float(stats.t.ppf(0.5 + confidence / 2, df))
+
+
+def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean of ``values`` and its Student-t confidence interval.
+
+    For a handful of per-seed results (``n >= 2``): ``mean ± t_{n-1} · sd / sqrt(n)``.
+    With one value the interval is ``(nan, nan)``.
+
+    Returns:
+        ``(mean, ci_low, ci_high)``.
+
+    Example:
+        >>> m, lo, hi = t_interval([1.0, 2.0, 3.0])
+        >>> m, round(lo, 3), round(hi, 3)
+        (2.0, -0.484, 4.484)
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.ndim != 1 or x.size == 0:
+        raise ValueError(f"values must be a non-empty 1-D sequence; got shape {x.shape}")
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, float("nan"), float("nan")
+    half = _t_quantile(x.size - 1, confidence) * float(x.std(ddof=1)) / float(np.sqrt(x.size))
+    return mean, float(mean - half), float(mean + half)
+
+
+def paired_t(
+    a: Sequence[float], b: Sequence[float], confidence: float = 0.95
+) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a[i] - b[i]`` (e.g. one method's and the baseline's
+    eval loss under seed ``i``) and its Student-t confidence interval."""
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.shape != y.shape or x.ndim != 1:
+        raise ValueError(f"a and b must be paired 1-D samples; got {x.shape} and {y.shape}")
+    return t_interval(x - y, confidence)

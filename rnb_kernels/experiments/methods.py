@@ -1,7 +1,7 @@
 """The one method registry of the demo, ``rnb bench mixing`` and :func:`~.train.train`.
 
 A *method* is a run of the comparison: ``(run name, mixer name, domain space, gradient
-source)``.
+source, initial weights)``.
 
 * The mixer comes from the library's registry (:func:`rnb_kernels.mixing.build_mixer`), so a
   mixer registered anywhere (:func:`rnb_kernels.mixing.register_mixer`) is a method at once.
@@ -10,6 +10,11 @@ source)``.
 * The gradient source says where a mixer that asks for per-domain gradient ``alignment``
   (DGA) gets it: ``"tracker"`` (the training backward, plus one target batch per round) or
   ``"extra"`` (the DGA paper's extra forward/backward per domain every round).
+* The weights source says where a static mixer's weights come from: the mixer's own default
+  (``static``: size-proportional) or ``"target"``: the target sample's histogram over the
+  domains. ``oracle`` is ``static`` with target weights on the original domains: it trains on
+  the target's own domains in the target's proportions, the reference a method that only
+  sees a small target sample should approach.
 
 Whether a run tracks gradients at all follows from the statistics the mixer declares in
 ``Mixer.requires`` (:func:`needs_tracker`), not from its name.
@@ -20,7 +25,7 @@ A method name is one of :data:`NAMED_METHODS`, or ``<mixer>`` with optional suff
 
 Example:
     >>> get_method("rnb-regrouped")
-    Method(name='rnb-regrouped', mixer='rnb', domains='regrouped', gradients='tracker')
+    Method(name='rnb-regrouped', mixer='rnb', domains='regrouped', gradients='tracker', weights='')
     >>> get_method("odm-regrouped").domains
     'regrouped'
 """
@@ -63,18 +68,23 @@ class Method:
             mixer see.
         gradients: ``"tracker"`` or ``"extra"``: where gradient alignments come from when the
             mixer requires ``"alignment"`` (ignored otherwise).
+        weights: ``""`` (the mixer builds its own weights) or ``"target"``: the mixer gets
+            ``weights=`` the target sample's domain histogram (``oracle``).
     """
 
     name: str
     mixer: str
     domains: str = "original"
     gradients: str = "tracker"
+    weights: str = ""
 
     def __post_init__(self) -> None:
         if self.domains not in DOMAIN_SPACES:
             raise ValueError(f"domains must be one of {DOMAIN_SPACES}; got {self.domains!r}")
         if self.gradients not in GRADIENT_SOURCES:
             raise ValueError(f"gradients must be one of {GRADIENT_SOURCES}; got {self.gradients!r}")
+        if self.weights not in ("", "target"):
+            raise ValueError(f"weights must be '' or 'target'; got {self.weights!r}")
 
     @property
     def mixer_class(self) -> type[Mixer]:
@@ -92,6 +102,7 @@ NAMED_METHODS: dict[str, Method] = {
         Method("dga-extra", "dga", gradients="extra"),
         Method("rnb-original", "rnb"),
         Method("rnb-regrouped", "rnb", domains="regrouped"),
+        Method("oracle", "static", weights="target"),
     )
 }
 
@@ -185,11 +196,13 @@ def build_method_mixer(
         target_domains: ``int64[n_target]`` domain of every target row.
         update_every: optimizer steps per round (a mixer's own ``update_every`` hyper-parameter
             overrides it).
-        hparams: ``{mixer name: {hyper-parameter: value}}``; only the method's mixer is read.
+        hparams: ``{mixer name: {hyper-parameter: value}}``; the method's mixer is read,
+            then an entry under the method's own name (e.g. ``"rnb-original"``) overrides it.
 
     Raises:
         ValueError: the gradient source is ``"extra"`` but the mixer uses no alignment.
     """
+    target_domains = np.asarray(target_domains, dtype=np.int64)
     method = get_method(method)
     if method.gradients == "extra" and not uses_alignment(method):
         raise ValueError(
@@ -203,4 +216,10 @@ def build_method_mixer(
         target_labels=target_domains,
         update_every=update_every,
     )
-    return build_mixer(method.mixer, context, **dict((hparams or {}).get(method.mixer, {})))
+    hparams = hparams or {}
+    hp = dict(hparams.get(method.mixer, {}))
+    if method.name != method.mixer:
+        hp.update(hparams.get(method.name, {}))
+    if method.weights == "target":
+        hp["weights"] = np.bincount(target_domains, minlength=num_domains).astype(np.float64)
+    return build_mixer(method.mixer, context, **hp)

@@ -1,36 +1,57 @@
-"""A small GPT (decoder-only transformer) for the demo, the benchmarks and the tests.
+"""The models the demo and the benchmarks train: Hugging Face GPT-Neo, built from a config.
 
-Pre-LayerNorm blocks, learned positions, tied token embedding / LM head. The LM head is a
-plain ``nn.Linear`` and the last ``nn.Linear`` registered in the model, so
-:class:`~rnb_kernels.DomainGradientTracker` follows it by default (``modules=None``).
+No weights are downloaded: :func:`build_model` builds ``transformers.GPTNeoForCausalLM`` from a
+``GPTNeoConfig`` made out of a :class:`ModelConfig` and initialises it the way ``transformers``
+does (seeded by the caller's ``torch.manual_seed``). :data:`GPT_NEO_125M` is the R&B paper's
+architecture (12 layers x 768, 12 heads, alternating global / local attention with a 256-token
+window, GPT-2 vocabulary); the CPU presets are the same architecture at a smaller width and
+depth over a compact vocabulary (see :class:`~.tokenizer.CompactVocab`).
+
+GPT-Neo's ``lm_head`` is an ``nn.Linear`` tied to the token embedding ``transformer.wte`` and it
+is the model's last ``nn.Linear``, so :class:`~rnb_kernels.DomainGradientTracker` follows it by
+default (``modules=None``); the tracker sees the head's *use* of the tied weight, the embedding
+lookup's gradient flows into the same ``.grad`` untouched.
+
+Per-sample losses are computed here from the model's logits (:func:`per_sample_loss`), not by
+the model's own ``labels=`` path, which only returns the batch mean.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["GPT", "GPTConfig", "per_sample_loss", "per_token_loss"]
+__all__ = [
+    "GPT_NEO_125M",
+    "IGNORE_INDEX",
+    "ModelConfig",
+    "build_model",
+    "lm_logits",
+    "per_sample_loss",
+    "per_token_loss",
+]
 
 # Label value that contributes nothing to any loss (padding, or the first token of a text).
 IGNORE_INDEX = -100
 
 
-@dataclass
-class GPTConfig:
-    """Size of a :class:`GPT`.
+@dataclass(frozen=True)
+class ModelConfig:
+    """Size of a GPT-Neo causal LM.
 
     Attributes:
-        vocab_size: number of token ids the model embeds and predicts.
-        context: maximum sequence length ``T``.
-        n_layer, n_head, n_embd: depth, heads and width (``n_embd % n_head == 0``).
-        dropout: dropout on attention weights and residual branches.
-        tie_embeddings: share ``lm_head.weight`` with ``tok_emb.weight`` (GPT-2 style).
-        bias: biases in Linear layers and LayerNorms (the LM head never has one, as in GPT-2).
+        vocab_size: token ids the model embeds and predicts (the experiments use it as the cap
+            of the compact vocabulary; the model gets the ids the corpus uses, at most this).
+        context: tokens per sequence ``T`` (``max_position_embeddings``).
+        n_layer, n_head, n_embd: depth, heads and width (``n_embd % n_head == 0``). Layers
+            alternate global and local attention, as in GPT-Neo-125M; an odd ``n_layer``
+            ends on a global layer.
+        window_size: local attention window (256 in GPT-Neo-125M; irrelevant when
+            ``context <= window_size``).
+        dropout: embedding, attention and residual dropout (0 in these short runs).
     """
 
     vocab_size: int = 50257
@@ -38,110 +59,101 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 2
     n_embd: int = 64
+    window_size: int = 256
     dropout: float = 0.0
-    tie_embeddings: bool = True
-    bias: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "context", "n_layer", "n_head", "n_embd"):
+        for name in ("vocab_size", "context", "n_layer", "n_head", "n_embd", "window_size"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int; got {v!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1); got {self.dropout}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def attention_types(self) -> list:
+        """GPT-Neo's ``attention_types``: ``[["global", "local"], n]`` pairs, plus one
+        ``[["global"], 1]`` when ``n_layer`` is odd."""
+        types: list = []
+        if self.n_layer // 2:
+            types.append([["global", "local"], self.n_layer // 2])
+        if self.n_layer % 2:
+            types.append([["global"], 1])
+        return types
 
+    def hf_config(self):
+        """The ``transformers.GPTNeoConfig`` of this size (eager attention: GPT-Neo has no
+        SDPA path in ``transformers``)."""
+        from transformers import GPTNeoConfig
 
-class _Block(nn.Module):
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.n_head = cfg.n_head
-        self.dropout = cfg.dropout
-        self.ln1 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
-        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.ln2 = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        self.fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd, bias=cfg.bias)
-        self.fc_out = nn.Linear(4 * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.drop = nn.Dropout(cfg.dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        # Sequences are right-padded, so the causal mask alone keeps real tokens from seeing
-        # pads and the fused SDPA path needs no padding mask.
-        y = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0
+        cfg = GPTNeoConfig(
+            vocab_size=self.vocab_size,
+            max_position_embeddings=self.context,
+            hidden_size=self.n_embd,
+            num_layers=self.n_layer,
+            num_heads=self.n_head,
+            attention_types=self.attention_types(),
+            window_size=self.window_size,
+            embed_dropout=self.dropout,
+            attention_dropout=self.dropout,
+            resid_dropout=self.dropout,
+            # Token 0 is EOS in the compact vocabulary (and ids only matter for generation).
+            bos_token_id=0 if self.vocab_size < 50257 else 50256,
+            eos_token_id=0 if self.vocab_size < 50257 else 50256,
+            tie_word_embeddings=True,
+            use_cache=False,
         )
-        x = x + self.drop(self.proj(y.transpose(1, 2).reshape(B, T, C)))
-        return x + self.drop(self.fc_out(F.gelu(self.fc(self.ln2(x)), approximate="tanh")))
+        cfg._attn_implementation = "eager"
+        return cfg
+
+    def to_dict(self) -> dict:
+        return {"arch": "gpt-neo", **asdict(self)}
 
 
-class GPT(nn.Module):
-    """Decoder-only transformer returning next-token logits.
+# The R&B paper's model (GPT-Neo-125M's architecture; trained from scratch here, as there).
+GPT_NEO_125M = ModelConfig(vocab_size=50257, context=512, n_layer=12, n_head=12, n_embd=768)
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """A freshly initialised ``GPTNeoForCausalLM`` of size ``cfg`` (no download).
+
+    Seed with ``torch.manual_seed`` before calling for a reproducible init.
 
     Example:
-        >>> m = GPT(GPTConfig(vocab_size=100, context=16, n_layer=1, n_head=2, n_embd=32))
-        >>> m(torch.randint(0, 100, (3, 16))).shape
+        >>> m = build_model(ModelConfig(vocab_size=100, context=16, n_layer=1, n_head=2,
+        ...                             n_embd=32))
+        >>> lm_logits(m, torch.randint(0, 100, (3, 16))).shape
         torch.Size([3, 16, 100])
+        >>> m.lm_head.weight is m.transformer.wte.weight
+        True
     """
+    try:
+        from transformers import GPTNeoForCausalLM
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError(
+            "the experiments train transformers' GPT-Neo: pip install 'rnb_kernels[demo]'"
+        ) from exc
+    from transformers.utils import logging as hf_logging
 
-    def __init__(self, cfg: GPTConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.pos_emb = nn.Embedding(cfg.context, cfg.n_embd)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList([_Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
-        # Registered last so "the last nn.Linear" (the tracker's default) is the LM head.
-        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
-        self.apply(self._init)
-        # GPT-2's scaled init of residual projections keeps activations O(1) with depth.
-        for name, p in self.named_parameters():
-            if name.endswith(("proj.weight", "fc_out.weight")):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.tok_emb.weight
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # no "initialising from scratch" chatter per run
+    try:
+        model = GPTNeoForCausalLM(cfg.hf_config())
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    return model
 
-    @staticmethod
-    def _init(mod: nn.Module) -> None:
-        if isinstance(mod, nn.Linear):
-            nn.init.normal_(mod.weight, 0.0, 0.02)
-            if mod.bias is not None:
-                nn.init.zeros_(mod.bias)
-        elif isinstance(mod, nn.Embedding):
-            nn.init.normal_(mod.weight, 0.0, 0.02)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count (tied weights once); without position embeddings by default."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
+def lm_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """``float[B, T, V]`` next-token logits of a causal LM (a ``transformers`` model, whose
+    output carries ``.logits``, or any module returning the logits tensor).
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Logits for every position.
-
-        Args:
-            idx: ``int64[B, T]`` token ids, ``T <= config.context``.
-
-        Returns:
-            ``float[B, T, vocab_size]`` logits; position ``t`` predicts token ``t + 1``.
-        """
-        if idx.dim() != 2:
-            raise ValueError(f"idx must be [B, T]; got shape {tuple(idx.shape)}")
-        T = idx.shape[1]
-        if T > self.config.context:
-            raise ValueError(f"sequence length {T} exceeds context {self.config.context}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
-        for blk in self.blocks:
-            x = blk(x)
-        return self.lm_head(self.ln_f(x))
+    Sequences are right-padded and the attention is causal, so real tokens never attend to
+    padding and no attention mask is needed.
+    """
+    out = model(input_ids=input_ids) if hasattr(model, "config") else model(input_ids)
+    return out.logits if hasattr(out, "logits") else out
 
 
 def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -143,8 +143,19 @@ class DGA(Mixer):
             "scale": self.scale,
         }
 
+    def _load_extra_state(self, state: dict[str, Any]) -> None:
+        check_float(state["step_size"], "state['step_size']", low=0.0, low_open=True)
+        check_float(state["ema"], "state['ema']", low=0.0, high=1.0, low_open=True)
+        normalize = state.get("normalize", self.normalize)
+        if normalize not in _NORMALIZE:
+            raise ValueError(f"state['normalize'] must be one of {_NORMALIZE}, got {normalize!r}")
+        check_float(state.get("scale", 0.0), "state['scale']", low=0.0)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.step_size = float(state["step_size"])
+        self.ema = float(state["ema"])
+        self.normalize = state.get("normalize", self.normalize)
         self.scale = float(state.get("scale", 0.0))
 
 
@@ -296,7 +307,14 @@ class DGADistribution(DGA):
         return {**super()._extra_state(), "bases": self.bases.clone()}
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
-        as_float64(state["bases"], "state['bases']", tuple(self.bases.shape))
+        super()._load_extra_state(state)
+        b = as_float64(state["bases"], "state['bases']", tuple(self.bases.shape))
+        for i, row in enumerate(b):
+            as_simplex(row, f"state['bases'][{i}]")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.bases = as_float64(state["bases"], "bases").clone()
 
 
 def domain_gradient_alignment(

@@ -24,6 +24,11 @@ _IMPLS: dict[str, dict[str, str]] = {
         "triton": "rnb_kernels.ops.triton.domain_sketch:domain_sketch_triton",
         "cuda": "rnb_kernels.ops.cuda:domain_sketch_cuda",
     },
+    # No compiled CUDA kernel: "auto" on a GPU resolves to Triton.
+    "domain_projection": {
+        "torch": "rnb_kernels.ops.domain_projection:domain_projection_torch",
+        "triton": "rnb_kernels.ops.triton.projected:domain_projection_triton",
+    },
     "cross_entropy_rows": {
         "torch": "rnb_kernels.ops.cross_entropy:cross_entropy_rows_torch",
         "triton": "rnb_kernels.ops.triton.cross_entropy:cross_entropy_rows_triton",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from .sketch_hash import sketch_hash
+from .sketch_hash import PROJ_IN, PROJ_OUT, projection_hash, sketch_hash
 
 # The references' name for the hash (tests and benchmarks import it from here).
 sketch_hash_ref = sketch_hash
@@ -120,3 +120,94 @@ def gram_ref(a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
         for j in range(b.shape[0]):
             out[i, j] = torch.dot(a64[i], b64[j])
     return out
+
+
+# --------------------------------------------------------------------------- projected mode
+#
+# Specification of ``mode="projected"`` (:func:`rnb_kernels.ops.domain_projection`).
+#
+# State. Domain d's gradient ``g_d = Σ_{n∈d} dy_nᵀ x_n`` (``[K_out, K_in]``) is kept as
+# ``P_out g_d`` (``[proj_dim, K_in]``), or with ``proj_in_dim`` as ``P_out g_d P_inᵀ``
+# (``[proj_dim, proj_in_dim]``). ``P_out`` is the count-sketch of ``projection_hash(side=OUT)``
+# over the *global* output index ``i = row_offset + local row``: ``P_out[b(i), i] = s(i)``.
+# ``P_in`` is the independent count-sketch ``projection_hash(side=IN)`` over input features.
+#
+# Bias. A layer with bias is projected as the augmented ``[g_d | β_d]`` with
+# ``β_d = Σ_{n∈d} dy_n``, i.e. ``x`` augmented with a column of ones (input feature
+# ``j = K_in``): the state gets one extra column ``P_out β_d`` (without ``P_in``), or the ones
+# column is hashed by ``P_in`` like any other input feature (with ``P_in``).
+#
+# Linearity. The state is linear in (dy, x) row by row and ``P`` depends only on (seed, layer,
+# global index): states of micro-batches, steps and data-parallel ranks add up, and so do the
+# states of vocabulary shards (disjoint ``row_offset`` ranges) of one layer.
+#
+# Unbiasedness. ``<P_out A, P_out B> = Σ_{i,i'} [b(i) = b(i')] s(i) s(i') (A Bᵀ)_{ii'}``; with
+# ``E[s(i) s(i')] = [i = i']`` this has mean ``tr(A Bᵀ) = <A, B>``. Same argument on each side
+# for ``P_out A P_inᵀ``.
+#
+# Variance (output side only; hash idealised as 4-wise independent over seeds; ``M = A Bᵀ``,
+# ``A, B`` the augmented ``[K_out, K_in(+1)]`` gradients of two domains):
+#
+#     Var <P_out A, P_out B> = (‖M‖_F² + tr(M²) - 2 Σ_i M_ii²) / proj_dim.
+#
+# This is sketch mode's ``(|a|²|b|² + <a, b>² - 2 Σ_u a_u² b_u²) / k`` with ``|a|²|b|²`` replaced
+# by ``‖A Bᵀ‖_F²`` and ``<a, b>²`` by ``tr((A Bᵀ)²)`` -- i.e. a count-sketch with
+# ``k = proj_dim · K_in`` buckets on the *structured* hash ``bucket(i, j) = b(i) · K_in + j``,
+# ``sign(i, j) = s(i)``, whose collisions only pair elements of the same column. How much that
+# structure costs depends on the gradients: when the columns of ``A`` and ``B`` are
+# uncorrelated, ``‖A Bᵀ‖_F² ≈ ‖A‖²‖B‖² / K_in`` and the variance is that of a free sketch with
+# ``proj_dim · K_in`` buckets; for rank-one gradients ``A = u vᵀ`` it is that of a sketch of
+# ``u`` alone with ``proj_dim`` buckets (``‖A Bᵀ‖_F² = ‖A‖²‖B‖²``). Both bounds are attained
+# by no real gradient; ``benchmarks/results/projection_error_cpu.md`` measures where real
+# LM-head gradients fall. With ``P_in`` as well (law of total variance, ``P_in`` independent of
+# ``P_out``): the variance above plus ``E[(‖M'‖_F² + tr(M'²) - 2 Σ_j M'_jj²)] / proj_in_dim``
+# with ``M' = (P_out A)ᵀ (P_out B)``, whose mean is the same expression for ``Aᵀ B`` plus
+# ``O(1 / proj_dim)``. Input features are hashed by their local index ``j`` (``j = K_in`` for the
+# ones column); only the output side takes a ``row_offset``.
+
+
+def projection_matrix_ref(
+    k: int, proj_dim: int, seed: int = 0, layer: int = 0, offset: int = 0, side: int = PROJ_OUT
+) -> torch.Tensor:
+    """float64 dense ``[proj_dim, k]`` count-sketch projection ``P`` of features
+    ``offset .. offset+k-1`` (``P[bucket(f), f] = sign(f)``), built from
+    :func:`rnb_kernels.ops.sketch_hash.projection_hash`."""
+    bucket, sign = projection_hash(k, proj_dim, seed, layer, offset, side)
+    out = torch.zeros(proj_dim, k, dtype=torch.float64)
+    out[bucket, torch.arange(k)] = sign
+    return out
+
+
+def domain_projection_ref(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    proj_dim: int,
+    seed: int = 0,
+    layer: int = 0,
+    row_offset: int = 0,
+    bias: bool = False,
+    proj_in_dim: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 reference of the projected segmented weight gradient (spec above).
+
+    Projects the *exact* per-domain gradients: ``proj[d] = P_out [g_d | β_d] (P_inᵀ)`` with
+    the ``β_d`` column only when ``bias`` and ``P_in`` only when ``proj_in_dim`` is given.
+
+    Returns:
+        ``(dW, proj)``: float64 ``[K_out, K_in]`` and float64 ``[m, proj_dim, K_in']`` with
+        ``K_in' = proj_in_dim`` or ``K_in + bias``.
+    """
+    dw, per_domain = segmented_wgrad_ref(x, dy, domain_ids, num_domains)
+    per_domain = per_domain.cpu()
+    if bias:
+        per_domain = torch.cat(
+            [per_domain, bias_grads_ref(dy, domain_ids, num_domains).cpu()[..., None]], -1
+        )
+    p_out = projection_matrix_ref(dy.shape[1], proj_dim, seed, layer, row_offset, PROJ_OUT)
+    proj = p_out @ per_domain
+    if proj_in_dim is not None:
+        p_in = projection_matrix_ref(per_domain.shape[-1], proj_in_dim, seed, layer, 0, PROJ_IN)
+        proj = proj @ p_in.T
+    return dw, proj.to(x.device)

@@ -19,6 +19,21 @@ only on ``(seed, layer, i, j)``, so sketches are linear: sketches of different s
 micro-batches and ranks add up to the sketch of the sum. ``i`` is the *global* row: a rank
 holding rows ``[row_offset, row_offset + K_out)`` of a row-sharded (vocabulary-parallel) weight
 hashes ``row_offset + i``, so the shards' sketches add up to the sketch of the whole weight.
+
+Projected mode hashes single features instead of elements (one count-sketch per side of the
+weight, :func:`projection_hash`)::
+
+    proj_key(seed, layer, OUT) = key_base(seed, layer)
+    proj_key(seed, layer, IN)  = fmix32(key_base(seed, layer) ^ COL_MUL)
+    g(i, OUT)                  = fmix32(proj_key(seed, layer, OUT) ^ i * ROW_MUL)  (= row_key)
+    g(j, IN)                   = fmix32(proj_key(seed, layer, IN) ^ j * COL_MUL)
+    bucket, sign               = from g exactly as from h above
+
+``i`` / ``j`` are *global* feature indices (a rank holding output rows ``[offset, offset +
+K_out_local)`` of a vocabulary-sharded head hashes ``offset + i``), so projections of shards
+add up to the projection of the whole layer. The input side's key goes through ``fmix32`` so
+that no pair ``(i, j)`` shares its hash value with the output side for every seed (which a
+plain XOR of the two multipliers would allow, and which would bias two-sided projections).
 """
 
 from __future__ import annotations
@@ -37,6 +52,11 @@ __all__ = [
     "fmix32",
     "key_base",
     "kernel_constants",
+    "PROJ_IN",
+    "PROJ_OUT",
+    "projection_hash",
+    "projection_multiplier",
+    "projection_key",
     "sketch_hash",
 ]
 
@@ -55,8 +75,14 @@ def kernel_constants() -> dict[str, int]:
     return {"ROW_MUL": ROW_MUL, "COL_MUL": COL_MUL, "FMIX1": FMIX_MUL1, "FMIX2": FMIX_MUL2}
 
 
-def fmix32(h: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3 finaliser on int64 tensors holding uint32 values (result in [0, 2**32))."""
+# Sides of a projected layer: output features (rows of W, columns of dy) and input features.
+PROJ_OUT = 0
+PROJ_IN = 1
+
+
+def fmix32(h: torch.Tensor | int) -> torch.Tensor | int:
+    """MurmurHash3 finaliser on int64 tensors (or Python ints) holding uint32 values (result
+    in [0, 2**32))."""
     # int64 products of two uint32 values may wrap past 2**63; the low 32 bits stay exact.
     h = h ^ (h >> 16)
     h = (h * FMIX_MUL1) & MASK32
@@ -130,3 +156,52 @@ def bias_hash(
     j = torch.tensor([k_in], dtype=torch.int64, device=device)
     bucket, sign = _bucket_sign(_hash(i, j, seed, layer), sketch_dim, dtype)
     return bucket[:, 0], sign[:, 0]
+
+
+def projection_key(seed: int, layer: int, side: int) -> int:
+    """``proj_key(seed, layer, side)`` of the module docstring: the uint32 that keys one side's
+    feature hash (``side`` is :data:`PROJ_OUT` or :data:`PROJ_IN`)."""
+    base = key_base(seed, layer)
+    if side == PROJ_OUT:
+        return base
+    if side == PROJ_IN:
+        return int(fmix32(base ^ COL_MUL))
+    raise ValueError(f"side must be PROJ_OUT (0) or PROJ_IN (1), got {side!r}")
+
+
+def projection_multiplier(side: int) -> int:
+    """The multiplier applied to a feature index of ``side`` before the key is mixed in."""
+    return ROW_MUL if side == PROJ_OUT else COL_MUL
+
+
+def projection_hash(
+    k: int,
+    proj_dim: int,
+    seed: int = 0,
+    layer: int = 0,
+    offset: int = 0,
+    side: int = PROJ_OUT,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buckets and signs of the count-sketch projection of features ``offset .. offset+k-1``.
+
+    Feature ``f`` (global index ``offset + f``) of ``side`` goes to row ``bucket[f]`` of the
+    projection with sign ``sign[f]``: the projection matrix is ``P [proj_dim, k]`` with
+    ``P[bucket[f], f] = sign[f]`` and zeros elsewhere.
+
+    Returns:
+        ``bucket``: int64 ``[k]`` in ``[0, proj_dim)``; ``sign``: ``dtype`` ``[k]`` in ``{-1, +1}``.
+
+    Example:
+        >>> b, s = projection_hash(5, 4, seed=1)
+        >>> b.shape, bool((b < 4).all()), s.abs().unique().tolist()
+        (torch.Size([5]), True, [1.0])
+        >>> # A shard holding features 3.. hashes them as the full layer does.
+        >>> bool((projection_hash(2, 4, seed=1, offset=3)[0] == b[3:]).all())
+        True
+    """
+    f = torch.arange(offset, offset + k, dtype=torch.int64, device=device)
+    key = projection_key(seed, layer, side)
+    h = fmix32(((f * projection_multiplier(side)) & MASK32) ^ key)
+    return _bucket_sign(h, proj_dim, dtype)

@@ -2,10 +2,12 @@
 
 Usage::
 
-    rnb regroup INPUT --text-field text [--k auto|N] [--embedder minilm|tfidf|PATH] --out DIR
+    rnb regroup INPUT [--text-column text] [--k auto|N] [--embedder minilm|tfidf|PATH] --out DIR
 
-INPUT is a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file, a ``save_to_disk`` directory,
-or a named corpus (``fortunes``, ``natural-instructions``). Writes to DIR:
+INPUT is a ``.txt`` file (one example per line), a ``.csv`` / ``.tsv`` file (the text in
+``--text-column``, default ``text``), a ``.jsonl`` / ``.jsonl.gz`` / ``.parquet`` file (the
+text in the field ``--text-field``, the same option), a ``save_to_disk`` directory, or a
+named corpus (``fortunes``, ``natural-instructions``). Writes to DIR:
 
 * ``partition/``          the saved :class:`Partition` (``Partition.load(DIR/partition)``)
 * ``summary.txt``         the table printed to stdout
@@ -53,9 +55,20 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="INPUT", help="file, directory, or named corpus")
-    p.add_argument("--text-field", default="text", help="field holding the text (default: text)")
     p.add_argument(
-        "--domain-field", default=None, help="field holding an original domain (for ARI/NMI)"
+        "--text-field",
+        "--text-column",
+        dest="text_field",
+        default="text",
+        help="field (jsonl, parquet, HF) or CSV column holding the text (default: text; "
+        "ignored for .txt, one example per line)",
+    )
+    p.add_argument(
+        "--domain-field",
+        "--domain-column",
+        dest="domain_field",
+        default=None,
+        help="field or CSV column holding an original domain (for ARI/NMI)",
     )
     p.add_argument("--k", type=_k_arg, default="auto", help="'auto' (default) or a number")
     p.add_argument(

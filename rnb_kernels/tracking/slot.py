@@ -7,15 +7,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..ops import domain_sketch, segmented_wgrad
+from ..ops import domain_projection, domain_sketch, segmented_wgrad
 from ..ops._dispatch import resolve_backend
+from ..ops.domain_projection import projection_width
 from .linear import DOMAIN, TARGET, Context, is_dtensor, register_slot
 
 if TYPE_CHECKING:
     from .tracker import DomainGradientTracker
 
 # Which op serves each mode.
-MODE_OPS = {"exact": "segmented_wgrad", "sketch": "domain_sketch"}
+MODE_OPS = {
+    "exact": "segmented_wgrad",
+    "projected": "domain_projection",
+    "sketch": "domain_sketch",
+}
 
 
 def _finite(*ts: torch.Tensor) -> bool:
@@ -34,6 +39,8 @@ class Slot:
     Buffers per group (``"domain"``: ``m`` rows, ``"target"``: 1 row), float32:
 
     * exact: ``w [rows, R, K_in]`` and, with a bias, ``b [rows, R]``;
+    * projected: ``p [rows, proj_dim, K_in']`` with ``K_in' = K_in + bias`` (the op projects
+      the bias as a ones column of ``x``) or ``proj_in_dim``;
     * sketch: ``s [rows, sketch_dim]`` (the bias is sketched by the op as column ``K_in``).
 
     ``R = K_out``, except for a row-sharded (tensor-parallel) weight, where ``R`` is this rank's
@@ -87,6 +94,9 @@ class Slot:
                 b = {"w": torch.zeros(rows, rows_out, self.k_in, dtype=f32, device=device)}
                 if self.has_bias:
                     b["b"] = torch.zeros(rows, rows_out, dtype=f32, device=device)
+            elif tr.mode == "projected":
+                width = projection_width(self.k_in, self.has_bias, tr.proj_in_dim)
+                b = {"p": torch.zeros(rows, tr.proj_dim, width, dtype=f32, device=device)}
             else:
                 b = {"s": torch.zeros(rows, tr.sketch_dim, dtype=f32, device=device)}
             self.buf[group] = b
@@ -145,7 +155,8 @@ class Slot:
         return [t.reshape(t.shape[0], -1) for t in self.buf[group].values()]
 
     def rows(self, group: str) -> torch.Tensor:
-        """float32 ``[rows, P_slot]`` (exact) or ``[rows, k]`` (sketch), in true units."""
+        """float32 ``[rows, P_slot]`` (exact), ``[rows, proj_dim * K_in']`` (projected) or
+        ``[rows, k]`` (sketch), in true units."""
         parts = self.gram_parts(group)
         out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         s = self.scale[group]
@@ -203,6 +214,12 @@ class Slot:
             dw, _ = segmented_wgrad(
                 x2, dy2, rows, m, acc=b["w"], backend=self.backend, bias_acc=b.get("b"),
                 check_ids=False,
+            )  # fmt: skip
+        elif tr.mode == "projected":
+            dw, _ = domain_projection(
+                x2, dy2, rows, m, proj=b["p"], seed=tr.seed, layer=self.index,
+                backend=self.backend, bias=self.has_bias, proj_in_dim=tr.proj_in_dim,
+                check_ids=False, row_offset=self.row_offset,
             )  # fmt: skip
         else:
             dw, _ = domain_sketch(

@@ -2,9 +2,10 @@
 normal backward at (nearly) no extra cost.
 
 The weight gradient of each tracked layer goes through :func:`rnb_kernels.ops.segmented_wgrad`
-(exact mode) or :func:`rnb_kernels.ops.domain_sketch` (sketch mode): the op returns the ordinary
-weight gradient ``dyᵀ x`` *and* adds each domain's share into fp32 statistics, so the bookkeeping
-replaces the weight-gradient GEMM instead of adding a second pass. On the torch backend the
+(exact mode), :func:`rnb_kernels.ops.domain_projection` (projected mode) or
+:func:`rnb_kernels.ops.domain_sketch` (sketch mode): the op returns the ordinary weight gradient
+``dyᵀ x`` *and* adds each domain's share into fp32 statistics, so the bookkeeping replaces the
+weight-gradient GEMM instead of adding a second pass. On the torch backend the
 returned gradient is literally ``dy.t().mm(x)``, the GEMM autograd runs for ``nn.Linear``, so
 ``param.grad`` is bit-identical to an untracked backward (other backends compute it in their own
 kernel: equal within the dtype's rounding). See :mod:`.linear` for how the backward is routed.
@@ -29,6 +30,15 @@ micro-batch (the gradient is still returned, so the scaler sees the Inf) at the 
 min/max reduction over ``x`` and ``dy`` and a host sync per tracked layer. Loss scaling itself
 is undone exactly: pass ``grad_scale=scaler`` to :meth:`domains` and the buffers are kept in the
 current scale's units and rescaled (by a power of two, so exactly) when the scale changes.
+
+Choosing the mode
+-----------------
+``mode="auto"`` (default) keeps exact accumulators while they are small and projects beyond:
+exact when ``num_domains * P_tracked <= AUTO_EXACT_MAX_ELEMENTS`` (``2**24`` fp32 elements,
+64 MiB; ``P_tracked`` counts weights and biases of the tracked layers), projected otherwise. The
+resolved mode is stored in :attr:`DomainGradientTracker.mode` and logged; pass ``mode="exact"``
+/ ``"projected"`` / ``"sketch"`` to override. ``docs/tracking.md`` ("Projected mode") explains
+the projection, its variance and the default ``proj_dim``.
 
 Multi-process
 -------------
@@ -81,6 +91,13 @@ logger = logging.getLogger(__name__)
 __all__ = ["DomainGradientTracker"]
 
 _MODES = tuple(MODE_OPS)
+# mode="auto": exact accumulators up to this many fp32 elements (m * P_tracked), 64 MiB; a
+# GPT-2 head at m = 16 is 620M elements, the CPU GPT config (8192 x 256, m = 16) 34M.
+AUTO_EXACT_MAX_ELEMENTS = 2**24
+# Projected mode's default rows per layer: on real LM-head gradients R&B weights stay within
+# 0.01 of exact from 64 rows on (worst 0.0078); 128 leaves a 2x margin (worst 0.0054) at a
+# cost that hardly depends on it (benchmarks/results/projection_error_cpu.md).
+DEFAULT_PROJ_DIM = 128
 _NONFINITE = ("round", "micro-batch")
 _ID_CHECKS = ("auto", "eager", "deferred")
 _ON_UNTRACKED = ("raise", "warn", "ignore")
@@ -96,9 +113,16 @@ class DomainGradientTracker:
             an ``nn.Linear`` of the model, a name pattern (``fnmatch``, e.g. ``"blocks.*.mlp.fc2"``)
             or a list mixing both. Every match must be an ``nn.Linear``.
         mode: ``"exact"`` keeps fp32 ``[m, K_out, K_in]`` (+ ``[m, K_out]`` bias) accumulators
-            per layer; ``"sketch"`` keeps a fp32 count-sketch ``[m, sketch_dim]`` per layer
-            (the bias sketched as an extra column).
+            per layer; ``"projected"`` keeps fp32 ``[m, proj_dim, K_in + bias]`` (or
+            ``[m, proj_dim, proj_in_dim]``) count-sketch projections of the output side per
+            layer; ``"sketch"`` keeps a fp32 count-sketch ``[m, sketch_dim]`` per layer (the bias
+            sketched as an extra column); ``"auto"`` (default) picks exact while
+            ``m * P_tracked <= AUTO_EXACT_MAX_ELEMENTS`` (2**24), projected beyond. The
+            resolved mode is :attr:`mode`.
         sketch_dim: buckets per layer in sketch mode.
+        proj_dim: output-side rows per layer in projected mode.
+        proj_in_dim: projected mode: also project the input side to this many columns
+            (``None``: keep ``K_in``, plus one column for a bias).
         backend: op backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         seed: count-sketch hash seed (tracked layer ``l`` uses hash layer id ``l``).
         skip_nonfinite: ``"round"`` (default; free: a round whose statistics turned non-finite
@@ -134,11 +158,13 @@ class DomainGradientTracker:
         model: nn.Module,
         num_domains: int,
         modules: nn.Module | str | Sequence[nn.Module | str] | None = None,
-        mode: str = "exact",
+        mode: str = "auto",
         sketch_dim: int = 8192,
         backend: str = "auto",
         seed: int = 0,
         *,
+        proj_dim: int = DEFAULT_PROJ_DIM,
+        proj_in_dim: int | None = None,
         skip_nonfinite: bool | str = "round",
         id_check: str = "auto",
         on_untracked: str = "raise",
@@ -150,12 +176,20 @@ class DomainGradientTracker:
             raise TypeError(f"num_domains must be an int, got {type(num_domains).__name__}")
         if num_domains < 1:
             raise ValueError(f"num_domains must be >= 1, got {num_domains}")
-        if not isinstance(mode, str) or mode not in _MODES:
-            raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int):
-            raise TypeError(f"sketch_dim must be an int, got {type(sketch_dim).__name__}")
-        if sketch_dim < 1:
-            raise ValueError(f"sketch_dim must be >= 1, got {sketch_dim}")
+        if not isinstance(mode, str) or mode not in (*_MODES, "auto"):
+            raise ValueError(f"mode must be 'auto' or one of {_MODES}, got {mode!r}")
+        for name, v in (("sketch_dim", sketch_dim), ("proj_dim", proj_dim)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+            if v < 1:
+                raise ValueError(f"{name} must be >= 1, got {v}")
+        if proj_in_dim is not None:
+            if isinstance(proj_in_dim, bool) or not isinstance(proj_in_dim, int):
+                raise TypeError(
+                    f"proj_in_dim must be None or an int, got {type(proj_in_dim).__name__}"
+                )
+            if proj_in_dim < 1:
+                raise ValueError(f"proj_in_dim must be >= 1, got {proj_in_dim}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**32:
@@ -187,8 +221,18 @@ class DomainGradientTracker:
             if not mod.weight.requires_grad:
                 logger.warning("%s.weight does not require grad: nothing will be tracked", name)
         self.num_domains = num_domains
-        self.mode = mode
+        self.requested_mode = mode
+        self.mode = resolve_mode(mode, num_domains, named)
+        if mode == "auto":
+            logger.info(
+                "mode='auto' -> %r: m * P_tracked = %d x %d = %d fp32 elements %s %d "
+                "(AUTO_EXACT_MAX_ELEMENTS)",
+                self.mode, num_domains, _num_params(named), num_domains * _num_params(named),
+                "<=" if self.mode == "exact" else ">", AUTO_EXACT_MAX_ELEMENTS,
+            )  # fmt: skip
         self.sketch_dim = sketch_dim
+        self.proj_dim = proj_dim
+        self.proj_in_dim = proj_in_dim
         self.backend = backend
         self.seed = seed
         self.skip_nonfinite = skip_nonfinite
@@ -216,7 +260,7 @@ class DomainGradientTracker:
         logger.debug(
             "tracking %s in %s mode (m=%d, P=%d)",
             self.module_names,
-            mode,
+            self.mode,
             num_domains,
             self.num_params,
         )
@@ -657,8 +701,8 @@ class DomainGradientTracker:
         """float64 ``[m, m]``: ``G_ij = <g_i, g_j>`` of the per-domain gradient *sums*.
 
         Exact mode: Gram of the ``[m, P_tracked]`` accumulators (:func:`rnb_kernels.ops.gram`
-        per layer block, summed). Sketch mode: sum over layers of the sketch Grams, an
-        unbiased estimate.
+        per layer block, summed). Projected and sketch modes: sum over layers of the Grams of
+        the projections / sketches, an unbiased estimate.
         """
         self.sync()
         m = self.num_domains
@@ -697,7 +741,9 @@ class DomainGradientTracker:
         """Exact mode: float32 ``[m, P_tracked]`` per-domain gradient sums (weights then bias of
         each tracked layer, flattened row-major, layers in :attr:`module_names` order)."""
         if self.mode != "exact":
-            raise RuntimeError("domain_grads() needs mode='exact'; sketch mode keeps no [m, P]")
+            raise RuntimeError(
+                f"domain_grads() needs mode='exact'; {self.mode} mode keeps no [m, P]"
+            )
         self._no_row_shards("domain_grads()")
         self.sync()
         return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
@@ -709,8 +755,19 @@ class DomainGradientTracker:
         self.sync()
         return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
 
+    def domain_projections(self) -> torch.Tensor:
+        """Projected mode: float32 ``[m, Σ_layers proj_dim * K_in']`` -- each layer's
+        ``[proj_dim, K_in']`` state flattened row-major (``K_in' = K_in + bias``, or
+        ``proj_in_dim``), layers side by side in :attr:`module_names` order. Inner products of
+        rows are unbiased estimates of those of :meth:`domain_grads`' rows."""
+        if self.mode != "projected":
+            raise RuntimeError(f"domain_projections() needs mode='projected', not {self.mode!r}")
+        self.sync()
+        return torch.cat([s.rows(DOMAIN).to(self.device) for s in self._slots], 1)
+
     def target_grad(self) -> torch.Tensor:
-        """The target row: float32 ``[P_tracked]`` (exact) or ``[L * sketch_dim]`` (sketch)."""
+        """The target row: float32 ``[P_tracked]`` (exact), ``[Σ_layers proj_dim * K_in']``
+        (projected) or ``[L * sketch_dim]`` (sketch)."""
         if self.mode == "exact":
             self._no_row_shards("target_grad()")
         self.sync()
@@ -726,7 +783,7 @@ class DomainGradientTracker:
 
     def target_alignment(self) -> torch.Tensor:
         """float64 ``[m]``: ``<g_i, g_target>`` of the sums (divide by ``counts()`` and
-        ``target_count()`` for means). Sketch mode: unbiased estimate."""
+        ``target_count()`` for means). Projected / sketch mode: unbiased estimate."""
         self.sync()
         out = torch.zeros(self.num_domains, dtype=torch.float64, device=self.device)
         for slot in self._slots:
@@ -759,10 +816,12 @@ class DomainGradientTracker:
         for s in self._slots:
             s.ensure_buffers()
         return {
-            "version": 2,
+            "version": 3,
             "mode": self.mode,
             "num_domains": self.num_domains,
             "sketch_dim": self.sketch_dim,
+            "proj_dim": self.proj_dim,
+            "proj_in_dim": self.proj_in_dim,
             "seed": self.seed,
             "modules": self.module_names,
             "counts": self._counts.clone(),
@@ -788,10 +847,13 @@ class DomainGradientTracker:
         for key in ("mode", "num_domains", "sketch_dim", "seed", "modules"):
             if key not in state:
                 raise ValueError(f"state is missing {key!r}")
-        mine = (self.mode, self.num_domains, self.sketch_dim, self.seed, self.module_names)
-        theirs = tuple(state[k] for k in ("mode", "num_domains", "sketch_dim", "seed", "modules"))
-        if self.mode != "sketch":
-            mine, theirs = mine[:2] + mine[3:], theirs[:2] + theirs[3:]
+        # Only the settings that shape this mode's buffers or hash must match.
+        keys = ["mode", "num_domains", "seed", "modules"]
+        keys += {"sketch": ["sketch_dim"], "projected": ["proj_dim", "proj_in_dim"]}.get(
+            self.mode, []
+        )
+        mine = tuple(self.module_names if k == "modules" else getattr(self, k) for k in keys)
+        theirs = tuple(state.get(k, "<missing>") for k in keys)
         if mine != theirs:
             raise ValueError(f"state was saved by a tracker configured as {theirs}, not {mine}")
         slots = state["slots"]
@@ -852,3 +914,22 @@ class DomainGradientTracker:
             f"DomainGradientTracker(num_domains={self.num_domains}, mode={self.mode!r}, "
             f"modules={self.module_names}, P={self.num_params})"
         )
+
+
+def _num_params(named: Sequence[tuple[str, nn.Linear]]) -> int:
+    return sum(m.weight.numel() + (m.bias.numel() if m.bias is not None else 0) for _, m in named)
+
+
+def resolve_mode(mode: str, num_domains: int, named: Sequence[tuple[str, nn.Linear]]) -> str:
+    """The mode ``mode="auto"`` stands for: ``"exact"`` while the exact accumulators hold at
+    most :data:`AUTO_EXACT_MAX_ELEMENTS` fp32 elements (``num_domains * P_tracked``), else
+    ``"projected"``. Any other mode is returned as is.
+
+    Example:
+        >>> head = [("lm_head", nn.Linear(256, 8192, bias=False))]
+        >>> resolve_mode("auto", 4, head), resolve_mode("auto", 16, head)
+        ('exact', 'projected')
+    """
+    if mode != "auto":
+        return mode
+    return "exact" if num_domains * _num_params(named) <= AUTO_EXACT_MAX_ELEMENTS else "projected"

@@ -11,6 +11,10 @@ _BENCHES = {
         "rnb_kernels.experiments.bench.mixing",
         "mixing methods x corpora x seeds: eval loss, overhead",
     ),
+    "sweep": (
+        "rnb_kernels.experiments.bench.sweep",
+        "choose mixer hyper-parameters on the validation split",
+    ),
     "overhead": (
         "rnb_kernels.experiments.bench.overhead",
         "step time tracked vs untracked vs the anchors",
@@ -19,7 +23,9 @@ _BENCHES = {
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks: mixing quality/cost, tracking overhead")
+    p = sub.add_parser(
+        "bench", help="benchmarks: mixing quality/cost, hyper-parameter sweep, tracking overhead"
+    )
     bsub = p.add_subparsers(dest="bench", required=True)
     for name, (mod_name, help_) in _BENCHES.items():
         bp = bsub.add_parser(name, help=help_, description=help_)

