@@ -158,9 +158,14 @@ def test_binding_rejects_bad_arguments_naming_the_kernel(ext):
     with pytest.raises(RuntimeError, match="'segmented_wgrad'.*cudaErrorInvalidValue"):
         ext.segmented_wgrad(acc=0, **{**base, "ldx": 2})  # row stride below the width
     with pytest.raises(RuntimeError, match="'domain_sketch'.*cudaErrorInvalidValue"):
-        ext.domain_sketch(sketch=0, sketch_dim=0, seed=0, layer=0, **base)
+        ext.domain_sketch(sketch=0, sketch_dim=0, seed=0, layer=0, row_offset=0, **base)
     with pytest.raises(RuntimeError, match="'domain_sketch'.*cudaErrorInvalidValue"):
-        ext.domain_sketch(sketch=0, sketch_dim=8, seed=0, layer=0, **{**base, "num_domains": 0})
+        ext.domain_sketch(
+            sketch=0, sketch_dim=8, seed=0, layer=0, row_offset=0, **{**base, "num_domains": 0}
+        )
+    with pytest.raises(RuntimeError, match="'domain_sketch'.*cudaErrorInvalidValue"):
+        # A row shard whose last global row index does not fit the 32-bit hash key.
+        ext.domain_sketch(sketch=0, sketch_dim=8, seed=0, layer=0, row_offset=2**32 - 1, **base)
 
 
 def test_launcher_rejects_other_dtypes():
