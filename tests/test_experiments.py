@@ -397,3 +397,13 @@ def test_t_interval_matches_student_t():
     assert m == 3.0 and hi - m == pytest.approx(2.776 * np.std([1, 2, 3, 4, 5], ddof=1) / 5**0.5)
     assert np.isnan(t_interval([1.0])[1])
     assert paired_t([2.0, 3.0], [1.0, 2.0])[0] == 1.0
+
+
+def test_bench_scenario_specs():
+    from rnb_kernels.experiments.bench.mixing import parse_scenario
+
+    assert parse_scenario("in-distribution") == ("in-distribution", ())
+    assert parse_scenario("target-shift:multirc+ropes") == ("target-shift", ("multirc", "ropes"))
+    for bad in ("other", "in-distribution:x"):
+        with pytest.raises(ValueError, match="unknown scenario"):
+            parse_scenario(bad)

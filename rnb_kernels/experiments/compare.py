@@ -65,8 +65,9 @@ class Comparison:
         results: ``{seed: {method name: TrainResult}}``.
         methods: ``{method name: Method}``.
         prepared: the :class:`~.data.PreparedData` every seed trained on.
-        per_domain: one row per (seed, method, evaluated original domain): its eval loss and
-            the share of the run's training samples drawn from it.
+        per_domain: one row per (seed, method, evaluated original domain): its eval loss, the
+            share of the run's training samples drawn from it, and its mean tokens per
+            training example.
         wall_s: wall time of the whole comparison.
     """
 
@@ -105,6 +106,7 @@ def run_comparison(
             cfg.corpus, vocab_cap=cfg.model.vocab_size, context=cfg.model.context, out=work
         )
     comp.prepared = prepared
+    target = ",".join(cfg.corpus.target_keywords) if cfg.corpus.scenario == "target-shift" else ""
     for seed in cfg.seeds:
         wdir = work / f"s{seed}"
         wdir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +119,8 @@ def run_comparison(
             comp.results[seed][method.name] = r
             share = prepared.target_share(method.domains)
             row = {
-                "corpus": cfg.corpus.name, "scenario": cfg.corpus.scenario, "seed": seed,
+                "corpus": cfg.corpus.name, "scenario": cfg.corpus.scenario, "target": target,
+                "seed": seed,
                 **r.summary(evaluate_on),
                 # Share of the run's training samples that came from the target domains.
                 "target_share": float(r.domain_counts @ share / r.domain_counts.sum()),
@@ -128,11 +131,14 @@ def run_comparison(
             drawn = drawn / max(drawn.sum(), 1.0)
             per = r.per_domain[evaluate_on]
             names = prepared.corpus.label_names
+            tokens = prepared.tokens_per_example()
             for d in np.flatnonzero(np.isfinite(per)):
                 comp.per_domain.append({
-                    "corpus": cfg.corpus.name, "scenario": cfg.corpus.scenario, "seed": seed,
+                    "corpus": cfg.corpus.name, "scenario": cfg.corpus.scenario,
+                    "target": target, "seed": seed,
                     "method": method.name, "domain": names[d], "split": evaluate_on,
                     "loss": float(per[d]), "drawn_share": float(drawn[d]),
+                    "tokens": float(tokens[d]),
                 })  # fmt: skip
             if on_row is not None:
                 on_row(row)
@@ -148,15 +154,20 @@ def _mean_std(values: Iterable[float]) -> tuple[float, float]:
 def aggregate(
     rows: Sequence[dict[str, Any]], reference: str = "stratified", oracle: str = "oracle"
 ) -> list[dict[str, Any]]:
-    """One row per (corpus, scenario, method) with the statistics of the module docstring.
+    """One row per (corpus, scenario, target, method) with the statistics of the module
+    docstring.
 
     Seeds are paired by their ``seed`` value; a method's differences use the seeds it shares
     with ``reference`` (and ``oracle`` for the gap).
     """
     out = []
-    groups = dict.fromkeys((r["corpus"], r["scenario"]) for r in rows)
-    for corpus, scenario in groups:
-        rs = [r for r in rows if r["corpus"] == corpus and r["scenario"] == scenario]
+    groups = dict.fromkeys((r["corpus"], r["scenario"], r.get("target", "")) for r in rows)
+    for corpus, scenario, target in groups:
+        rs = [
+            r
+            for r in rows
+            if (r["corpus"], r["scenario"], r.get("target", "")) == (corpus, scenario, target)
+        ]
         by = {}
         for r in rs:
             by.setdefault(r["method"], {})[int(r["seed"])] = r
@@ -166,6 +177,7 @@ def aggregate(
             row: dict[str, Any] = {
                 "corpus": corpus,
                 "scenario": scenario,
+                "target": target,
                 "method": method,
                 "domains": int(next(iter(seeds.values()))["domains"]),
                 "seeds": len(seeds),
@@ -328,7 +340,8 @@ def plot_comparison(comp: Comparison, eval_png: str | Path, weights_png: str | P
         {n: (first[n].weight_steps, first[n].weights) for n in moving},
         weights_png,
         names=names,
-        target_share=shares,
+        # In-distribution every domain is a target: a line at 1 would say nothing.
+        target_share=shares if prep.scenario == "target-shift" else None,
         title=f"{prep.corpus.name}, {prep.scenario}: the mixture over time (seed {seeds[0]}; "
         "★ = target domain)"
         if prep.scenario == "target-shift"

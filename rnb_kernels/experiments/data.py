@@ -266,6 +266,14 @@ class PreparedData:
         np.add.at(c, (self.clusters["train"], self.data["train"].domains), 1.0)
         return c / np.maximum(c.sum(1, keepdims=True), 1.0)
 
+    def tokens_per_example(self) -> np.ndarray:
+        """``float64[M]``: mean target tokens per training example of each original domain."""
+        tr = self.data["train"]
+        n = (tr.labels != IGNORE_INDEX).sum(1).double().numpy()
+        M = self.num_original
+        cnt = np.bincount(tr.domains, minlength=M)
+        return np.bincount(tr.domains, weights=n, minlength=M) / np.maximum(cnt, 1)
+
     @property
     def target_names(self) -> list[str]:
         """Short names of the target domains."""

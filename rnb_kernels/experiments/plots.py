@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,7 @@ def plot_eval_curves(
             ax.fill_between(x, y.min(0), y.max(0), color=line.get_color(), alpha=0.18, lw=0)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(ylabel)
-    ax.set_title(title or "eval loss")
+    ax.set_title(textwrap.fill(title or "eval loss", 70), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     # The first evaluation (untrained model) is far above the rest: zoom on the training.

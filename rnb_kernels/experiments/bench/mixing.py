@@ -66,9 +66,10 @@ def run_mixing(
     csv_path = out / f"mixing_{preset}.csv"
     comps = {}
     for corpus in corpora:
-        for scenario in scenarios:
-            ccfg = cfg.replace(corpus=corpus, scenario=scenario)
-            work = out / f"mixing_{preset}_work" / f"{corpus}_{scenario}"
+        for spec in scenarios:
+            scenario, keywords = parse_scenario(spec)
+            ccfg = cfg.replace(corpus=corpus, scenario=scenario, target=keywords or None)
+            work = out / f"mixing_{preset}_work" / f"{corpus}_{_slug(spec)}"
 
             def on_row(row: dict[str, Any]) -> None:
                 row = {"preset": preset, **row, **info}
@@ -77,10 +78,25 @@ def run_mixing(
                             row["train_s"])  # fmt: skip
                 append_csv(csv_path, [row])
 
-            comps[(corpus, scenario)] = run_comparison(
+            comps[(corpus, spec)] = run_comparison(
                 ccfg, work, evaluate_on="test", progress=progress, on_row=on_row
             )
     return comps
+
+
+def _slug(spec: str) -> str:
+    return spec.replace(":", "-").replace("+", "-")
+
+
+def parse_scenario(spec: str) -> tuple[str, tuple[str, ...]]:
+    """``"target-shift"``, ``"in-distribution"`` or ``"target-shift:kw1+kw2"`` (target
+    keywords) -> ``(scenario, keywords)``; raises ``ValueError`` for anything else."""
+    scenario, _, keywords = spec.partition(":")
+    if scenario not in SCENARIOS or (keywords and scenario != "target-shift"):
+        raise ValueError(
+            f"unknown scenario {spec!r}: use {', '.join(SCENARIOS)}, or target-shift:KEYWORD"
+        )
+    return scenario, tuple(k for k in keywords.split("+") if k)
 
 
 def report(
@@ -105,7 +121,8 @@ def report(
         "(mixing included, evaluation excluded) over stratified's in the same seed and "
         "process, in CPU time of the process (steady on a shared machine) and in wall time.\n",
     ]
-    for (corpus, scenario), comp in comps.items():
+    for (corpus, spec), comp in comps.items():
+        scenario = spec.partition(":")[0]
         prep = comp.prepared
         meta = {
             "corpus": prep.corpus.name,
@@ -118,9 +135,11 @@ def report(
             "tokens_per_run": cfg.tokens_per_run(),
             "seeds": list(cfg.seeds),
         }
-        stem = f"mixing_{preset}_{corpus}_{scenario}"
+        stem = f"mixing_{preset}_{corpus}_{_slug(spec)}"
         plot_comparison(comp, out / f"{stem}.png", out / f"{stem}_weights.png")
-        parts.append(f"## {corpus}, {scenario}\n")
+        target = comp.rows[0].get("target", "") if comp.rows else ""
+        title = f"{scenario} (target: {target})" if scenario == "target-shift" else scenario
+        parts.append(f"## {corpus}, {title}\n")
         parts.append(describe(meta) + f" Wall {comp.wall_s:.0f}s.\n")
         parts.append(format_table(aggregate(comp.rows)) + "\n")
         if scenario == "target-shift":
@@ -137,7 +156,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", choices=sorted(BENCH_PRESETS), default="cpu")
     p.add_argument("--corpora", default="ni", help="comma-separated: ni, fortunes")
     p.add_argument(
-        "--scenarios", default=",".join(SCENARIOS), help="comma-separated: " + ", ".join(SCENARIOS)
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated: " + ", ".join(SCENARIOS) + "; target-shift:KEYWORD[+KEYWORD] "
+        "picks other target domains (e.g. target-shift:multirc)",
     )
     p.add_argument(
         "--seeds", default=None, help="comma-separated seeds (>= 3 for intervals; default 0,1,2)"
@@ -173,11 +195,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"preset {args.preset!r} needs a CUDA device and none is available here")
         return 2
     scenarios = list(_csv_list(args.scenarios))
-    bad = [s for s in scenarios if s not in SCENARIOS]
     try:
         resolve_methods(cfg.methods)
-        if bad:
-            raise ValueError(f"unknown scenario(s) {bad}: use {', '.join(SCENARIOS)}")
+        for spec in scenarios:
+            parse_scenario(spec)
     except ValueError as exc:
         print(exc)
         return 2
