@@ -35,14 +35,15 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="sequences per data-parallel rank")
     p.add_argument("--seq", type=int, default=16)
     p.add_argument("--update-every", type=int, default=2)
-    p.add_argument("--mode", choices=("exact", "sketch"), default="exact")
+    p.add_argument("--mode", choices=("exact", "sketch", "projected", "auto"), default="exact")
     p.add_argument("--sketch-dim", type=int, default=8192)
+    p.add_argument("--proj-dim", type=int, default=128)
     p.add_argument("--fused-ce", action="store_true", help="chunked fused CE for the LM head")
     p.add_argument("--out", help="write a JSON summary here (rank 0)")
     args = p.parse_args()
     if args.tiny:
         args.steps, args.vocab, args.hidden, args.layers = 6, 16, 8, 1
-        args.batch, args.seq, args.sketch_dim = 4, 6, 64
+        args.batch, args.seq, args.sketch_dim, args.proj_dim = 4, 6, 64, 4
     return args
 
 
@@ -113,7 +114,12 @@ def make_balancer(model: nn.Module, args: argparse.Namespace, **tracker_kwargs) 
     """R&B on the LM head, evaluation mixture skewed toward domain 0."""
     p_eval = torch.linspace(2.0, 1.0, args.domains)
     mixer = RnB(args.domains, eval_proportions=p_eval, lam=2.0, update_every=args.update_every)
-    tracker = {"modules": "lm_head", "mode": args.mode, "sketch_dim": args.sketch_dim}
+    tracker = {
+        "modules": "lm_head",
+        "mode": args.mode,
+        "sketch_dim": args.sketch_dim,
+        "proj_dim": args.proj_dim,
+    }
     return Balancer(model, mixer, tracker={**tracker, **tracker_kwargs})
 
 

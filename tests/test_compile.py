@@ -63,7 +63,9 @@ def _run(model, tracker, fn, batches):
 
 def _tracked(mode, fused=False, modules=("inp", "head")):
     model = Net(fused)
-    tracker = DomainGradientTracker(model, M, modules=list(modules), mode=mode, sketch_dim=64)
+    tracker = DomainGradientTracker(
+        model, M, modules=list(modules), mode=mode, sketch_dim=64, proj_dim=4
+    )
     model.tracker = tracker
     return model, tracker
 
@@ -88,7 +90,7 @@ def test_the_tracker_causes_no_graph_breaks(fused):
     assert not counters["graph_break"]
 
 
-@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("mode", ["exact", "sketch", "projected"])
 @pytest.mark.parametrize("fused", [False, True], ids=["linear-head", "fused-ce-head"])
 def test_compiled_statistics_equal_eager(mode, fused):
     batches = _batches()

@@ -35,8 +35,8 @@ from rnb_kernels.tracking import DomainGradientTracker
 
 ROOT = Path(__file__).resolve().parents[1]
 WORLD, M, D, HID, V, B, T = 2, 3, 6, 8, 13, 4, 3  # V = 13: uneven vocabulary shards (7 + 6)
-MODES = ["exact", "sketch"]
-K = 64  # sketch_dim
+MODES = ["exact", "sketch", "projected"]
+K, PROJ = 64, 8  # sketch_dim; proj_dim (< V: a real projection)
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="no torch.distributed")
 
@@ -161,12 +161,14 @@ def _work(rank: int, out_dir: str) -> None:
     for mode in MODES:
         # FSDP2, tracker built on the sharded model (DTensor parameters).
         model = _fsdp(Net())
-        tr = DomainGradientTracker(model, M, modules="head", mode=mode, sketch_dim=K)
+        tr = DomainGradientTracker(model, M, modules="head", mode=mode, sketch_dim=K, proj_dim=PROJ)
         res[f"fsdp-{mode}"] = _round(model, tr, batches, target)
         res[f"fsdp-{mode}"]["grads"] = _grads(model)
         # FSDP2 + fused CE: the head shares the root's FSDP group.
         model = _fsdp(Net(fused=True), head_alone=False)
-        model.tracker = DomainGradientTracker(model, M, modules="head", mode=mode, sketch_dim=K)
+        model.tracker = DomainGradientTracker(
+            model, M, modules="head", mode=mode, sketch_dim=K, proj_dim=PROJ
+        )
         res[f"fsdp-fused-{mode}"] = _round(model, model.tracker, batches, target)
         res[f"fsdp-fused-{mode}"]["grads"] = _grads(model)
     plain = _fsdp(Net())
@@ -185,7 +187,9 @@ def _work(rank: int, out_dir: str) -> None:
         for mode in MODES:
             model = Net(bias=bias)
             parallelize_module(model, mesh, {"head": ColwiseParallel(output_layouts=Replicate())})
-            tr = DomainGradientTracker(model, M, modules="head", mode=mode, sketch_dim=K)
+            tr = DomainGradientTracker(
+                model, M, modules="head", mode=mode, sketch_dim=K, proj_dim=PROJ
+            )
             r = _round(model, tr, BATCHES, TARGET)
             r["grads"] = _grads(model)
             r["local_rows"] = tr._slots[0].local_rows
@@ -205,7 +209,7 @@ def _work(rank: int, out_dir: str) -> None:
     # torch.compile of the vocabulary-parallel model: the row-sharded head runs eagerly.
     model = Net()
     parallelize_module(model, mesh, {"head": ColwiseParallel(output_layouts=Replicate())})
-    tr = DomainGradientTracker(model, M, modules="head", sketch_dim=K)
+    tr = DomainGradientTracker(model, M, modules="head", sketch_dim=K, proj_dim=PROJ)
     compiled = torch.compile(model, backend="aot_eager")
     res["tp-compiled"] = _round(model, tr, BATCHES, TARGET, compiled)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -227,7 +231,7 @@ def ranks(tmp_path_factory):
 def _single(mode: str, bias: bool = False) -> dict:
     """One process over the union of the data (the ground truth of every distributed run)."""
     model = Net(bias=bias)
-    tr = DomainGradientTracker(model, M, modules="head", mode=mode, sketch_dim=K)
+    tr = DomainGradientTracker(model, M, modules="head", mode=mode, sketch_dim=K, proj_dim=PROJ)
     res = _round(model, tr, BATCHES, TARGET)
     res["grads"] = _grads(model)
     return res
@@ -267,10 +271,12 @@ def test_fsdp2_with_fused_cross_entropy_equals_the_unfused_head(ranks, mode):
             assert_close(g * WORLD, ref["grads"][name].double(), torch.float32, name)
 
 
-def test_fsdp2_memory_per_rank_is_the_full_layer_for_exact_and_k_for_sketch(ranks):
+def test_fsdp2_memory_per_rank_follows_the_formulas(ranks):
     rows = M + 1  # domains + the target row
-    assert ranks[0]["fsdp-exact"]["memory"] == rows * V * HID * 4
-    assert ranks[0]["fsdp-sketch"]["memory"] == rows * K * 4
+    for r in ranks:
+        assert r["fsdp-exact"]["memory"] == rows * V * HID * 4
+        assert r["fsdp-sketch"]["memory"] == rows * K * 4
+        assert r["fsdp-projected"]["memory"] == rows * PROJ * HID * 4
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
@@ -307,6 +313,8 @@ def test_vocab_parallel_exact_keeps_only_the_local_rows(ranks):
     mem = [r["tp-exact-bias"]["memory"] for r in ranks]
     assert mem == [(M + 1) * n * (HID + 1) * 4 for n in local]
     assert "row-sharded" in ranks[0]["tp-exact-bias"]["domain_grads"]
+    # Projected and sketch states do not depend on the rows a rank holds.
+    assert [r["tp-projected-bias"]["memory"] for r in ranks] == [(M + 1) * PROJ * (HID + 1) * 4] * 2
 
 
 # --------------------------------------------------------------------------- examples
@@ -317,6 +325,7 @@ EXAMPLES = {
     "fsdp2-fused": ["fsdp2.py", "--fused-ce"],
     "fsdp2-tp": ["fsdp2_tp.py"],
     "fsdp2-tp-sketch": ["fsdp2_tp.py", "--mode", "sketch"],
+    "fsdp2-tp-projected": ["fsdp2_tp.py", "--mode", "projected"],
 }
 
 
@@ -363,3 +372,5 @@ def test_example_memory_per_rank_follows_the_formulas(examples):
     shard = rows * (vocab // WORLD) * hidden * 4
     assert examples["fsdp2-tp"]["tracker_bytes_per_rank"] == [shard] * WORLD
     assert examples["fsdp2-tp-sketch"]["tracker_bytes_per_rank"] == [rows * k * 4] * WORLD
+    proj = rows * 4 * hidden * 4  # --tiny proj_dim = 4, lm_head without bias
+    assert examples["fsdp2-tp-projected"]["tracker_bytes_per_rank"] == [proj] * WORLD

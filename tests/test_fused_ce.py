@@ -270,14 +270,16 @@ def _tokens(seed=3, b=4, t=6):
     return tok, tgt, ids
 
 
-@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("mode", ["exact", "sketch", "projected"])
 @pytest.mark.parametrize(
     "tied,bias", [(False, False), (True, False), (False, True)], ids=["untied", "tied", "bias"]
 )
 def test_statistics_equal_the_tracker_on_the_unfused_head(mode, tied, bias):
     unfused, fused = LM(tied, bias), LM(tied, bias)
-    tr_u = DomainGradientTracker(unfused, M, modules="lm_head", mode=mode, sketch_dim=64)
-    tr_f = DomainGradientTracker(fused, M, modules="lm_head", mode=mode, sketch_dim=64)
+    tr_u = DomainGradientTracker(
+        unfused, M, modules="lm_head", mode=mode, sketch_dim=64, proj_dim=8
+    )
+    tr_f = DomainGradientTracker(fused, M, modules="lm_head", mode=mode, sketch_dim=64, proj_dim=8)
     for seed in (3, 4):  # two micro-batches
         tok, tgt, ids = _tokens(seed)
         with tr_u.domains(ids):
@@ -287,10 +289,13 @@ def test_statistics_equal_the_tracker_on_the_unfused_head(mode, tied, bias):
             tr_f.fused_cross_entropy(h, tgt, reduction="sum", chunk_size=5).backward()
     assert torch.equal(tr_f.counts(), tr_u.counts())
     assert_close(tr_f.gram(), tr_u.gram(), torch.float32, "gram")
-    if mode == "exact":
-        assert_close(tr_f.domain_grads(), tr_u.domain_grads().double(), torch.float32, "grads")
-    else:
-        assert_close(tr_f.domain_sketches(), tr_u.domain_sketches().double(), torch.float32)
+    state = {
+        "exact": "domain_grads",
+        "sketch": "domain_sketches",
+        "projected": "domain_projections",
+    }
+    got, ref = (getattr(t, state[mode])() for t in (tr_f, tr_u))
+    assert_close(got, ref.double(), torch.float32, f"{mode} state")
     for p, q in zip(fused.parameters(), unfused.parameters()):
         assert_close(p.grad, q.grad.double(), torch.float32, "param.grad")
 
@@ -327,11 +332,13 @@ def test_explicit_domain_ids_override_the_context_mapping():
     assert_close(tr.domain_grads(), tr_ref.domain_grads().double(), torch.float32, "shifted")
 
 
-@pytest.mark.parametrize("mode", ["exact", "sketch"])
+@pytest.mark.parametrize("mode", ["exact", "sketch", "projected"])
 def test_record_target_through_the_fused_loss(mode):
     unfused, fused = LM(), LM()
-    tr_u = DomainGradientTracker(unfused, M, modules="lm_head", mode=mode, sketch_dim=64)
-    tr_f = DomainGradientTracker(fused, M, modules="lm_head", mode=mode, sketch_dim=64)
+    tr_u = DomainGradientTracker(
+        unfused, M, modules="lm_head", mode=mode, sketch_dim=64, proj_dim=8
+    )
+    tr_f = DomainGradientTracker(fused, M, modules="lm_head", mode=mode, sketch_dim=64, proj_dim=8)
     tok, tgt, ids = _tokens()
     with tr_u.domains(ids):
         unfused(tok, tgt).backward()
