@@ -50,7 +50,7 @@ def test_demo_writes_table_plots_and_logs(demo_out):
         loss = float(r["eval_loss"])
         # Trained below the loss of a uniform guess over the vocabulary.
         assert np.isfinite(loss) and loss < np.log(meta["model"]["vocab_size"])
-        assert float(r["overhead_pct"]) >= 0.0
+        assert float(r["update_pct"]) >= 0.0
     assert float(rows["stratified"]["mix_s"]) < float(rows["rnb-original"]["mix_s"])
     # The oracle draws only from the target domains.
     assert float(rows["oracle"]["target_share"]) == 1.0

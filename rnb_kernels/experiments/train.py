@@ -139,8 +139,10 @@ class TrainResult:
         return self.per_domain.get(self.curve, np.zeros(0))
 
     @property
-    def overhead_pct(self) -> float:
-        """Mixture work as a percentage of the rest of training time."""
+    def update_pct(self) -> float:
+        """The update part only (``mix_s``), as a percentage of the rest of the loop. Not the
+        cost of mixing: the tracker's work inside backward is outside ``mix_s``; the full cost
+        is this run's ``train_s`` over the stratified run's (``compare.aggregate``'s ``cost``)."""
         base = self.train_s - self.mix_s
         return 100.0 * self.mix_s / base if base > 0 else float("nan")
 
@@ -159,7 +161,7 @@ class TrainResult:
             "train_s": self.train_s,
             "train_cpu_s": self.train_cpu_s,
             "mix_s": self.mix_s,
-            "overhead_pct": self.overhead_pct,
+            "update_pct": self.update_pct,
             "updates": max(0, len(self.weight_steps) - 1),
             "skipped_updates": self.skipped_updates,
             "final_weight_max": float(self.weights[-1].max()) if self.weights.size else 1.0,
