@@ -1,4 +1,4 @@
-"""Projected and sketch statistics against exact ones, on real gradients (issue 10, item 4).
+"""Projected and sketch statistics against exact ones, on real gradients.
 
 A small GPT-Neo of the demo's shape (``transformers``, built from a config: compact GPT-2 BPE
 vocabulary, 2 layers, width 64, tied LM head; the rows committed before the experiments moved
