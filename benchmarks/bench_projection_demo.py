@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -142,7 +141,8 @@ def main(argv=None) -> None:
         f"{cfg.hparams['rnb']['lam']}; tracked: the LM head; exact tracker, projected states "
         "computed from its per-domain gradient sums at every round (projection is linear, so "
         "this is what projected mode would hold); hash seeds 1000 to 1000 + seeds - 1\n\n"
-        + table + "\n"
+        + table
+        + "\n"
     )
 
 
