@@ -57,6 +57,7 @@ __all__ = [
     "projection_hash",
     "projection_multiplier",
     "projection_key",
+    "round_seed",
     "sketch_hash",
 ]
 
@@ -95,6 +96,23 @@ def fmix32(h: torch.Tensor | int) -> torch.Tensor | int:
 def key_base(seed: int, layer: int) -> int:
     """``seed * SEED_MUL ^ layer * LAYER_MUL`` mod 2**32: the per-layer part of every row key."""
     return ((seed & MASK32) * SEED_MUL & MASK32) ^ ((layer & MASK32) * LAYER_MUL & MASK32)
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The hash seed a tracker seeded ``seed`` uses in round ``round_index`` (0, 1, ...):
+    ``seed`` itself in round 0, ``fmix32((seed ^ round_index * SEED_MUL) mod 2**32)`` after.
+
+    A fresh hash every round keeps one unlucky hash (two heavy rows in one bucket) from biasing
+    every round of a run the same way: the rounds' errors become independent, and the mixture
+    averaged over rounds converges to the exact one.
+
+    Example:
+        >>> round_seed(7, 0), round_seed(7, 1) != 7
+        (7, True)
+    """
+    if round_index == 0:
+        return seed & MASK32
+    return int(fmix32((seed & MASK32) ^ ((round_index & MASK32) * SEED_MUL & MASK32)))
 
 
 def _hash(rows: torch.Tensor, cols: torch.Tensor, seed: int, layer: int) -> torch.Tensor:

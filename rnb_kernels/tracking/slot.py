@@ -217,13 +217,13 @@ class Slot:
             )  # fmt: skip
         elif tr.mode == "projected":
             dw, _ = domain_projection(
-                x2, dy2, rows, m, proj=b["p"], seed=tr.seed, layer=self.index,
+                x2, dy2, rows, m, proj=b["p"], seed=tr.hash_seed, layer=self.index,
                 backend=self.backend, bias=self.has_bias, proj_in_dim=tr.proj_in_dim,
                 check_ids=False, row_offset=self.row_offset,
             )  # fmt: skip
         else:
             dw, _ = domain_sketch(
-                x2, dy2, rows, m, sketch=b["s"], seed=tr.seed, layer=self.index,
+                x2, dy2, rows, m, sketch=b["s"], seed=tr.hash_seed, layer=self.index,
                 backend=self.backend, bias=self.has_bias, check_ids=False,
                 row_offset=self.row_offset,
             )  # fmt: skip

@@ -82,6 +82,7 @@ from torch import nn
 from .. import distributed as rdist
 from ..ops import gram
 from ..ops.gram import gram_matvec
+from ..ops.sketch_hash import round_seed
 from .ids import per_sample_counts, validate_domain_ids
 from .linear import DOMAIN, SLOTS, TARGET, Context, canonical_name, is_tracked, make_forward
 from .slot import MODE_OPS, Slot
@@ -125,6 +126,10 @@ class DomainGradientTracker:
             (``None``: keep ``K_in``, plus one column for a bias).
         backend: op backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         seed: count-sketch hash seed (tracked layer ``l`` uses hash layer id ``l``).
+        reseed: sketch and projected modes draw a fresh hash at every :meth:`reset` (round
+            ``r`` hashes with ``sketch_hash.round_seed(seed, r)``, :attr:`hash_seed`), so one
+            unlucky hash does not bias every round alike (default ``True``); ``False`` keeps
+            ``seed`` for the whole run.
         skip_nonfinite: ``"round"`` (default; free: a round whose statistics turned non-finite
             is reported and its update skipped) or ``"micro-batch"`` (drop just the offending
             micro-batch; a min/max reduction and a host sync per layer). ``True`` means
@@ -169,6 +174,7 @@ class DomainGradientTracker:
         id_check: str = "auto",
         on_untracked: str = "raise",
         dp_group: Any = None,
+        reseed: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -194,6 +200,8 @@ class DomainGradientTracker:
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**32:
             raise ValueError(f"seed must lie in [0, 2**32), got {seed}")
+        if not isinstance(reseed, bool):
+            raise TypeError(f"reseed must be a bool, got {type(reseed).__name__}")
         if skip_nonfinite is True:
             skip_nonfinite = "micro-batch"
         if skip_nonfinite not in _NONFINITE:
@@ -235,6 +243,8 @@ class DomainGradientTracker:
         self.proj_in_dim = proj_in_dim
         self.backend = backend
         self.seed = seed
+        self.reseed = reseed
+        self._round = 0  # resets so far: picks the round's hash seed
         self.skip_nonfinite = skip_nonfinite
         self.id_check = id_check
         self.on_untracked = on_untracked
@@ -795,9 +805,16 @@ class DomainGradientTracker:
             out += self._tp_sum(slot, part / s).to(self.device)
         return self._checked(out, "target alignment")
 
+    @property
+    def hash_seed(self) -> int:
+        """The hash seed of the current round (``seed`` when ``reseed=False``)."""
+        return round_seed(self.seed, self._round) if self.reseed else self.seed
+
     def reset(self) -> None:
-        """Zero every accumulator, sketch, target row and count (start a new round)."""
+        """Zero every accumulator, sketch, target row and count (start a new round; with
+        ``reseed``, sketch and projected modes hash the new round with a fresh seed)."""
         self._check_live()
+        self._round += 1
         for slot in self._slots:
             for group in (DOMAIN, TARGET):
                 for t in slot.tensors(group):
@@ -823,6 +840,8 @@ class DomainGradientTracker:
             "proj_dim": self.proj_dim,
             "proj_in_dim": self.proj_in_dim,
             "seed": self.seed,
+            "reseed": self.reseed,
+            "round": self._round,
             "modules": self.module_names,
             "counts": self._counts.clone(),
             "target_count": self._target_count.clone(),
@@ -883,6 +902,13 @@ class DomainGradientTracker:
         self.nonfinite_skips = int(state["nonfinite_skips"])
         self.nonfinite_rounds = int(state.get("nonfinite_rounds", 0))
         self._synced = bool(state["synced"])
+        if state.get("reseed", False) != self.reseed:
+            logger.warning(
+                "state was saved with reseed=%s, this tracker has reseed=%s: the rest of the "
+                "round is hashed with this tracker's setting", state.get("reseed", False),
+                self.reseed,
+            )  # fmt: skip
+        self._round = int(state.get("round", 0))
 
     # ------------------------------------------------------------------ teardown
     def remove(self) -> None:
