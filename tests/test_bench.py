@@ -20,15 +20,20 @@ def test_overhead_tiny_reports_ratios(tmp_path, capsys):
     with open(out) as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     expected = {
-        "untracked", "exact/torch", "sketch/torch", "anchor/extra-backward", "anchor/torch.func",
+        "untracked", "auto/torch", "exact/torch", "projected/torch", "sketch/torch",
+        "anchor/extra-backward", "anchor/torch.func",
     }  # fmt: skip
     assert expected <= set(rows)
     assert float(rows["untracked"]["ratio"]) == pytest.approx(1.0)
+    base = float(rows["untracked"]["ms_per_step"])
     for name in expected:
         r = float(rows[name]["ratio"])
         assert math.isfinite(r) and r > 0, name
         lo, hi = float(rows[name]["ratio_ci_low"]), float(rows[name]["ratio_ci_high"])
         assert lo <= r <= hi, name
+        # The ratio column is what it claims: the variant's median step over untracked's.
+        assert r == pytest.approx(float(rows[name]["ms_per_step"]) / base, rel=1e-3, abs=1e-4), name
+        assert float(rows[name]["overhead_pct"]) == pytest.approx(100 * (r - 1), abs=0.02), name
         assert float(rows[name]["ms_q25"]) <= float(rows[name]["ms_per_step"])
         assert float(rows[name]["ms_per_step"]) <= float(rows[name]["ms_q75"])
         assert rows[name]["hardware"] and rows[name]["torch"] and rows[name]["git_sha"]
