@@ -150,6 +150,24 @@ def test_balancer_under_ddp(ranks):
     w0, w1 = ranks[0]["balancer_weights"], ranks[1]["balancer_weights"]
     assert len(w0) == 3 and w0 == w1  # bit-identical on both ranks after every round
     assert not set(ranks[0]["drawn"]) & set(ranks[1]["drawn"])  # disjoint sample streams
+    # Each round's weights are those one process computes from the union of both ranks'
+    # micro-batches (R&B normalises G p, so the ranks' sum and one process's sum agree).
+    labels = torch.arange(48) % M
+    feats = torch.randn(48, T, D, generator=torch.Generator().manual_seed(2))
+    model = _model()
+    bal = Balancer(model, RnB(M, eval_proportions=P_EVAL, lam=2.0, update_every=1))
+    for step in range(3):
+        idx = [i for r in ranks for i in r["drawn"][step * B : (step + 1) * B]]
+        with bal.step(labels[idx]):
+            _loss(model(feats[idx])).backward()
+        bal.after_step()
+    single = [h["weights"] for h in bal.history]
+    for got, want in zip(w0, single):
+        torch.testing.assert_close(
+            torch.as_tensor(got), torch.as_tensor(want), rtol=1e-6, atol=1e-9
+        )
+    # The rounds moved the weights (a check that compares uniform with uniform proves nothing).
+    assert max(abs(a - 1 / M) for a in torch.as_tensor(single[-1]).tolist()) > 1e-3
 
 
 def test_helpers_are_no_ops_without_a_process_group():
