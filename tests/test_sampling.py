@@ -221,3 +221,54 @@ def test_load_state_dict_rejects_other_configuration():
     b = MixtureSampler([0, 1, 0, 1], weights=[0.5, 0.5], batch_size=3, seed=0)
     with pytest.raises(ValueError, match="configured"):
         b.load_state_dict(a.state_dict())
+
+
+EXACT_ERRORS = [
+    (dict(domain_labels=[0.0, 1.0]), TypeError, r"domain_labels must hold integers, got dtype float64"),
+    (dict(domain_labels=[True, False]), TypeError, r"domain_labels must hold integers, got dtype bool"),
+    (dict(domain_labels=[[0, 1]]), ValueError, r"domain_labels must be 1-D, got shape \(1, 2\)"),
+    (dict(domain_labels=np.array([], dtype=np.int64)), ValueError, r"domain_labels is empty"),
+    (dict(domain_labels=[0, -2]), ValueError, r"domain_labels must be >= -1, found -2"),
+    (dict(domain_labels=[0, 5]), ValueError, r"domain_labels must be < num_domains=2, found 5"),
+    (dict(domain_labels=[0, 1], num_domains=1), ValueError,
+     r"domain_labels must be < num_domains=1, found 1"),
+    (dict(batch_size=0), ValueError, r"batch_size must be >= 1, got 0"),
+    (dict(batch_size=True), TypeError, r"batch_size must be an int, got bool"),
+    (dict(batch_size=2.0), TypeError, r"batch_size must be an int, got float"),
+    (dict(seed=-1), ValueError, r"seed must be >= 0, got -1"),
+    (dict(seed=1.5), TypeError, r"seed must be an int, got float"),
+    (dict(seed=False), TypeError, r"seed must be an int, got bool"),
+    (dict(mode="greedy"), ValueError,
+     r"mode must be one of \('categorical', 'proportional'\), got 'greedy'"),
+    (dict(num_replicas=0), ValueError, r"num_replicas must be an int >= 1, got 0"),
+    (dict(num_replicas=True), ValueError, r"num_replicas must be an int >= 1, got True"),
+    (dict(num_replicas=2.0), ValueError, r"num_replicas must be an int >= 1, got 2.0"),
+    (dict(num_replicas=2, rank=2), ValueError, r"rank must be an int in \[0, 2\), got 2"),
+    (dict(num_replicas=2, rank=-1), ValueError, r"rank must be an int in \[0, 2\), got -1"),
+    (dict(rank=True), ValueError, r"rank must be an int in \[0, 1\), got True"),
+    (dict(rank=0.0), ValueError, r"rank must be an int in \[0, 1\), got 0.0"),
+    (dict(num_samples=0), ValueError, r"num_samples must be an int >= 1, got 0"),
+    (dict(num_samples=True), ValueError, r"num_samples must be an int >= 1, got True"),
+    (dict(num_samples=2.0), ValueError, r"num_samples must be an int >= 1, got 2.0"),
+    (dict(num_domains=0), ValueError, r"num_domains must be an int >= 1, got 0"),
+    (dict(num_domains=True), ValueError, r"num_domains must be an int >= 1, got True"),
+    (dict(num_domains=2.0), ValueError, r"num_domains must be an int >= 1, got 2.0"),
+    (dict(weights="ab"), TypeError, r"weights must be a real vector, got str"),
+    (dict(weights=[[0.5, 0.5]]), ValueError,
+     r"weights must be a non-empty 1-D vector, got shape \(1, 2\)"),
+    (dict(weights=[]), ValueError, r"weights must be a non-empty 1-D vector, got shape \(0,\)"),
+    (dict(weights=[0.5, -0.5]), ValueError,
+     r"weights must be finite and non-negative, got \[0.5, -0.5\]"),
+    (dict(weights=[0.5, float("nan")]), ValueError,
+     r"weights must be finite and non-negative, got \[0.5, nan\]"),
+    (dict(weights=[0.5, float("inf")]), ValueError,
+     r"weights must be finite and non-negative, got \[0.5, inf\]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs, exc, message", EXACT_ERRORS)
+def test_bad_inputs_exact_messages(kwargs, exc, message):
+    """Every constructor check names the argument and the offending value, in full."""
+    args = {"domain_labels": [0, 1, 1, 0], "weights": [0.5, 0.5], "batch_size": 2, **kwargs}
+    with pytest.raises(exc, match=f"^{message}$"):
+        MixtureSampler(**args)
