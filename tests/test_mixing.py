@@ -711,3 +711,142 @@ def test_balancer_round_line_names_domains(caplog):
     with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
         bal.update()
     assert any(r.getMessage().startswith("run7: round 1 (step 0)") for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- Balancer contracts
+BALANCER_ERRORS = [
+    (lambda lin: Balancer("m", Stratified(2)), TypeError, r"model must be an nn.Module, got str"),
+    (lambda lin: Balancer(lin, "x"), TypeError, r"mixer must be a rnb_kernels Mixer, got str"),
+    (lambda lin: Balancer(lin, Stratified(2), update_every=True), TypeError,
+     r"update_every must be an int, got bool"),
+    (lambda lin: Balancer(lin, Stratified(2), update_every=2.0), TypeError,
+     r"update_every must be an int, got float"),
+    (lambda lin: Balancer(lin, Stratified(2), update_every=0), ValueError,
+     r"update_every must be >= 1, got 0"),
+    (lambda lin: Balancer(lin, Stratified(2), target_fn=3), TypeError, r"target_fn must be callable"),
+    (lambda lin: Balancer(lin, Stratified(2), alignment_fn=3), TypeError,
+     r"alignment_fn must be callable"),
+    (lambda lin: Balancer(lin, Stratified(2), domain_names=["a"]), ValueError,
+     r"domain_names has 1 entries; the mixer has 2 weights"),
+    (lambda lin: Balancer(lin, Stratified(2), tracker=3), TypeError,
+     r"tracker must be None, a dict or a tracker, got int"),
+    (lambda lin: Balancer(lin, RnB(2, eval_proportions=[1, 1]),
+                          tracker=DomainGradientTracker(lin, 3)), ValueError,
+     r"tracker has num_domains=3, the mixer's statistics need 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, exc, message", BALANCER_ERRORS)
+def test_balancer_constructor_errors_exact(make, exc, message):
+    with pytest.raises(exc, match=f"^{message}$"):
+        make(nn.Linear(2, 2))
+
+
+def test_balancer_defaults_and_tracker_choice():
+    lin = nn.Linear(2, 2)
+    b = Balancer(lin, Stratified(2, update_every=3))
+    assert b.update_every == 3 and b.tracker is None and b.verify_ranks is True
+    assert (b.global_step, b.num_rounds, b.update_time_s, b.history) == (0, 0, 0.0, [])
+    assert b.log_dir is None and b.domain_names is None and b.num_domains == 2
+    assert Balancer(lin, Stratified(2), update_every=5, verify_ranks=0).verify_ranks is False
+    assert Balancer(lin, Stratified(2), domain_names=("a", 7)).domain_names == ["a", "7"]
+    r = Balancer(lin, RnB(2, eval_proportions=[1, 1]))
+    assert isinstance(r.tracker, DomainGradientTracker) and r.tracker.num_domains == 2
+    # alignment_fn replaces the tracker for DGA; a dict builds one with those arguments.
+    d = Balancer(lin, DGA(2, step_size=1.0), alignment_fn=lambda: torch.ones(2))
+    assert d.tracker is None
+    t = Balancer(nn.Linear(2, 2), Stratified(2), tracker={"mode": "exact"})
+    assert isinstance(t.tracker, DomainGradientTracker) and t.tracker.num_domains == 2
+    r.close()
+    t.close()
+
+
+def test_balancer_record_loss_means_counts_and_errors():
+    b = Balancer(nn.Linear(2, 2), ODM(3))
+    b.record_loss(torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([0, 0, -1, 1]))
+    b.record_loss(torch.tensor([[2.0, 4.0]]), torch.tensor([[1, 1]]))  # per-token
+    assert b.loss_counts().tolist() == [2.0, 3.0, 0.0]
+    got = b.domain_losses()
+    assert got.dtype == torch.float64 and got[:2].tolist() == [2.0, 13.0 / 3] and got[2].isnan()
+    with pytest.raises(TypeError, match=r"^loss must be a torch.Tensor, got list$"):
+        b.record_loss([1.0], torch.tensor([0]))
+    with pytest.raises(
+        ValueError,
+        match=r"^loss has shape \(2,\) but domain_ids \(1,\); pass per-sample or per-token "
+        r"losses \(reduction='none'\)$",
+    ):
+        b.record_loss(torch.ones(2), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match=r"^record_target needs a tracker \(the mixer uses no"):
+        b.record_target(torch.ones(()))
+    assert b.loss_counts().tolist() == [2.0, 3.0, 0.0]  # errors changed nothing
+
+
+def test_balancer_update_history_logs_and_state(tmp_path, caplog):
+    b = Balancer(nn.Linear(2, 2), Stratified(2, update_every=2), log_dir=tmp_path / "run",
+                 domain_names=["x", "y"], log_name="exp")  # fmt: skip
+    assert b.after_step() is None and b.global_step == 1
+    b.record_loss(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 1, 1]))
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
+        w = b.after_step()
+    assert w.tolist() == [0.5, 0.5] and b.num_rounds == 1 and b.global_step == 2
+    rec = b.history[-1]
+    assert (rec["step"], rec["round"], rec["weights"]) == (2, 1, [0.5, 0.5])
+    assert rec["counts"] == [1.0, 2.0] and rec["loss"] == [1.0, 3.0]
+    assert rec["skipped_updates"] == 0 and rec["nonfinite_skips"] == 0
+    assert rec["update_time_s"] >= 0.0 and b.update_time_s == rec["update_time_s"]
+    assert any(r.getMessage().startswith("exp: round 1 (step 2): eff. domains 2.00/2, top x=0.500")
+               for r in caplog.records)  # fmt: skip
+    assert b.loss_counts().tolist() == [0.0, 0.0]  # the round was reset
+    # A round with no losses recorded logs null losses.
+    b.update()
+    assert b.history[-1]["loss"] == [None, None] and b.history[-1]["round"] == 2
+    rows = (tmp_path / "run" / "mixture.csv").read_text().splitlines()
+    assert rows[0] == "step,round,w0,w1,update_time_s" and len(rows) == 3
+    assert rows[1].startswith("2,1,0.5,0.5,") and rows[2].startswith("2,2,0.5,0.5,")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "mixture.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2] and lines[0]["loss"] == [1.0, 3.0]
+    # State: round counters, loss sums and the mixer round-trip; bad states are refused.
+    b.record_loss(torch.tensor([6.0]), torch.tensor([1]))
+    st = b.state_dict()
+    assert (st["version"], st["global_step"], st["num_rounds"]) == (1, 2, 2)
+    assert st["loss_sums"].tolist() == [0.0, 6.0] and st["loss_counts"].tolist() == [0.0, 1.0]
+    assert st["tracker"] is None and st["sampler"] is None and st["mixer"]["type"] == "Stratified"
+    fresh = Balancer(nn.Linear(2, 2), Stratified(2, update_every=2))
+    fresh.load_state_dict(st)
+    assert (fresh.global_step, fresh.num_rounds, fresh.update_time_s) == (2, 2, b.update_time_s)
+    assert fresh.domain_losses()[1].item() == 6.0 and fresh.loss_counts().tolist() == [0.0, 1.0]
+    with pytest.raises(TypeError, match=r"^state must be a dict, got list$"):
+        fresh.load_state_dict([1])
+    with pytest.raises(ValueError, match=r"^state and this balancer disagree on having a tracker$"):
+        fresh.load_state_dict({**st, "tracker": {}})
+    with pytest.raises(ValueError, match=r"^state holds a sampler; build it \(make_sampler\)"):
+        fresh.load_state_dict({**st, "sampler": {}})
+    b.close()
+
+
+def test_round_summary_pinned():
+    from rnb_kernels.balancer import round_summary
+
+    rec = {"round": 2, "step": 20, "weights": [0.5, 0.25, 0.25], "update_time_s": 0.0012}
+    assert round_summary(rec) == (
+        "round 2 (step 20): eff. domains 2.83/3, top d0=0.500 d1=0.250 d2=0.250, update 1.2 ms"
+    )
+    # exp(entropy) of (0.25, 0.75) = 1.7548; zero weights are left out of the entropy.
+    rec = {"round": 5, "step": 7, "weights": [0.0, 0.25, 0.75, 0.0], "update_time_s": 0.5}
+    assert round_summary(rec, top=2, names=list("abcd")) == (
+        "round 5 (step 7): eff. domains 1.75/4, top c=0.750 b=0.250, update 500.0 ms"
+    )
+
+
+def test_register_statistic_checks_the_name():
+    from rnb_kernels.balancer import register_statistic, statistic_names
+
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match=r"^name must be a non-empty str$"):
+            register_statistic(bad)
+    with pytest.raises(
+        ValueError, match=r"^statistic 'gram' is already registered; pass replace=True$"
+    ):
+        register_statistic("gram")(lambda b: None)
+    assert {"gram", "gram_vec", "alignment", "target_count", "counts", "losses",
+            "loss_counts"} <= set(statistic_names())  # fmt: skip

@@ -272,3 +272,72 @@ def test_bad_inputs_exact_messages(kwargs, exc, message):
     args = {"domain_labels": [0, 1, 1, 0], "weights": [0.5, 0.5], "batch_size": 2, **kwargs}
     with pytest.raises(exc, match=f"^{message}$"):
         MixtureSampler(**args)
+
+
+def test_weights_of_the_wrong_length_and_all_zero_weights_raise_on_draw():
+    class Src:
+        weights = np.array([0.5, 0.5])
+
+    s = MixtureSampler([0, 1, 2, 2], weights=Src(), batch_size=2, num_domains=3)
+    with pytest.raises(ValueError, match=r"^weights must have 3 entries \(num_domains\), got 2$"):
+        s.current_weights()
+    s = MixtureSampler([0, 1, 2, 2], weights=[0.5, 0.5], batch_size=2, num_domains=3)
+    with pytest.raises(ValueError, match=r"^weights must have 3 entries, got 2$"):
+        s.current_weights()
+    s = MixtureSampler([0, 1], weights=[1.0, 0.0, 0.0], batch_size=2)
+    assert s.current_weights().tolist() == [1.0, 0.0, 0.0]
+    s = MixtureSampler([0, 1], weights=[0.0, 0.0], batch_size=2)
+    with pytest.raises(ValueError, match=r"^weights: every domain with examples has zero weight$"):
+        s.current_weights()
+
+
+def test_empty_domain_with_weight_warns_once_and_is_renormalised_away(caplog):
+    import logging
+    import warnings
+
+    s = MixtureSampler([0, 0, 2, 2], weights=[0.0, 1.0, 3.0], batch_size=2)
+    msg = "domains [1] have positive weight but no examples; they are never drawn"
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.sampling"):
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter("always")
+            assert s.current_weights().tolist() == [0.0, 0.0, 1.0]
+            assert s.current_weights().tolist() == [0.0, 0.0, 1.0]
+    assert [(w.category, str(w.message)) for w in rec] == [(RuntimeWarning, msg)]
+    assert [r.getMessage() for r in caplog.records] == [msg]
+    # Domains with examples keep their relative weights.
+    s2 = MixtureSampler([0, 1, 1, 2], weights=torch.tensor([1.0, 3.0, 0.0]), batch_size=2)
+    assert s2.current_weights().tolist() == [0.25, 0.75, 0.0]
+
+
+def test_largest_remainder_pinned():
+    assert _largest_remainder(np.array([0.5, 0.5, 0.0]), 3).tolist() == [2, 1, 0]  # tie -> lower
+    assert _largest_remainder(np.array([1.0, 1.0, 1.0]), 2).tolist() == [1, 1, 0]
+    assert _largest_remainder(np.array([-1.0, 3.0]), 4).tolist() == [0, 4]  # negatives clipped
+    assert _largest_remainder(np.array([0.2, 0.3, 0.5]), 10).tolist() == [2, 3, 5]  # exact
+    assert _largest_remainder(np.array([1.0, 2.0]), 5).dtype == np.int64
+
+
+def test_state_dict_contents_and_load_errors():
+    s = MixtureSampler([0, 1, 1], weights=[0.5, 0.5], batch_size=2, seed=3, num_samples=5)
+    assert len(s) == 5 and s.num_samples == 5
+    s.set_epoch(4)
+    assert s.epoch == 4
+    st = s.state_dict()
+    assert st["version"] == 1 and st["config"] == {
+        "num_domains": 2, "batch_size": 2, "seed": 3, "replacement": False,
+        "mode": "categorical", "num_replicas": 1, "rank": 0, "sizes": [1, 2],
+    }  # fmt: skip
+    assert st["orders"] == [None, None] and st["buffer"] == [] and st["pos"] == 0
+    assert st["cursors"].tolist() == [0, 0] and st["carry"].tolist() == [0.0, 0.0]
+    assert (st["yielded"], st["batches"]) == (0, 0)
+    with pytest.raises(TypeError, match=r"^state must be a dict, got list$"):
+        s.load_state_dict([1])
+    with pytest.raises(ValueError, match=r"^state has 1 domain orders, expected 2$"):
+        s.load_state_dict({**st, "orders": [None]})
+    idx = take(s, 3)
+    st = s.state_dict()
+    assert (st["yielded"], st["pos"], st["batches"]) == (3, 1, 2)
+    fresh = MixtureSampler([0, 1, 1], weights=[0.5, 0.5], batch_size=2, seed=3, num_samples=5)
+    fresh.load_state_dict(st)
+    assert fresh.state_dict()["buffer"] == st["buffer"] and len(idx) == 3
+    assert list(fresh) == list(s)  # the remaining 2 indices of the epoch, identically
