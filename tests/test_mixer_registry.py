@@ -150,6 +150,8 @@ def test_register_mixer_checks_the_class_and_its_name():
     finally:
         unregister_mixer("toy-explicit")
     assert "toy-explicit" not in mixer_names()
+    unregister_mixer("toy-explicit")  # removing a name that is not registered is a no-op
+    assert "toy-explicit" not in mixer_names()
 
 
 def test_get_and_build_mixer_reject_non_names_and_non_contexts():

@@ -341,3 +341,34 @@ def test_state_dict_contents_and_load_errors():
     fresh.load_state_dict(st)
     assert fresh.state_dict()["buffer"] == st["buffer"] and len(idx) == 3
     assert list(fresh) == list(s)  # the remaining 2 indices of the epoch, identically
+
+
+def test_largest_remainder_ties_go_to_the_lower_index_in_long_vectors():
+    # 27 remainders in {0.25, 0.5, 0.75} summing to 14: the eleven 0.75s get a unit, then the
+    # three lowest-indexed 0.5s (0, 10, 14). An unstable sort breaks these ties differently.
+    q, h, t = 0.25, 0.5, 0.75
+    target = np.array(
+        [h, t, t, q, q, t, t, q, q, t, h, q, t, q, h, h, h, q, q, t, t, t, h, t, q, h, t]
+    )
+    want = [1 if v == t else 0 for v in target]
+    for i in (0, 10, 14):
+        want[i] = 1
+    assert _largest_remainder(target, 14).tolist() == want
+
+
+def test_zero_weight_domains_carry_no_rounding_debt():
+    w = {"v": [0.5, 0.5]}
+    s = MixtureSampler([0, 1, 0, 1], weights=lambda: w["v"], batch_size=1, mode="proportional",
+                       num_samples=10)  # fmt: skip
+    it = iter(s)
+    assert next(it) in (0, 2)  # domain 0: the 0.5/0.5 tie goes to the lower index
+    assert s.state_dict()["carry"].tolist() == [-0.5, 0.5]
+    w["v"] = [1.0, 0.0]
+    next(it)
+    assert s.state_dict()["carry"].tolist() == [-0.5, 0.0]
+
+
+def test_every_epoch_yields_num_samples_indices():
+    s = MixtureSampler([0, 1, 0, 1], weights=[1, 1], batch_size=2, num_samples=3)
+    first, second = list(s), list(s)
+    assert len(first) == len(second) == 3 and first != second  # the stream continues
