@@ -104,6 +104,12 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_11": (
         "torch.arange / torch.tensor of Python ints already default to int64"
     ),
+    "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_16": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_19": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
     "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_7": (
         "torch.arange / torch.tensor of Python ints already default to int64"
     ),

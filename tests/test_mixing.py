@@ -850,3 +850,93 @@ def test_register_statistic_checks_the_name():
         register_statistic("gram")(lambda b: None)
     assert {"gram", "gram_vec", "alignment", "target_count", "counts", "losses",
             "loss_counts"} <= set(statistic_names())  # fmt: skip
+
+
+def test_balancer_loop_hooks_without_a_tracker():
+    """step() validates ids and feeds record_loss; optimizer_step steps, zeroes, counts."""
+    model = nn.Linear(2, 1)
+    b = Balancer(model, ODM(2, update_every=2))
+    with b.step([0, 1, -1]) as s:
+        assert s.domain_ids.dtype == torch.int64 and s.domain_ids.tolist() == [0, 1, -1]
+        s.record_loss(torch.tensor([1.0, 2.0, 9.0]))
+    assert b.loss_counts().tolist() == [1.0, 1.0] and b.domain_losses().tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"^domain_ids must lie in \[-1, num_domains=2\)"):
+        with b.step([0, 2]):
+            pass
+    model(torch.ones(1, 2)).sum().backward()
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    class Scaler:
+        calls: list[str] = []
+
+        def step(self, o):
+            self.calls.append("step")
+            o.step()
+
+        def update(self):
+            self.calls.append("update")
+
+    sc = Scaler()
+    assert b.optimizer_step(opt, scaler=sc) is None and sc.calls == ["step", "update"]
+    assert model.weight.grad is None and not torch.equal(model.weight, before)
+    assert b.global_step == 1
+    w = b.optimizer_step(opt)  # second step closes the round (update_every=2)
+    assert w is not None and b.num_rounds == 1 and b.global_step == 2
+
+
+def test_balancer_statistics_follow_the_configuration():
+    from rnb_kernels.balancer import needs_tracker
+
+    assert needs_tracker(RnB) and needs_tracker(DGA(2, step_size=1.0))
+    assert not needs_tracker(ODM) and not needs_tracker(Stratified(2))
+    # DGA with alignment_fn: alignment from the function, no counts / target_count.
+    seen = {}
+
+    class Spy(DGA):
+        def update(self, **stats):
+            seen.update(stats)
+            return super().update(**stats)
+
+    b = Balancer(
+        nn.Linear(2, 2), Spy(2, step_size=1.0), alignment_fn=lambda: torch.tensor([1.0, -1.0])
+    )
+    w = b.update()
+    assert set(seen) == {"alignment"} and seen["alignment"].tolist() == [1.0, -1.0]
+    assert w[0] > w[1]
+    # Without a tracker, counts are what record_loss saw.
+    stats = {}
+
+    class Spy2(ODM):
+        def update(self, **kw):
+            stats.update(kw)
+            return super().update(**kw)
+
+    o = Balancer(nn.Linear(2, 2), Spy2(2))
+    o.record_loss(torch.tensor([3.0, 5.0, 7.0]), torch.tensor([1, 1, 0]))
+    o.update()
+    assert stats["counts"].tolist() == [1.0, 2.0] and stats["losses"].tolist() == [7.0, 4.0]
+
+
+def test_balancer_csv_header_written_once_per_file(tmp_path):
+    for _ in range(2):  # a second balancer appending to the same log_dir (a resumed run)
+        b = Balancer(nn.Linear(2, 2), Stratified(3), log_dir=tmp_path)
+        b.update()
+        b.close()
+    rows = (tmp_path / "mixture.csv").read_text().splitlines()
+    assert rows[0] == "step,round,w0,w1,w2,update_time_s" and len(rows) == 3
+    assert all(not r.startswith("step") for r in rows[1:])
+    assert len((tmp_path / "mixture.jsonl").read_text().splitlines()) == 2
+
+
+def test_balancer_make_sampler_follows_the_mixer_and_is_saved():
+    b = Balancer(nn.Linear(2, 2), Static([0.0, 1.0]))
+    s = b.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=4)
+    assert b.sampler is s and s.seed == 5 and s.batch_size == 2 and len(s) == 4
+    assert set(list(s)) <= {1, 3}  # weight only on domain 1
+    st = b.state_dict()
+    assert st["sampler"]["config"]["seed"] == 5
+    fresh = Balancer(nn.Linear(2, 2), Static([0.0, 1.0]))
+    fresh.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=4)
+    fresh.load_state_dict(st)
+    assert fresh.sampler.state_dict()["rng"] == s.state_dict()["rng"]
