@@ -158,6 +158,45 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.mixing.registry.x_register_mixer__mutmut_21": (
         "the getattr default is never used: c passed the Mixer-subclass check and Mixer defines `name`"
     ),
+    "rnb_kernels.mixing.base.x_as_float64__mutmut_21": (
+        "device=None / no device in .to() keeps the tensor's device, the CPU in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.mixing.base.x_as_float64__mutmut_23": (
+        "device=None / no device in .to() keeps the tensor's device, the CPU in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.tracking.ids.x_validate_domain_ids__mutmut_15": (
+        "torch.where(bool, 0, -1) of Python ints is already int64, so .to(None) changes nothing"
+    ),
+    "rnb_kernels.tracking.ids.x_per_sample_counts__mutmut_8": (
+        "device=None allocates on the CPU, which is ids.device in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.tracking.ids.x_per_sample_counts__mutmut_12": (
+        "device=None allocates on the CPU, which is ids.device in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.sampling.x__largest_remainder__mutmut_18": (
+        "with rest == 0 the branch adds order[:0], nothing"
+    ),
+    "rnb_kernels.sampling.x__largest_remainder__mutmut_29": (
+        "numpy parses the sort kind case-insensitively: 'STABLE' is 'stable'"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁstate_dict__mutmut_9": (
+        "bit_generator.state returns a fresh dict on every read, so a shallow copy shares nothing with the generator"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_19": (
+        "assigning bit_generator.state copies the values in; the generator keeps no reference to the dict"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_29": (
+        "state['cursors'] is state_dict's int64 array (or a list of ints), which np.asarray keeps int64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_31": (
+        "state['cursors'] is state_dict's int64 array (or a list of ints), which np.asarray keeps int64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_36": (
+        "state['carry'] is state_dict's float64 array (or a list of floats), which np.asarray keeps float64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_38": (
+        "state['carry'] is state_dict's float64 array (or a list of floats), which np.asarray keeps float64"
+    ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),

@@ -646,3 +646,27 @@ def test_mixer_repr_shows_at_most_eight_weights():
         "Stratified(num_domains=10, weights=[0.100, 0.100, 0.100, 0.100, 0.100, 0.100, 0.100, "
         "0.100, ...])"
     )
+
+
+def test_mixer_init_defaults_checks_and_commit_dtype():
+    from rnb_kernels.mixing import Mixer
+
+    class Toy(Mixer):
+        def update(self, w):
+            return self._commit(w)
+
+    t = Toy(3)
+    assert t.update_every == 1 and t.num_updates == 0 and t.skipped_updates == 0
+    assert t.last_skip_reason is None and t.state_dict()["last_skip_reason"] is None
+    assert t.weights.tolist() == [1 / 3] * 3 and t.weights.dtype == F64
+    with pytest.raises(ValueError, match=r"^update_every must be >= 1, got 0$"):
+        Toy(3, update_every=0)
+    with pytest.raises(ValueError, match=r"^num_domains must be >= 1, got 0$"):
+        Toy(0)
+    with pytest.raises(ValueError, match=r"^init_weights must have shape \(3,\), got \(2,\)$"):
+        Toy(3, init_weights=[1.0, 1.0])
+    assert Toy(2, init_weights=[1, 3]).weights.tolist() == [0.25, 0.75]
+    # A float32 proposal is stored (and returned) as float64.
+    out = t.update(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float32))
+    assert out.dtype == F64 and t.weights.dtype == F64 and t.num_updates == 1
+    assert t.weights.tolist() == [0.5, 0.25, 0.25]

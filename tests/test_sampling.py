@@ -315,6 +315,8 @@ def test_largest_remainder_pinned():
     assert _largest_remainder(np.array([-1.0, 3.0]), 4).tolist() == [0, 4]  # negatives clipped
     assert _largest_remainder(np.array([0.2, 0.3, 0.5]), 10).tolist() == [2, 3, 5]  # exact
     assert _largest_remainder(np.array([1.0, 2.0]), 5).dtype == np.int64
+    # The unit goes to the largest *fractional part* (0.6), not the largest value (2.4).
+    assert _largest_remainder(np.array([2.4, 0.6]), 3).tolist() == [2, 1]
 
 
 def test_state_dict_contents_and_load_errors():
@@ -334,6 +336,17 @@ def test_state_dict_contents_and_load_errors():
         s.load_state_dict([1])
     with pytest.raises(ValueError, match=r"^state has 1 domain orders, expected 2$"):
         s.load_state_dict({**st, "orders": [None]})
+    other = MixtureSampler([0, 1, 1], weights=[0.5, 0.5], batch_size=3, seed=3)
+    with pytest.raises(
+        ValueError,
+        match=r"^state was saved by a sampler configured as \{'num_domains': 2, 'batch_size': 2, "
+        r"'seed': 3, .*\}, not \{'num_domains': 2, 'batch_size': 3, 'seed': 3, .*\}$",
+    ):
+        other.load_state_dict(st)
+    # A state saved before any draw (no domain order yet) loads and draws.
+    s.load_state_dict(st)
+    assert [int(i) in (0, 1, 2) for i in take(s, 4)] == [True] * 4
+    s.load_state_dict(st)
     idx = take(s, 3)
     st = s.state_dict()
     assert (st["yielded"], st["pos"], st["batches"]) == (3, 1, 2)
