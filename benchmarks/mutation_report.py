@@ -197,6 +197,12 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_38": (
         "state['carry'] is state_dict's float64 array (or a list of floats), which np.asarray keeps float64"
     ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_7": (
+        "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_10": (
+        "`kind not in 'XXiuXX'`: no numpy dtype kind is 'X', so the same kinds pass"
+    ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),

@@ -385,3 +385,30 @@ def test_every_epoch_yields_num_samples_indices():
     s = MixtureSampler([0, 1, 0, 1], weights=[1, 1], batch_size=2, num_samples=3)
     first, second = list(s), list(s)
     assert len(first) == len(second) == 3 and first != second  # the stream continues
+
+
+def test_empty_domain_warning_names_only_positive_weight_empty_domains():
+    import warnings
+
+    # Every domain has examples: no warning.
+    s = MixtureSampler([0, 1, 2], weights=[1.0, 1.0, 1.0], batch_size=2)
+    assert s.seed == 0 and s.state_dict()["config"]["seed"] == 0  # the default seed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert s.current_weights().tolist() == [1 / 3] * 3
+        # An empty domain with zero weight: nothing to warn about either.
+        z = MixtureSampler([0, 0, 2, 2], weights=[1.0, 0.0, 1.0], batch_size=2)
+        assert z.current_weights().tolist() == [0.5, 0.0, 0.5]
+    # Domains 1 (weight 1, empty) and 2 (weight 0, empty): only domain 1 is named.
+    e = MixtureSampler([0, 3], weights=[1.0, 1.0, 0.0, 1.0], batch_size=2)
+    with pytest.warns(RuntimeWarning) as rec:
+        assert e.current_weights().tolist() == [0.5, 0.0, 0.0, 0.5]
+    assert [str(w.message) for w in rec] == [
+        "domains [1] have positive weight but no examples; they are never drawn"
+    ]
+
+
+def test_low_precision_tensor_weights_are_read_in_float64():
+    # bfloat16 has no numpy dtype: the weights go through float64 first.
+    s = MixtureSampler([0, 1], weights=torch.tensor([1.0, 3.0], dtype=torch.bfloat16), batch_size=2)
+    assert s.current_weights().tolist() == [0.25, 0.75]
