@@ -940,3 +940,59 @@ def test_balancer_make_sampler_follows_the_mixer_and_is_saved():
     fresh.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=4)
     fresh.load_state_dict(st)
     assert fresh.sampler.state_dict()["rng"] == s.state_dict()["rng"]
+
+
+def test_balancer_tensorboard_scalars_and_missing_tensorboard(tmp_path, monkeypatch, caplog):
+    """With a SummaryWriter (a recording stand-in here) every update logs the weights, the
+    per-domain losses that exist and the update time; close() closes it."""
+    import sys
+    import types
+
+    import rnb_kernels.balancer as bal_mod
+
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("init", str(log_dir)))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    b = Balancer(nn.Linear(2, 2), Stratified(2), log_dir=tmp_path)
+    b.record_loss(torch.tensor([2.0]), torch.tensor([1]))
+    b.global_step = 4
+    b.update()
+    b.close()
+    b.close()  # idempotent
+    t = b.history[0]["update_time_s"]
+    assert calls == [
+        ("init", str(tmp_path)),
+        ("mixture/w0", 0.5, 4), ("mixture/w1", 0.5, 4),
+        ("loss/domain1", 2.0, 4),  # domain 0 recorded no loss: nothing logged for it
+        ("mixture/update_time_s", t, 4),
+        ("close",),
+    ]  # fmt: skip
+    # Without tensorboard: one INFO line per process, CSV/JSONL still written.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(bal_mod, "_TB_MISSING_LOGGED", False)
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
+        Balancer(nn.Linear(2, 2), Stratified(2), log_dir=tmp_path / "a")
+        Balancer(nn.Linear(2, 2), Stratified(2), log_dir=tmp_path / "b")
+    missing = [r for r in caplog.records if "tensorboard" in r.getMessage()]
+    assert [r.getMessage() for r in missing] == [
+        "tensorboard not installed; logging CSV and JSONL only"
+    ]
+    assert bal_mod._TB_MISSING_LOGGED is True and (tmp_path / "b").is_dir()
+
+
+def test_balancer_on_a_model_without_parameters_keeps_losses_on_the_cpu():
+    b = Balancer(nn.ReLU(), Stratified(2))
+    b.record_loss(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]))
+    assert b._loss_sums.device.type == "cpu" and b.domain_losses()[0].item() == 2.0
