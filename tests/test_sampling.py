@@ -412,3 +412,19 @@ def test_low_precision_tensor_weights_are_read_in_float64():
     # bfloat16 has no numpy dtype: the weights go through float64 first.
     s = MixtureSampler([0, 1], weights=torch.tensor([1.0, 3.0], dtype=torch.bfloat16), batch_size=2)
     assert s.current_weights().tolist() == [0.25, 0.75]
+
+
+def test_weight_sources_flags_and_smallest_epoch():
+    class OnlySampling:  # a mixer-like object exposing sampling_weights only
+        sampling_weights = np.array([0.0, 1.0])
+
+    src = OnlySampling()
+    s = MixtureSampler([0, 1, 0, 1], weights=src, batch_size=2, num_samples=4)
+    assert set(list(s)) <= {1, 3}
+    src.sampling_weights = np.array([1.0, 0.0])  # followed live, not copied at construction
+    assert set(list(s)) <= {0, 2}
+    r = MixtureSampler([0, 1], weights=[1, 1], batch_size=2, replacement=True)
+    assert r.replacement is True and r.state_dict()["config"]["replacement"] is True
+    assert MixtureSampler([0, 1], weights=[1, 1], batch_size=2).replacement is False
+    one = MixtureSampler([0, 1], weights=[1, 1], batch_size=2, num_samples=1)
+    assert len(one) == 1 and len(list(one)) == 1
