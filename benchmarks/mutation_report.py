@@ -203,6 +203,17 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_10": (
         "`kind not in 'XXiuXX'`: no numpy dtype kind is 'X', so the same kinds pass"
     ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_137": (
+        "np.array of Python ints is already int64 (on the 64-bit Linux the package targets)"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_139": (
+        "np.array of Python ints is already int64 (on the 64-bit Linux the package targets)"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_151": ("np.zeros defaults to float64"),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_153": ("np.zeros defaults to float64"),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_161": (
+        "_warned_empty is only read as `not self._warned_empty`, and None is falsy like False"
+    ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),
