@@ -214,6 +214,24 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_161": (
         "_warned_empty is only read as `not self._warned_empty`, and None is falsy like False"
     ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_12": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_15": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_21": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_23": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_31": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_34": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),

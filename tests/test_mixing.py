@@ -793,13 +793,14 @@ def test_balancer_update_history_logs_and_state(tmp_path, caplog):
     assert (rec["step"], rec["round"], rec["weights"]) == (2, 1, [0.5, 0.5])
     assert rec["counts"] == [1.0, 2.0] and rec["loss"] == [1.0, 3.0]
     assert rec["skipped_updates"] == 0 and rec["nonfinite_skips"] == 0
-    assert rec["update_time_s"] >= 0.0 and b.update_time_s == rec["update_time_s"]
+    assert 0.0 <= rec["update_time_s"] < 60.0 and b.update_time_s == rec["update_time_s"]
     assert any(r.getMessage().startswith("exp: round 1 (step 2): eff. domains 2.00/2, top x=0.500")
                for r in caplog.records)  # fmt: skip
     assert b.loss_counts().tolist() == [0.0, 0.0]  # the round was reset
     # A round with no losses recorded logs null losses.
     b.update()
     assert b.history[-1]["loss"] == [None, None] and b.history[-1]["round"] == 2
+    assert b.update_time_s == sum(r["update_time_s"] for r in b.history)  # accumulated
     rows = (tmp_path / "run" / "mixture.csv").read_text().splitlines()
     assert rows[0] == "step,round,w0,w1,update_time_s" and len(rows) == 3
     assert rows[1].startswith("2,1,0.5,0.5,") and rows[2].startswith("2,2,0.5,0.5,")
@@ -931,15 +932,20 @@ def test_balancer_csv_header_written_once_per_file(tmp_path):
 
 def test_balancer_make_sampler_follows_the_mixer_and_is_saved():
     b = Balancer(nn.Linear(2, 2), Static([0.0, 1.0]))
-    s = b.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=4)
-    assert b.sampler is s and s.seed == 5 and s.batch_size == 2 and len(s) == 4
+    s = b.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=3)
+    assert b.sampler is s and s.seed == 5 and s.batch_size == 2 and len(s) == 3
     assert set(list(s)) <= {1, 3}  # weight only on domain 1
+    assert Balancer(nn.Linear(2, 2), Static([1.0, 1.0])).make_sampler([0, 1], 2).seed == 0
     st = b.state_dict()
     assert st["sampler"]["config"]["seed"] == 5
     fresh = Balancer(nn.Linear(2, 2), Static([0.0, 1.0]))
-    fresh.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=4)
+    fresh.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=3)
     fresh.load_state_dict(st)
     assert fresh.sampler.state_dict()["rng"] == s.state_dict()["rng"]
+    # A state saved without a sampler leaves this balancer's sampler as it is.
+    before = fresh.sampler.state_dict()["rng"]
+    fresh.load_state_dict({**st, "sampler": None})
+    assert fresh.sampler.state_dict()["rng"] == before
 
 
 def test_balancer_tensorboard_scalars_and_missing_tensorboard(tmp_path, monkeypatch, caplog):
@@ -996,3 +1002,43 @@ def test_balancer_on_a_model_without_parameters_keeps_losses_on_the_cpu():
     b = Balancer(nn.ReLU(), Stratified(2))
     b.record_loss(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]))
     assert b._loss_sums.device.type == "cpu" and b.domain_losses()[0].item() == 2.0
+
+
+def test_balancer_record_target_passes_loss_and_mask_to_the_tracker():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    b = Balancer(model, DGA(2, step_size=1.0))
+    x = torch.randn(4, 3)
+    b.record_target(model(x).pow(2).sum())
+    assert b.tracker.target_count() == 4.0
+    b.tracker.reset()
+    b.record_target(model(x).pow(2).sum(), mask=torch.tensor([True, False, True, False]))
+    assert b.tracker.target_count() == 2.0
+    b.close()
+
+
+def test_registered_statistic_keeps_its_name_and_tracker_need():
+    from rnb_kernels.balancer import (
+        _STATISTICS,
+        needs_tracker,
+        register_statistic,
+        unregister_statistic,
+    )
+    from rnb_kernels.mixing import Mixer
+
+    class NeedsToy(Mixer):
+        requires = ("toy-grad-stat",)
+
+        def update(self, **stats):
+            return self.weights
+
+    try:
+        register_statistic("toy-grad-stat", needs_tracker=True)(lambda bal: None)
+        assert _STATISTICS["toy-grad-stat"].name == "toy-grad-stat"
+        assert needs_tracker(NeedsToy) is True
+        register_statistic("toy-grad-stat", replace=True)(lambda bal: None)  # default: no
+        assert needs_tracker(NeedsToy) is False
+    finally:
+        unregister_statistic("toy-grad-stat")
+    unregister_statistic("toy-grad-stat")  # removing an unknown name is a no-op
+    assert "toy-grad-stat" not in _STATISTICS and needs_tracker(NeedsToy) is False
