@@ -232,6 +232,25 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_34": (
         "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
     ),
+    "rnb_kernels.balancer.xǁBalancerǁloss_counts__mutmut_1": (
+        "device=None / no device keeps the CPU accumulators on the CPU; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁloss_counts__mutmut_3": (
+        "device=None / no device keeps the CPU accumulators on the CPU; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁdomain_losses__mutmut_15": ("float('NAN') is float('nan')"),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_43": (
+        "newline=None only translates '\\n' to os.linesep, which is '\\n' on the POSIX systems the package targets: the CSV bytes are the same"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_46": (
+        "newline=None only translates '\\n' to os.linesep, which is '\\n' on the POSIX systems the package targets: the CSV bytes are the same"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_64": (
+        "the CSV header is also guarded by f.tell() == 0, and the append-only file is never empty after the first write"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_65": (
+        "the CSV header is also guarded by f.tell() == 0, and the append-only file is never empty after the first write"
+    ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),

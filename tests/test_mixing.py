@@ -1042,3 +1042,35 @@ def test_registered_statistic_keeps_its_name_and_tracker_need():
         unregister_statistic("toy-grad-stat")
     unregister_statistic("toy-grad-stat")  # removing an unknown name is a no-op
     assert "toy-grad-stat" not in _STATISTICS and needs_tracker(NeedsToy) is False
+
+
+def test_round_summary_defaults_to_three_heads_in_float64():
+    from rnb_kernels.balancer import round_summary
+
+    # exp(entropy) of (0.4, 0.3, 0.2, 0.1) = 3.5961; only the three heaviest are listed.
+    rec = {"round": 1, "step": 1, "weights": [0.4, 0.3, 0.2, 0.1], "update_time_s": 0.0}
+    assert round_summary(rec) == (
+        "round 1 (step 1): eff. domains 3.60/4, top d0=0.400 d1=0.300 d2=0.200, update 0.0 ms"
+    )
+    # 0.0025 is printed from its float64 value (0.003); a float32 copy would print 0.002.
+    rec = {"round": 1, "step": 1, "weights": [0.9975, 0.0025], "update_time_s": 0.0}
+    assert round_summary(rec) == (
+        "round 1 (step 1): eff. domains 1.02/2, top d0=0.998 d1=0.003, update 0.0 ms"
+    )
+
+
+def test_balancer_log_lines_without_a_run_label_and_debug_weights(caplog):
+    b = Balancer(nn.Linear(2, 2), Stratified(2))
+    with caplog.at_level(logging.DEBUG, logger="rnb_kernels.balancer"):
+        b.update()
+    msgs = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert msgs[0][0] == logging.INFO and msgs[0][1].startswith("round 1 (step 0): eff. domains")
+    assert msgs[1] == (logging.DEBUG, "round 1 weights [0.5, 0.5]")
+
+
+def test_balancer_record_reports_the_trackers_nonfinite_skips():
+    b = Balancer(nn.Linear(2, 2), RnB(2, eval_proportions=[1, 1]))
+    b.tracker.nonfinite_skips = 3  # as if three micro-batches had been dropped
+    b.update()
+    assert b.history[-1]["nonfinite_skips"] == 3
+    b.close()
