@@ -251,6 +251,27 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_65": (
         "the CSV header is also guarded by f.tell() == 0, and the append-only file is never empty after the first write"
     ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_70": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_71": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_78": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_81": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_85": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_88": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_102": (
+        "_csv_header_done is only read as `not self._csv_header_done`, and None is falsy like False"
+    ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),

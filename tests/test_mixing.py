@@ -1074,3 +1074,34 @@ def test_balancer_record_reports_the_trackers_nonfinite_skips():
     b.update()
     assert b.history[-1]["nonfinite_skips"] == 3
     b.close()
+
+
+def test_balancer_keeps_what_it_is_given_and_accumulates_in_float64():
+    from rnb_kernels.mixing import Mixer
+    from rnb_kernels.sampling import MixtureSampler
+
+    model = nn.Linear(2, 2)
+    sampler = MixtureSampler([0, 1], weights=[1, 1], batch_size=2)
+    tracker = DomainGradientTracker(model, 2)
+    b = Balancer(model, RnB(2, eval_proportions=[1, 1]), sampler=sampler, tracker=tracker)
+    assert b.model is model and b.sampler is sampler and b.tracker is tracker
+    assert b.state_dict()["sampler"]["config"]["sizes"] == [1, 1]
+    b.close()
+
+    class Needs(Mixer):
+        requires = ("no-such-stat",)
+
+        def update(self, **stats):
+            return self.weights
+
+    with pytest.raises(
+        ValueError,
+        match=r"^mixer Needs requires unknown statistics \['no-such-stat'\]; registered: \[",
+    ):
+        Balancer(model, Needs(2))
+    # Loss sums and counts are float64: 2**24 + 1 survives (a float32 sum would round it).
+    o = Balancer(model, ODM(2))
+    o.record_loss(torch.tensor([16777217.0], dtype=torch.float64), torch.tensor([0]))
+    st = o.state_dict()
+    assert st["loss_sums"].dtype == torch.float64 and st["loss_counts"].dtype == torch.float64
+    assert o.domain_losses()[0].item() == 16777217.0
