@@ -61,7 +61,10 @@ clean:
 # per mutant, only the selected tests that reach the mutated code ([tool.mutmut] in
 # pyproject.toml); MODULES narrows the run, e.g. MODULES="rnb_kernels.mixing.rnb.*".
 MODULES ?= rnb_kernels.mixing.rnb.* rnb_kernels.mixing.dga.* rnb_kernels.mixing.odm.* \
-	rnb_kernels.ops.sketch_hash.* rnb_kernels.ops.reference.*
+	rnb_kernels.mixing.base.* rnb_kernels.mixing.registry.* rnb_kernels.mixing.static.* \
+	rnb_kernels.mixing.stratified.* rnb_kernels.ops.sketch_hash.* rnb_kernels.ops.reference.* \
+	rnb_kernels.tracking.ids.* rnb_kernels.sampling.* rnb_kernels.balancer.* \
+	rnb_kernels.tracking.linear.* rnb_kernels.tracking.slot.* rnb_kernels.tracking.tracker.*
 mutation: setup
 	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
 	rm -rf mutants

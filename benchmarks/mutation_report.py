@@ -98,17 +98,179 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.ops.reference.x_gram_ref__mutmut_53": (
         "device=None allocates on the CPU, which is a.device in every CPU test; only the GPU tests (cuda marker) can tell"
     ),
-    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_5": (
+    "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_7": (
         "torch.arange / torch.tensor of Python ints already default to int64"
     ),
-    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_8": (
+    "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_11": (
         "torch.arange / torch.tensor of Python ints already default to int64"
     ),
-    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_12": (
+    "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_16": (
         "torch.arange / torch.tensor of Python ints already default to int64"
     ),
-    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_15": (
+    "rnb_kernels.ops.sketch_hash.x_sketch_hash__mutmut_19": (
         "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_7": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_11": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_16": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_bias_hash__mutmut_19": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_projection_hash__mutmut_7": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.ops.sketch_hash.x_projection_hash__mutmut_11": (
+        "torch.arange / torch.tensor of Python ints already default to int64"
+    ),
+    "rnb_kernels.mixing.base.xǁMixerǁload_state_dict__mutmut_25": (
+        "drops the shape check of as_float64(state['weights']); the as_simplex call right after checks the same shape with the same message"
+    ),
+    "rnb_kernels.mixing.base.xǁMixerǁload_state_dict__mutmut_28": (
+        "drops the shape check of as_float64(state['weights']); the as_simplex call right after checks the same shape with the same message"
+    ),
+    "rnb_kernels.mixing.base.xǁMixerǁload_state_dict__mutmut_35": (
+        "drops the shape check of as_simplex(w); w is the output of as_float64 with that shape already checked"
+    ),
+    "rnb_kernels.mixing.base.xǁMixerǁload_state_dict__mutmut_38": (
+        "drops the shape check of as_simplex(w); w is the output of as_float64 with that shape already checked"
+    ),
+    "rnb_kernels.mixing.static.xǁStaticǁimportance__mutmut_13": (
+        "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.mixing.static.xǁStaticǁimportance__mutmut_16": (
+        "`kind not in 'XXiuXX'`: no numpy dtype kind is 'X', so the same kinds pass"
+    ),
+    "rnb_kernels.mixing.static.xǁStaticǁimportance__mutmut_31": (
+        "ndarray.astype(None) is astype(float64), and as_simplex converts to float64 anyway"
+    ),
+    "rnb_kernels.mixing.registry.x_register_mixer__mutmut_15": (
+        "the getattr default is never used: c passed the Mixer-subclass check and Mixer defines `name`"
+    ),
+    "rnb_kernels.mixing.registry.x_register_mixer__mutmut_18": (
+        "the getattr default is never used: c passed the Mixer-subclass check and Mixer defines `name`"
+    ),
+    "rnb_kernels.mixing.registry.x_register_mixer__mutmut_21": (
+        "the getattr default is never used: c passed the Mixer-subclass check and Mixer defines `name`"
+    ),
+    "rnb_kernels.mixing.base.x_as_float64__mutmut_21": (
+        "device=None / no device in .to() keeps the tensor's device, the CPU in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.mixing.base.x_as_float64__mutmut_23": (
+        "device=None / no device in .to() keeps the tensor's device, the CPU in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.tracking.ids.x_validate_domain_ids__mutmut_15": (
+        "torch.where(bool, 0, -1) of Python ints is already int64, so .to(None) changes nothing"
+    ),
+    "rnb_kernels.tracking.ids.x_per_sample_counts__mutmut_8": (
+        "device=None allocates on the CPU, which is ids.device in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.tracking.ids.x_per_sample_counts__mutmut_12": (
+        "device=None allocates on the CPU, which is ids.device in every CPU test; only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.sampling.x__largest_remainder__mutmut_18": (
+        "with rest == 0 the branch adds order[:0], nothing"
+    ),
+    "rnb_kernels.sampling.x__largest_remainder__mutmut_29": (
+        "numpy parses the sort kind case-insensitively: 'STABLE' is 'stable'"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁstate_dict__mutmut_9": (
+        "bit_generator.state returns a fresh dict on every read, so a shallow copy shares nothing with the generator"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_19": (
+        "assigning bit_generator.state copies the values in; the generator keeps no reference to the dict"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_29": (
+        "state['cursors'] is state_dict's int64 array (or a list of ints), which np.asarray keeps int64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_31": (
+        "state['cursors'] is state_dict's int64 array (or a list of ints), which np.asarray keeps int64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_36": (
+        "state['carry'] is state_dict's float64 array (or a list of floats), which np.asarray keeps float64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁload_state_dict__mutmut_38": (
+        "state['carry'] is state_dict's float64 array (or a list of floats), which np.asarray keeps float64"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_7": (
+        "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_10": (
+        "`kind not in 'XXiuXX'`: no numpy dtype kind is 'X', so the same kinds pass"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_137": (
+        "np.array of Python ints is already int64 (on the 64-bit Linux the package targets)"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_139": (
+        "np.array of Python ints is already int64 (on the 64-bit Linux the package targets)"
+    ),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_151": ("np.zeros defaults to float64"),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_153": ("np.zeros defaults to float64"),
+    "rnb_kernels.sampling.xǁMixtureSamplerǁ__init____mutmut_161": (
+        "_warned_empty is only read as `not self._warned_empty`, and None is falsy like False"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_12": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_15": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_21": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_23": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_31": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_record_loss__mutmut_34": (
+        "device=None / no device keeps the loss on the CPU, which is the accumulators' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁloss_counts__mutmut_1": (
+        "device=None / no device keeps the CPU accumulators on the CPU; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁloss_counts__mutmut_3": (
+        "device=None / no device keeps the CPU accumulators on the CPU; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁdomain_losses__mutmut_15": ("float('NAN') is float('nan')"),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_43": (
+        "newline=None only translates '\\n' to os.linesep, which is '\\n' on the POSIX systems the package targets: the CSV bytes are the same"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_46": (
+        "newline=None only translates '\\n' to os.linesep, which is '\\n' on the POSIX systems the package targets: the CSV bytes are the same"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_64": (
+        "the CSV header is also guarded by f.tell() == 0, and the append-only file is never empty after the first write"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ_log__mutmut_65": (
+        "the CSV header is also guarded by f.tell() == 0, and the append-only file is never empty after the first write"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_70": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_71": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_78": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_81": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_85": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_88": (
+        "the accumulators' device: the tracker's and the model's are the CPU in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.balancer.xǁBalancerǁ__init____mutmut_102": (
+        "_csv_header_done is only read as `not self._csv_header_done`, and None is falsy like False"
     ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
@@ -124,11 +286,38 @@ def module_of(name: str) -> str:
     return name
 
 
+def _carry_over(
+    previous: str | None, by_module: dict[str, collections.Counter]
+) -> tuple[list[str], list[str]]:
+    """Table rows and survivor lines of ``previous`` for modules this run tested nothing of."""
+    if not previous:
+        return [], []
+
+    def untested(mod: str) -> bool:
+        c = by_module.get(mod, collections.Counter())
+        return sum(c.values()) == c["not checked"]
+
+    rows, surv = [], []
+    for line in Path(previous).read_text().splitlines():
+        m = re.match(r"\| (rnb_kernels[\w.]*)(?: \(earlier run\))? \|(.*)\| ([\d.]+%) \|$", line)
+        if m and untested(m.group(1)):
+            rows.append(f"| {m.group(1)} (earlier run) |{m.group(2)}| {m.group(3)} |")
+        m = re.match(r"- `(rnb_kernels[\w.]*)`: ", line)
+        if m and untested(m.group(1)):
+            surv.append(line)
+    return rows, surv
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mutation.md"))
     ap.add_argument("--results", help="read mutmut results from this file instead of running")
     ap.add_argument("--note", default="", help="a paragraph on how this run was made")
+    ap.add_argument(
+        "--previous",
+        help="an earlier report: its rows (and survivor lists) for modules of which this run "
+        "tested no mutant are carried over, marked as from that run",
+    )
     args = ap.parse_args()
     if args.results:
         text = Path(args.results).read_text()
@@ -139,6 +328,7 @@ def main() -> int:
         ).stdout  # fmt: skip
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     survivors: dict[str, list[str]] = collections.defaultdict(list)
+    equivalents: list[str] = []
     for line in text.splitlines():
         m = re.match(r"\s*(\S+): (.+)$", line)
         if not m:
@@ -147,6 +337,7 @@ def main() -> int:
         mod = module_of(name)
         if status == "survived" and name in EQUIVALENT:
             status = "equivalent"
+            equivalents.append(f"- `{name}`: {EQUIVALENT[name]}")
         by_module[mod][status] += 1
         if status in ("survived", "no tests"):
             survivors[mod].append(f"{name} ({status})")
@@ -157,6 +348,7 @@ def main() -> int:
         tot.update(c)
         rows.append((mod, c))
     rows.append(("**all**", tot))
+    carried_rows, carried_surv = _carry_over(args.previous, by_module)
 
     def score(c: collections.Counter) -> str:
         killed = c["killed"] + c["timeout"]
@@ -174,11 +366,23 @@ def main() -> int:
             f"| {mod} | {n} | {c['not checked']} | {c['killed']} | {c['timeout']} | {c['survived']} | "
             f"{c['no tests']} | {c['equivalent']} | {score(c)} |"
         )
+    if carried_rows:
+        lines.append("")
+        lines.append(
+            "Modules with no mutant tested in this run, as the earlier report (`--previous`) "
+            "gave them (its code and mutant numbering, not re-checked here):"
+        )
+        lines.append("")
+        lines.extend(lines[:2])
+        lines.extend(carried_rows)
     body = "\n".join(lines)
     surv = "\n".join(
         f"- `{mod}`: " + ", ".join(f"`{s}`" for s in sorted(v))
         for mod, v in sorted(survivors.items())
     )
+    if carried_surv:
+        surv += "\n\nFrom the earlier report (modules not re-run):\n\n" + "\n".join(carried_surv)
+    equiv = "\n".join(sorted(equivalents)) or "none"
     Path(args.out).write_text(
         "# Mutation testing of the core\n\n"
         "Produced by `make mutation` (mutmut 3.8.1, config in `pyproject.toml` "
@@ -187,6 +391,7 @@ def main() -> int:
         "not run and are left out of the score.\n\n"
         + (args.note + "\n\n" if args.note else "")
         + f"{body}\n\n## Surviving mutants\n\n{surv or 'none'}\n"
+        + f"\n## Equivalent mutants (excluded from the score)\n\n{equiv}\n"
     )
     print(body)
     return 0

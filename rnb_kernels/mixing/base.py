@@ -33,7 +33,10 @@ def as_float64(value: Any, name: str, shape: tuple[int, ...] | None = None) -> t
         t = value.detach()
     elif isinstance(value, np.ndarray | list | tuple):
         try:
-            t = torch.as_tensor(np.asarray(value, dtype=np.float64))
+            arr = np.asarray(value)
+            if arr.dtype.kind == "c":  # casting to float64 would drop the imaginary part
+                raise TypeError(f"complex values ({arr.dtype})")
+            t = torch.as_tensor(np.asarray(arr, dtype=np.float64))
         except (TypeError, ValueError) as e:
             raise TypeError(f"{name} must hold real numbers: {e}") from e
     else:

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Mixer, MixingContext, as_float64, as_simplex, check_int
+from .base import Mixer, MixingContext, as_simplex, check_int
 from .registry import register_mixer
 
 __all__ = ["Static"]
@@ -39,12 +39,12 @@ class Static(Mixer):
         if weights is None:
             if num_domains is None:
                 raise ValueError("Static needs weights or num_domains")
-            m = check_int(num_domains, "num_domains", 1)
-            w = torch.full((m,), 1.0 / m, dtype=torch.float64)
-        else:
-            w = as_simplex(weights, "weights")
-            if num_domains is not None and check_int(num_domains, "num_domains", 1) != w.numel():
-                raise ValueError(f"weights has {w.numel()} entries but num_domains={num_domains}")
+            # Uniform exactly as Stratified's (1/m, not renormalised).
+            super().__init__(num_domains, update_every)
+            return
+        w = as_simplex(weights, "weights")
+        if num_domains is not None and check_int(num_domains, "num_domains", 1) != w.numel():
+            raise ValueError(f"weights has {w.numel()} entries but num_domains={num_domains}")
         super().__init__(w.numel(), update_every, init_weights=w)
 
     @classmethod
@@ -91,6 +91,3 @@ class Static(Mixer):
     def update(self, **stats: Any) -> torch.Tensor:
         """Return the (unchanged) static weights."""
         return self.weights
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        as_float64(state["weights"], "state['weights']", (self.num_domains,))
