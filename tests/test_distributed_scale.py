@@ -276,7 +276,9 @@ def test_fsdp2_memory_per_rank_follows_the_formulas(ranks):
     for r in ranks:
         assert r["fsdp-exact"]["memory"] == rows * V * HID * 4
         assert r["fsdp-sketch"]["memory"] == rows * K * 4
-        assert r["fsdp-projected"]["memory"] == rows * PROJ * HID * 4
+        # The projection, the exact rows (min(64, V): every row of this small head) and the
+        # rows' fp32 energy.
+        assert r["fsdp-projected"]["memory"] == rows * (PROJ + min(64, V)) * HID * 4 + V * 4
 
 
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])

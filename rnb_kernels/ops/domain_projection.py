@@ -66,6 +66,45 @@ def project_columns_torch(
     return out[:, :proj_dim] - out[:, proj_dim:]
 
 
+def project_rows(
+    rows: torch.Tensor,
+    index: torch.Tensor,
+    k_out: int,
+    proj_dim: int,
+    seed: int,
+    layer: int,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """float32 ``[G, proj_dim, K']``: ``P_out`` applied to a layer's gradient that is zero
+    except on the output rows ``index``, given as ``rows`` ``[G, h, K']``.
+
+    Projected mode keeps the heaviest output rows of a layer exactly beside the projection of
+    all rows (:class:`~rnb_kernels.DomainGradientTracker`'s ``exact_rows``); this is the part of
+    the projection those rows contributed, which the tracker subtracts so that no heavy row
+    collides with another in a bucket.
+
+    Args:
+        rows: float32 ``[G, h, K']``, row ``r`` of group ``g`` being output row ``index[r]``.
+        index: int64 ``[h]`` local output rows, distinct, in ``[0, k_out)``, on ``rows``' device.
+        k_out, proj_dim, seed, layer, row_offset: the layer's hash, as in
+            :func:`domain_projection` (``row_offset`` = the global index of local row 0).
+
+    Example:
+        >>> g = torch.randn(1, 6, 3)
+        >>> idx = torch.tensor([1, 4])
+        >>> part = g.clone(); part[:, [0, 2, 3, 5]] = 0
+        >>> rest = project_columns_torch(part[0].t(), 4, seed=0, layer=0, offset=0, side=0)
+        >>> torch.allclose(project_rows(g[:, idx], idx, 6, 4, 0, 0)[0], rest.t(), atol=1e-6)
+        True
+    """
+    signed = _signed_index(k_out, proj_dim, seed, layer, row_offset, H.PROJ_OUT, rows.device)
+    s = signed.index_select(0, index)
+    out = torch.zeros(rows.shape[0], 2 * proj_dim, rows.shape[2], dtype=torch.float32,
+                      device=rows.device)  # fmt: skip
+    out.index_add_(1, s, rows.float())
+    return out[:, :proj_dim] - out[:, proj_dim:]
+
+
 def add_ones_column_projection(xp: torch.Tensor, k_in: int, seed: int, layer: int) -> torch.Tensor:
     """Add the input projection of the bias's ones column (feature ``j = K_in``) to every row
     of ``xp`` ``[N, proj_in_dim]`` in place."""

@@ -43,10 +43,18 @@ def segmented_wgrad_torch(
     """Torch backend: ``dW = dyᵀ x`` in the input dtype (the same GEMM autograd runs for
     ``nn.Linear``, so ``param.grad`` is bit-identical), then fp32 per-domain GEMMs into ``acc``."""
     dw = dy.t().mm(x)
+    add_domain_products(x, dy, domain_ids, num_domains, acc)
+    return dw
+
+
+def add_domain_products(
+    x: torch.Tensor, dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, acc: torch.Tensor
+) -> None:
+    """``acc[d] += dy_dᵀ x_d`` in fp32 for every present domain (torch; no ``dW``, no checks:
+    callers have validated ``domain_ids`` and ``acc``)."""
     for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
         for dys, xs in parts:
             acc[d].addmm_(dys.t(), xs)
-    return dw
 
 
 @torch.library.custom_op("rnb::segmented_wgrad", mutates_args=("acc", "bias_acc"))

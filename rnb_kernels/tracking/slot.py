@@ -9,7 +9,8 @@ from torch import nn
 
 from ..ops import domain_projection, domain_sketch, segmented_wgrad
 from ..ops._dispatch import resolve_backend
-from ..ops.domain_projection import projection_width
+from ..ops.domain_projection import input_side, project_rows, projection_width
+from ..ops.segmented_wgrad import add_domain_products
 from .linear import DOMAIN, TARGET, Context, is_dtensor, register_slot
 
 if TYPE_CHECKING:
@@ -40,7 +41,8 @@ class Slot:
 
     * exact: ``w [rows, R, K_in]`` and, with a bias, ``b [rows, R]``;
     * projected: ``p [rows, proj_dim, K_in']`` with ``K_in' = K_in + bias`` (the op projects
-      the bias as a ones column of ``x``) or ``proj_in_dim``;
+      the bias as a ones column of ``x``) or ``proj_in_dim``, and ``e [rows, h, K_in']``, the
+      round's ``h = exact_rows`` heaviest output rows (:attr:`heavy`) kept exactly;
     * sketch: ``s [rows, sketch_dim]`` (the bias is sketched by the op as column ``K_in``).
 
     ``R = K_out``, except for a row-sharded (tensor-parallel) weight, where ``R`` is this rank's
@@ -78,6 +80,16 @@ class Slot:
         self.tp_group: Any = None
         self.tp_size = 1
         self.buf: dict[str, dict[str, torch.Tensor]] = {}
+        # Projected mode's exact rows: how many, this round's (int64 [h], None until a round
+        # has measured the rows' energy) and the energy measured this round (fp32 [K_out]).
+        self.exact_rows = min(tracker.exact_rows, self.k_out) if tracker.mode == "projected" else 0
+        self.heavy: torch.Tensor | None = None
+        self.energy: torch.Tensor | None = None
+        self.exact_backend = (
+            resolve_backend("segmented_wgrad", tracker.backend, w.device)
+            if self.exact_rows
+            else None
+        )
         if not is_dtensor(w):
             self._allocate(self.k_out, w.device)
         self.scale = {DOMAIN: 1.0, TARGET: 1.0}
@@ -97,10 +109,14 @@ class Slot:
             elif tr.mode == "projected":
                 width = projection_width(self.k_in, self.has_bias, tr.proj_in_dim)
                 b = {"p": torch.zeros(rows, tr.proj_dim, width, dtype=f32, device=device)}
+                if self.exact_rows:
+                    b["e"] = torch.zeros(rows, self.exact_rows, width, dtype=f32, device=device)
             else:
                 b = {"s": torch.zeros(rows, tr.sketch_dim, dtype=f32, device=device)}
             self.buf[group] = b
         self.local_rows = rows_out
+        if self.exact_rows:
+            self.energy = torch.zeros(rows_out, dtype=f32, device=device)
 
     def ensure_buffers(self) -> None:
         """Allocate the full-layout buffers of a ``DTensor`` weight not yet seen in a forward."""
@@ -131,6 +147,9 @@ class Slot:
                 f"{self.name}: statistics were accumulated before the weight became row-sharded; "
                 "build the tracker after parallelize_module"
             )
+        # Exact rows would need the heaviest rows of the whole vocabulary agreed over the
+        # shards; a row-sharded layer keeps the plain projection.
+        self.exact_rows = 0
         self._allocate(int(shape[0]), w.to_local().device)
         self.row_offset = int(offset[0])
         self.tp_group = mesh.get_group(0)
@@ -150,21 +169,50 @@ class Slot:
 
     def gram_parts(self, group: str) -> list[torch.Tensor]:
         """Row blocks ``[rows, *]`` (scaled units) whose Grams add up to this slot's Gram (this
-        rank's part of it for a row-sharded exact slot)."""
+        rank's part of it for a row-sharded exact slot).
+
+        Projected mode with exact rows: the exact rows, and the projection of the other rows
+        (the exact rows' share taken out of ``p``), so heavy rows never collide in a bucket."""
         self.ensure_buffers()
-        return [t.reshape(t.shape[0], -1) for t in self.buf[group].values()]
+        b = self.buf[group]
+        if "e" not in b:
+            return [t.reshape(t.shape[0], -1) for t in b.values()]
+        p, e = b["p"], b["e"]
+        if self.heavy is None:
+            return [p.reshape(p.shape[0], -1)]
+        tr = self.tracker
+        rest = p - project_rows(
+            e, self.heavy, self.local_rows, p.shape[1], tr.hash_seed, self.index, self.row_offset
+        )
+        return [rest.reshape(p.shape[0], -1), e.reshape(e.shape[0], -1)]
+
+    def choose_heavy(self) -> None:
+        """Round's end: the next round keeps exactly the ``exact_rows`` output rows with the
+        most gradient energy (``Σ ‖dW_i‖²`` over this round's micro-batches, summed over the
+        data-parallel ranks when the statistics were synced). A round without energy keeps
+        the rows it had."""
+        if not self.exact_rows or self.energy is None:
+            return
+        e = self.energy
+        if bool(e.any()):
+            top = torch.topk(torch.nan_to_num(e, nan=0.0, posinf=0.0), self.exact_rows).indices
+            self.heavy = torch.sort(top).values
+        e.zero_()
 
     def rows(self, group: str) -> torch.Tensor:
-        """float32 ``[rows, P_slot]`` (exact), ``[rows, proj_dim * K_in']`` (projected) or
-        ``[rows, k]`` (sketch), in true units."""
-        parts = self.gram_parts(group)
+        """float32 ``[rows, P_slot]`` (exact), ``[rows, proj_dim * K_in']`` (projected: the
+        projection of every row, exact rows included) or ``[rows, k]`` (sketch), in true
+        units."""
+        self.ensure_buffers()
+        parts = [t.reshape(t.shape[0], -1) for k, t in self.buf[group].items() if k != "e"]
         out = torch.cat(parts, 1) if len(parts) > 1 else parts[0]
         s = self.scale[group]
         return out if s == 1.0 else out / s
 
     def memory_bytes(self) -> int:
-        """Bytes of this rank's statistics buffers (both groups)."""
-        return sum(t.numel() * t.element_size() for g in self.buf for t in self.tensors(g))
+        """Bytes of this rank's statistics buffers (both groups, and the rows' energy)."""
+        n = sum(t.numel() * t.element_size() for g in self.buf for t in self.tensors(g))
+        return n + (0 if self.energy is None else self.energy.numel() * 4)
 
     def _prepare_scale(self, group: str, scale: float) -> None:
         if scale == self.scale[group]:
@@ -221,6 +269,8 @@ class Slot:
                 backend=self.backend, bias=self.has_bias, proj_in_dim=tr.proj_in_dim,
                 check_ids=False, row_offset=self.row_offset,
             )  # fmt: skip
+            if self.exact_rows:
+                self._accumulate_exact_rows(x2, dy2, dw, rows, m, group)
         else:
             dw, _ = domain_sketch(
                 x2, dy2, rows, m, sketch=b["s"], seed=tr.hash_seed, layer=self.index,
@@ -231,6 +281,27 @@ class Slot:
         ctx.seen = True
         ctx.accumulated.add(self.index)
         return dw
+
+    def _accumulate_exact_rows(
+        self, x2: torch.Tensor, dy2: torch.Tensor, dw: torch.Tensor, rows: torch.Tensor, m: int,
+        group: str,
+    ) -> None:  # fmt: skip
+        """Projected mode: measure the rows' energy for the next round's choice and add each
+        domain's share of this round's heavy rows to ``e`` (against the same input side as
+        ``p``, so bias and ``proj_in_dim`` are handled alike). No host sync."""
+        tr = self.tracker
+        if group == DOMAIN and self.energy is not None:
+            self.energy += torch.linalg.vector_norm(dw, dim=1, dtype=torch.float32).square_()
+        if self.heavy is None:
+            return
+        xin = input_side(x2, tr.proj_in_dim, self.has_bias, tr.hash_seed, self.index)
+        dyh = dy2.index_select(1, self.heavy).float()
+        acc = self.buf[group]["e"]
+        if self.exact_backend == "torch":
+            # The op would also form dyhᵀ x, which nobody reads here.
+            add_domain_products(xin, dyh, rows, m, acc)
+        else:
+            segmented_wgrad(xin, dyh, rows, m, acc=acc, backend=self.exact_backend, check_ids=False)
 
     def context_rows(
         self, n: int, device: torch.device, ids: torch.Tensor | None = None

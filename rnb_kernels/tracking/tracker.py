@@ -99,6 +99,12 @@ AUTO_EXACT_MAX_ELEMENTS = 2**24
 # 0.01 of exact from 64 rows on (worst 0.0078); 128 leaves a 2x margin (worst 0.0054) at a
 # cost that hardly depends on it (benchmarks/results/projection_error_cpu.md).
 DEFAULT_PROJ_DIM = 128
+# Projected mode's default exact rows per layer. An LM head's gradient is dominated by a few
+# rows (frequent tokens); two of them sharing a bucket is most of the projection's error. On
+# the demo's gradients, keeping the previous round's 64 heaviest rows exactly cut the worst
+# per-round R&B weight error from 0.10 to 0.0075 at proj_dim 128, for 50% more state
+# (benchmarks/results/projection_demo_cpu.md).
+DEFAULT_EXACT_ROWS = 64
 _NONFINITE = ("round", "micro-batch")
 _ID_CHECKS = ("auto", "eager", "deferred")
 _ON_UNTRACKED = ("raise", "warn", "ignore")
@@ -124,6 +130,13 @@ class DomainGradientTracker:
         proj_dim: output-side rows per layer in projected mode.
         proj_in_dim: projected mode: also project the input side to this many columns
             (``None``: keep ``K_in``, plus one column for a bias).
+        exact_rows: projected mode: also keep this many output rows of each layer exactly
+            (``[m, exact_rows, K_in']`` more state): in every round after the first, the rows
+            with the most gradient energy in the previous round (``Σ ‖dW_i‖²`` over its
+            micro-batches and ranks). Gram estimates take those rows exactly and project only
+            the rest, which removes the collisions of heavy rows (frequent tokens of an LM
+            head) that dominate the projection's error; still unbiased. ``0`` turns it off; a
+            row-sharded (tensor-parallel) layer does not use it.
         backend: op backend (``"auto"``, ``"torch"``, ``"triton"``, ``"cuda"``).
         seed: count-sketch hash seed (tracked layer ``l`` uses hash layer id ``l``).
         reseed: sketch and projected modes draw a fresh hash at every :meth:`reset` (round
@@ -170,6 +183,7 @@ class DomainGradientTracker:
         *,
         proj_dim: int = DEFAULT_PROJ_DIM,
         proj_in_dim: int | None = None,
+        exact_rows: int = DEFAULT_EXACT_ROWS,
         skip_nonfinite: bool | str = "round",
         id_check: str = "auto",
         on_untracked: str = "raise",
@@ -196,6 +210,10 @@ class DomainGradientTracker:
                 )
             if proj_in_dim < 1:
                 raise ValueError(f"proj_in_dim must be >= 1, got {proj_in_dim}")
+        if isinstance(exact_rows, bool) or not isinstance(exact_rows, int):
+            raise TypeError(f"exact_rows must be an int, got {type(exact_rows).__name__}")
+        if exact_rows < 0:
+            raise ValueError(f"exact_rows must be >= 0, got {exact_rows}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         if not 0 <= seed < 2**32:
@@ -241,6 +259,7 @@ class DomainGradientTracker:
         self.sketch_dim = sketch_dim
         self.proj_dim = proj_dim
         self.proj_in_dim = proj_in_dim
+        self.exact_rows = exact_rows
         self.backend = backend
         self.seed = seed
         self.reseed = reseed
@@ -401,6 +420,8 @@ class DomainGradientTracker:
                 for group in (DOMAIN, TARGET):
                     for t in slot.tensors(group):
                         t.div_(w)
+                if slot.energy is not None:
+                    slot.energy.div_(dp)
             self._counts.div_(dp)
             self._target_count.div_(dp)
         self._synced = False
@@ -636,6 +657,8 @@ class DomainGradientTracker:
                 tensors.extend(slot.tensors(group))
                 if self._sums_over_tp(slot):
                     over_tp.append((slot.tp_group, slot.tensors(group)))
+            if slot.energy is not None:
+                tensors.append(slot.energy)
         if dp_size > 1:
             rdist.all_reduce_sum_(tensors, group=dp_group)
         # Shard sketches are hashed by global row: their sum over the group is the full sketch.
@@ -814,8 +837,10 @@ class DomainGradientTracker:
         """Zero every accumulator, sketch, target row and count (start a new round; with
         ``reseed``, sketch and projected modes hash the new round with a fresh seed)."""
         self._check_live()
+        self._sync_energy()
         self._round += 1
         for slot in self._slots:
+            slot.choose_heavy()
             for group in (DOMAIN, TARGET):
                 for t in slot.tensors(group):
                     t.zero_()
@@ -825,6 +850,16 @@ class DomainGradientTracker:
         self._target_count.zero_()
         self._bad_ids.zero_()
         self._synced = False
+
+    def _sync_energy(self) -> None:
+        """Sum the rows' energies over the data-parallel ranks if no statistics read did, so
+        every rank keeps the same exact rows next round (collective; only with exact rows)."""
+        energies = [s.energy for s in self._slots if s.energy is not None]
+        if self._synced or not energies or not rdist.is_initialized():
+            return
+        dp_group, dp_size = self._dp()
+        if dp_size > 1:
+            rdist.all_reduce_sum_(energies, group=dp_group)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, Any]:
@@ -839,6 +874,7 @@ class DomainGradientTracker:
             "sketch_dim": self.sketch_dim,
             "proj_dim": self.proj_dim,
             "proj_in_dim": self.proj_in_dim,
+            "exact_rows": self.exact_rows,
             "seed": self.seed,
             "reseed": self.reseed,
             "round": self._round,
@@ -853,6 +889,8 @@ class DomainGradientTracker:
                     "buffers": {g: {k: t.clone() for k, t in s.buf[g].items()} for g in s.buf},
                     "scale": dict(s.scale),
                     "dirty": dict(s.dirty),
+                    "heavy": None if s.heavy is None else s.heavy.clone(),
+                    "energy": None if s.energy is None else s.energy.clone(),
                 }
                 for s in self._slots
             ],
@@ -868,11 +906,13 @@ class DomainGradientTracker:
                 raise ValueError(f"state is missing {key!r}")
         # Only the settings that shape this mode's buffers or hash must match.
         keys = ["mode", "num_domains", "seed", "modules"]
-        keys += {"sketch": ["sketch_dim"], "projected": ["proj_dim", "proj_in_dim"]}.get(
-            self.mode, []
-        )
+        keys += {
+            "sketch": ["sketch_dim"],
+            "projected": ["proj_dim", "proj_in_dim", "exact_rows"],
+        }.get(self.mode, [])
         mine = tuple(self.module_names if k == "modules" else getattr(self, k) for k in keys)
-        theirs = tuple(state.get(k, "<missing>") for k in keys)
+        # States saved before exact rows existed kept none.
+        theirs = tuple(state.get(k, 0 if k == "exact_rows" else "<missing>") for k in keys)
         if mine != theirs:
             raise ValueError(f"state was saved by a tracker configured as {theirs}, not {mine}")
         slots = state["slots"]
@@ -883,12 +923,33 @@ class DomainGradientTracker:
         for s, st in zip(self._slots, slots):
             for g in s.buf:
                 for k, t in s.buf[g].items():
-                    src = st["buffers"][g][k]
+                    src = st["buffers"][g].get(k)
+                    if src is None:
+                        raise ValueError(f"state has no buffer {g}/{k} for {s.name}")
                     if tuple(src.shape) != tuple(t.shape):
                         raise ValueError(
                             f"state: buffer {g}/{k} of {s.name} has shape {tuple(src.shape)}, "
                             f"expected {tuple(t.shape)}"
                         )
+        for s, st in zip(self._slots, slots):
+            heavy, energy = st.get("heavy"), st.get("energy")
+            if (
+                heavy is not None
+                and s.exact_rows
+                and (
+                    tuple(heavy.shape) != (s.exact_rows,)
+                    or bool((heavy < 0).any() | (heavy >= s.local_rows).any())
+                )
+            ):
+                raise ValueError(
+                    f"state: heavy rows of {s.name} must be {s.exact_rows} indices in "
+                    f"[0, {s.local_rows}), got shape {tuple(heavy.shape)}"
+                )
+            if energy is not None and s.energy is not None and energy.shape != s.energy.shape:
+                raise ValueError(
+                    f"state: energy of {s.name} has shape {tuple(energy.shape)}, expected "
+                    f"{tuple(s.energy.shape)}"
+                )
         if tuple(state["counts"].shape) != (self.num_domains,):
             raise ValueError(f"state: counts must have shape ({self.num_domains},)")
         for s, st in zip(self._slots, slots):
@@ -897,6 +958,13 @@ class DomainGradientTracker:
                     t.copy_(st["buffers"][g][k])
             s.scale = dict(st["scale"])
             s.dirty = dict(st["dirty"])
+            heavy, energy = st.get("heavy"), st.get("energy")
+            s.heavy = None if heavy is None or not s.exact_rows else heavy.to(s.device).clone()
+            if s.energy is not None:
+                if energy is None:
+                    s.energy.zero_()
+                else:
+                    s.energy.copy_(energy)
         self._counts.copy_(state["counts"])
         self._target_count.copy_(state["target_count"])
         self.nonfinite_skips = int(state["nonfinite_skips"])
