@@ -59,6 +59,30 @@ def _stats(model, micro_batches, mode):
     return res
 
 
+def _exact_rows_rounds(model, micro_batches, read_before_reset: bool, heavy=None):
+    """Projected mode with exact rows over two rounds: the rows kept in round 1 (chosen from
+    round 0's energy, summed over ranks) and round 1's Gram. ``heavy`` forces round 1's rows
+    (the single-process comparison)."""
+    tracker = DomainGradientTracker(model, M, modules="2", mode="projected", proj_dim=4,
+                                    exact_rows=3)  # fmt: skip
+    for x, ids in micro_batches:
+        with tracker.domains(ids):
+            _loss(model(x)).backward()
+    if read_before_reset:
+        tracker.gram()
+    tracker.reset()
+    slot = tracker._slots[0]
+    if heavy is not None:
+        slot.heavy = heavy
+    res = {"heavy": slot.heavy.clone()}
+    for x, ids in micro_batches:
+        with tracker.domains(ids):
+            _loss(model(x)).backward()
+    res["gram"] = tracker.gram()
+    tracker.remove()
+    return res
+
+
 def _worker(rank: int, port: int, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
@@ -90,6 +114,9 @@ def _work(rank: int, out_dir: str) -> None:
         res["probe"] = "no error"
     except RuntimeError as e:
         res["probe"] = str(e)
+    for read_before_reset in (True, False):
+        res[f"rows{read_before_reset}"] = _exact_rows_rounds(ddp, mine, read_before_reset)
+        ddp.zero_grad()
     # A Balancer loop: sampler streams per rank, weights checked every round.
     labels = torch.arange(48) % M
     bal = Balancer(ddp, RnB(M, eval_proportions=P_EVAL, lam=2.0, update_every=1))
@@ -140,6 +167,25 @@ def test_gram_equals_single_process_over_the_union(ranks, mode):
     for key in ("counts0", "counts1"):
         assert torch.equal(got[key], single[key]), key
     torch.testing.assert_close(got["weights"], single["weights"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("read_before_reset", [True, False])
+def test_exact_rows_agree_across_ranks_and_with_one_process(ranks, read_before_reset):
+    key = f"rows{read_before_reset}"
+    r0, r1 = ranks[0][key], ranks[1][key]
+    assert torch.equal(r0["heavy"], r1["heavy"]) and torch.equal(r0["gram"], r1["gram"])
+    # The rows: the largest Σ ‖dW_i‖² over both ranks' micro-batches of round 0.
+    energy = torch.zeros(7, dtype=torch.float64)
+    for x, _ids in _data():
+        for r in range(WORLD):
+            model = _model()
+            _loss(model(x[r * B : (r + 1) * B])).backward()
+            energy += model[2].weight.grad.double().square().sum(1)
+    want = torch.sort(torch.topk(energy, 3).indices).values
+    assert torch.equal(r0["heavy"], want), (r0["heavy"], want)
+    # Round 1's Gram is one process's over the union with the same rows (states are linear).
+    single = _exact_rows_rounds(_model(), _data(), True, heavy=want)
+    assert_close(r0["gram"], single["gram"], torch.float32, "exact rows gram")
 
 
 def test_consistency_check_detects_divergent_ranks(ranks):
