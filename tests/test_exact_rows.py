@@ -258,3 +258,29 @@ def test_proj_in_dim_rows_use_the_input_projection():
     gi = g @ p_in.T  # [m, K_out, 4]
     want = _gram_with_rows(gi, heavy, seed)
     assert_close(tr.gram(), want, torch.float32, "proj_in_dim with exact rows")
+
+
+def test_triton_backend_keeps_the_same_rows_and_gram():
+    pytest.importorskip("triton", reason="Triton is not installed")
+    import rnb_kernels
+
+    status = rnb_kernels.backends()["triton"]
+    if not status.available:
+        pytest.skip(status.reason)
+    trackers, models = [], []
+    for backend in ("torch", "triton"):
+        models.append(_model(bias=True))
+        trackers.append(
+            DomainGradientTracker(
+                models[-1], M, modules="2", mode="projected", proj_dim=P, exact_rows=H,
+                backend=backend,
+            )
+        )  # fmt: skip
+    assert trackers[1]._slots[0].exact_backend == "triton"
+    for r, (x, ids) in enumerate(_batches(2, seed=7)):
+        for model, tr in zip(models, trackers):
+            _step(model, tr, x, ids)
+        assert_close(trackers[1].gram(), trackers[0].gram().double(), torch.float32, f"r{r}")
+        for tr in trackers:
+            tr.reset()
+        assert torch.equal(trackers[0]._slots[0].heavy, trackers[1]._slots[0].heavy)
