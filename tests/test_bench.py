@@ -21,7 +21,7 @@ def test_overhead_tiny_reports_ratios(tmp_path, capsys):
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     expected = {
         "untracked", "auto/torch", "exact/torch", "projected/torch", "sketch/torch",
-        "anchor/extra-backward", "anchor/torch.func",
+        "projected-plain/torch", "anchor/extra-backward", "anchor/torch.func",
     }  # fmt: skip
     assert expected <= set(rows)
     assert float(rows["untracked"]["ratio"]) == pytest.approx(1.0)
@@ -38,6 +38,26 @@ def test_overhead_tiny_reports_ratios(tmp_path, capsys):
         assert float(rows[name]["ms_per_step"]) <= float(rows[name]["ms_q75"])
         assert rows[name]["hardware"] and rows[name]["torch"] and rows[name]["git_sha"]
         assert rows[name]["git_dirty"] in ("True", "False", "")
+
+
+def test_projected_plain_variant_is_projected_without_exact_rows():
+    import torch
+
+    from rnb_kernels.experiments.bench.overhead import PRESETS, _tracked, _Variant
+    from rnb_kernels.experiments.models import ModelConfig, build_model
+
+    cfg = PRESETS["tiny"]
+    base = build_model(ModelConfig(vocab_size=cfg.vocab_size, context=cfg.context,
+                                   n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd))  # fmt: skip
+    x = torch.zeros(cfg.batch_size, cfg.context, dtype=torch.long)
+    ids = torch.zeros(cfg.batch_size, dtype=torch.long)
+    amp = torch.autocast("cpu", enabled=False)
+    plain = _tracked(_Variant(base, cfg, x, x, ids, amp), "projected-plain", "torch").tracker
+    full = _tracked(_Variant(base, cfg, x, x, ids, amp), "projected", "torch").tracker
+    assert (plain.mode, plain.exact_rows) == ("projected", 0)
+    assert (full.mode, full.exact_rows) == ("projected", 64)
+    plain.remove()
+    full.remove()
 
 
 def test_overhead_csv_appends_with_header_once(tmp_path):

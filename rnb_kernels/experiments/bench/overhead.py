@@ -59,7 +59,12 @@ def _tracker_modes() -> tuple[str, ...]:
     return (*(["auto"] if default == "auto" else []), *MODE_OPS)
 
 
-DEFAULT_MODES = _tracker_modes()
+# Extra variants of a mode, named on the command line like a mode: projected mode without its
+# exact rows, so their cost shows on its own.
+MODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "projected-plain": ("projected", {"exact_rows": 0}),
+}
+DEFAULT_MODES = (*_tracker_modes(), *MODE_VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -183,9 +188,11 @@ class _Variant:
 def _tracked(v: _Variant, mode: str, backend: str) -> _Variant:
     from ...tracking import DomainGradientTracker
 
+    mode, options = MODE_VARIANTS.get(mode, (mode, {}))
     v.tracker = DomainGradientTracker(
-        v.model, v.cfg.num_domains, mode=mode, backend=backend, sketch_dim=v.cfg.sketch_dim
-    )
+        v.model, v.cfg.num_domains, mode=mode, backend=backend, sketch_dim=v.cfg.sketch_dim,
+        **options,
+    )  # fmt: skip
     return v
 
 
@@ -327,7 +334,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--modes",
         default=",".join(DEFAULT_MODES),
-        help="tracker modes, comma-separated (auto = the tracker's default for this layer)",
+        help="tracker modes, comma-separated (auto = the tracker's default for this layer; "
+        "projected-plain = projected without exact rows)",
     )
     p.add_argument("--no-anchors", action="store_true", help="skip the two anchor variants")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
