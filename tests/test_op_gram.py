@@ -258,6 +258,24 @@ def test_gram_gpu_large(m, dtype, backend):
     assert_close(gram(a, b, backend=backend), a.double() @ b.double().T, ACC_DTYPE)
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gram_past_2_31_elements(backend):
+    """A [3, 2**30 + 7] fp32 (12.9 GB): rows 2+ start past 2**31 elements, so 32-bit offsets
+    would wrap. The float64 reference is summed in chunks to stay small."""
+    m, p, chunk = 3, (1 << 30) + 7, 1 << 26
+    a = torch.randn(m, p, device="cuda")
+    g = gram(a, backend=backend)
+    b = gram(a, a[1], backend=backend)
+    ref = torch.zeros(m, m, dtype=torch.float64, device="cuda")
+    for s in range(0, p, chunk):
+        c = a[:, s : s + chunk].double()
+        ref += c @ c.T
+    assert torch.equal(g, g.T)
+    assert_close(g, ref, ACC_DTYPE, "gram")
+    assert_close(b, ref[:, 1], ACC_DTYPE, "gram vector")
+    del a
+
+
 # --------------------------------------------------------------------- validation
 
 BAD_GRAM = [

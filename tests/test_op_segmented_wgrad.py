@@ -305,6 +305,39 @@ def test_segmented_wgrad_gpu_large(dtype, backend):
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("k_out", [50257, 50304], ids=["V50257", "V50304"])
+def test_segmented_wgrad_gpt2_head(k_out, dtype, backend):
+    """The GPT-2 head: 50257 makes dy's rows misaligned for 16-byte loads, 50304 (padded to
+    a multiple of 64) keeps them aligned, so both load paths run at production width."""
+    n, k_in, m = 1031, 768, 8
+    x, dy = make_inputs(n, k_in, k_out, dtype, "cuda")
+    check_segmented(x, dy, make_ids("mixed", n, m, "cuda"), m, backend)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_segmented_wgrad_offsets_past_2_31(backend):
+    """acc [64, 50304, 768] fp32 holds 2.47e9 elements (9.9 GB): domains 56+ start past 2**31
+    elements, so 32-bit offsets would wrap. Checked slice by slice in float64."""
+    m, k_in, k_out, n = 64, 768, 50304, 301
+    x, dy = make_inputs(n, k_in, k_out, torch.bfloat16, "cuda")
+    present = torch.tensor([0, 62, 63, -1], device="cuda")
+    ids = present[torch.randint(0, 4, (n,), device="cuda")]
+    acc = torch.zeros(m, k_out, k_in, device="cuda")
+    dw, out = segmented_wgrad(x, dy, ids, m, acc, backend=backend)
+    torch.cuda.synchronize()
+    assert out is acc
+    xd, dyd = x.double(), dy.double()
+    assert_close(dw, dyd.T @ xd, x.dtype, "dW")
+    for d in (0, 62, 63):
+        rows = ids == d
+        assert_close(acc[d], dyd[rows].T @ xd[rows], ACC_DTYPE, f"acc[{d}]")
+    for d in (1, 55, 56, 61):
+        assert not acc[d].any(), f"absent domain {d} was written"
+    del acc
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_segmented_strided_inputs_and_side_stream(dtype, backend, poisoned):
     # Row strides wider than the rows (views into a bigger buffer), odd offsets that rule out

@@ -84,21 +84,23 @@ def cpu_model() -> str:
 
 def git_info(path: str | Path | None = None) -> tuple[str, bool | None]:
     """``(short SHA of HEAD, tracked files differ from it)`` of the checkout holding ``path``
-    (default: this package's checkout); ``("unknown", None)`` outside git."""
+    (default: this package's checkout); outside git, ``($RNB_GIT_SHA, None)`` when that is set
+    (a copy of the tree shipped to another machine), else ``("unknown", None)``."""
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
+    shipped = os.environ.get("RNB_GIT_SHA", "unknown") or "unknown"
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
             cwd=cwd, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
         if sha.returncode != 0:
-            return "unknown", None
+            return shipped, None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=cwd, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown", None
+        return shipped, None
     return sha.stdout.strip(), bool(dirty.stdout.strip())
 
 
