@@ -64,9 +64,7 @@ def run(backends: list[str], dtypes: list[str], dev: str = "cuda") -> list[str]:
                 if has_impl("segmented_wgrad", backend):
                     acc = torch.zeros(m, k_out, k_in, device=dev)
                     bias_acc = torch.zeros(m, k_out, device=dev)
-                    dw, _ = segmented_wgrad(
-                        x, dy, ids, m, acc, backend=backend, bias_acc=bias_acc
-                    )
+                    dw, _ = segmented_wgrad(x, dy, ids, m, acc, backend=backend, bias_acc=bias_acc)
                     rdw, racc = segmented_wgrad_ref(x, dy, ids, m)
                     check(f"segmented_wgrad {tag} dW", _close(dw, rdw, tol), tol)
                     check(f"segmented_wgrad {tag} acc", _close(acc, racc, 1e-4), 1e-4)
