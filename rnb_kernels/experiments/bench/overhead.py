@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..._backends import BackendUnavailableError
 from ..harness import append_csv, environment, ratio_ci, results_csv, summarize, time_interleaved
 from ..models import ModelConfig, build_model, lm_logits, per_sample_loss
 
@@ -276,7 +277,10 @@ def run_overhead(
     try:
         for mode in modes:
             for be in usable:
-                variants[f"{mode}/{be}"] = _tracked(new(), mode, be)
+                try:
+                    variants[f"{mode}/{be}"] = _tracked(new(), mode, be)
+                except BackendUnavailableError as e:  # e.g. projected mode has no CUDA kernel
+                    logger.info("variant %s/%s skipped: %s", mode, be, e)
         if anchors:
             variants["anchor/extra-backward"] = _extra_backward(new())
             variants["anchor/torch.func"] = _torch_func(new())
