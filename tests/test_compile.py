@@ -147,3 +147,24 @@ def test_compiled_bypass_is_still_caught_by_the_weight_gradient():
     with pytest.raises(RuntimeError, match="head.forward was never called"):
         with tracker.domains(ids):
             compiled(x, t).backward()
+
+
+# ids without "cuda": that keyword marks a test as needing a GPU (conftest.py).
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch"], ids=["ext", "triton", "torch"])
+def test_backend_resolution_traces_without_graph_breaks(backend):
+    """Resolving a backend inside a compiled region is a constant for Dynamo: the extension's
+    import and its status checks never reach the tracer (a traced ``importlib`` call broke the
+    graph of every compiled op call on the CUDA backend, found on an H200), even when nothing
+    was resolved eagerly first."""
+    from rnb_kernels.ops import _dispatch
+
+    _dispatch._cache.clear()
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        ok = _dispatch.has_impl("gram", backend) and _dispatch.backend_available(backend)
+        return x + 1 if ok else x - 1
+
+    want = _dispatch.has_impl("gram", backend) and _dispatch.backend_available(backend)
+    assert torch.equal(f(torch.zeros(2)), torch.full((2,), 1.0 if want else -1.0))

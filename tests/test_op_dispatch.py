@@ -25,6 +25,25 @@ def _inputs():
 # --------------------------------------------------------------------------- dispatch
 
 
+@pytest.mark.parametrize(
+    "usable,op,want",
+    [
+        ({"triton", "cuda"}, "segmented_wgrad", "triton"),  # Triton measured faster on sm_90
+        ({"triton", "cuda"}, "gram", "triton"),
+        ({"cuda"}, "domain_sketch", "cuda"),
+        ({"cuda"}, "domain_projection", "torch"),  # no CUDA kernel for the projection
+        (set(), "segmented_wgrad", "torch"),
+    ],
+)
+def test_auto_order_on_gpu_tensors(monkeypatch, usable, op, want):
+    from rnb_kernels.ops import _dispatch
+
+    monkeypatch.setattr(_dispatch, "backend_available", lambda b: b == "torch" or b in usable)
+    assert _dispatch.AUTO_ORDER == ("triton", "cuda", "torch")
+    assert _dispatch.resolve_backend(op, "auto", torch.device("cuda")) == want
+    assert _dispatch.resolve_backend(op, "auto", torch.device("cpu")) == "torch"
+
+
 def test_backends_report():
     status = rnb.backends()
     assert set(status) == {"cuda", "triton", "torch"}

@@ -84,10 +84,16 @@ def cpu_model() -> str:
 
 def git_info(path: str | Path | None = None) -> tuple[str, bool | None]:
     """``(short SHA of HEAD, tracked files differ from it)`` of the checkout holding ``path``
-    (default: this package's checkout); outside git, ``($RNB_GIT_SHA, None)`` when that is set
-    (a copy of the tree shipped to another machine), else ``("unknown", None)``."""
+    (default: this package's checkout); ``("unknown", None)`` outside git.
+
+    ``RNB_GIT_SHA`` overrides it, as ``(that value, None)``: a copy of the tree shipped to
+    another machine (a GPU box) may carry an older ``.git`` that would name the wrong commit.
+    """
+    shipped = os.environ.get("RNB_GIT_SHA", "")
+    if shipped:
+        return shipped, None
+    shipped = "unknown"
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
-    shipped = os.environ.get("RNB_GIT_SHA", "unknown") or "unknown"
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],

@@ -106,7 +106,7 @@ def segmented_wgrad(
         num_domains: ``m >= 1``.
         acc: float32 ``[m, K_out, K_in]`` contiguous accumulator, updated in place;
             ``None`` allocates a zeroed one.
-        backend: ``"auto"`` (cuda > triton > torch on GPU, torch on CPU), ``"torch"``,
+        backend: ``"auto"`` (triton > cuda > torch on GPU, torch on CPU), ``"torch"``,
             ``"triton"`` or ``"cuda"``.
         bias_acc: optional float32 ``[m, K_out]`` contiguous; each domain's bias gradient
             ``Σ_{n: id_n = d} dy_n`` is added to it in place.
