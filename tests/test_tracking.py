@@ -712,3 +712,95 @@ def test_per_sample_counts_counts_rows_once_per_domain():
     c = per_sample_counts(torch.tensor([[0, 0, 1], [-1, -1, -1], [2, 1, -1]]), 3)
     assert c.dtype == torch.float64 and c.tolist() == [1.0, 2.0, 1.0]
     assert per_sample_counts(torch.tensor([-1, -1]), 2).tolist() == [0.0, 0.0]
+
+
+# ------------------------------------------- the backward branch compiled graphs take
+
+
+def _tracked_run(monkeypatch, compiled: bool, mode: str, bias: bool, per_token: bool, x_dim: int):
+    """One tracked micro-batch; with ``compiled`` the Function's backward takes the branch that
+    compiled graphs run (``torch.compiler.is_compiling()`` answers True during the backward)."""
+    torch.manual_seed(0)
+    model = MLP(bias=bias)
+    tracker = DomainGradientTracker(model, M, mode=mode, proj_dim=16)
+    x = torch.randn(3, 4, 6) if x_dim == 3 else torch.randn(5, 6)
+    b = x.shape[0]
+    ids = torch.tensor([[0, 3, -1, 3], [2, 2, 1, -1], [1, 0, 0, 2]]) if per_token else None
+    if ids is None or x_dim == 2:
+        ids = torch.tensor([0, 3, -1, 1, 2][:b])
+    with tracker.domains(ids):
+        loss = token_losses(model, x) if x_dim == 3 else model(x).square().sum(1)
+        with monkeypatch.context() as mp:
+            if compiled:
+                mp.setattr(torch.compiler, "is_compiling", lambda: True)
+            loss.sum().backward()
+    stats = tracker.domain_grads() if mode == "exact" else tracker.domain_projections()
+    return [p.grad.clone() for p in model.parameters()], stats, tracker.counts()
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("layout", ["per-sample-3d", "per-token-3d", "per-sample-2d"])
+def test_compiled_backward_branch_matches_eager(monkeypatch, mode, bias, layout):
+    """TrackedLinear.backward's compiled-graph branch (no Python state read; the opaque
+    ``rnb::tracked_wgrad`` op) gives the eager branch's gradients, statistics and counts."""
+    per_token, x_dim = layout.startswith("per-token"), 3 if layout.endswith("3d") else 2
+    eager = _tracked_run(monkeypatch, False, mode, bias, per_token, x_dim)
+    comp = _tracked_run(monkeypatch, True, mode, bias, per_token, x_dim)
+    for g_e, g_c in zip(eager[0], comp[0], strict=True):
+        assert torch.equal(g_e, g_c)
+    assert torch.equal(eager[1], comp[1]) and eager[1].abs().sum() > 0
+    assert torch.equal(eager[2], comp[2]) and eager[2].sum() > 0
+
+
+def test_tracked_wgrad_and_rows_follow_the_context():
+    """The helpers the fused cross-entropy and compiled graphs call: ``tracked_rows`` maps the
+    context's (or given) ids onto rows, ``-1`` outside a context; ``tracked_wgrad`` returns
+    ``dyᵀx`` of a chunk of rows and adds each domain's share of that chunk only."""
+    from rnb_kernels.tracking.linear import tracked_rows, tracked_wgrad
+
+    model = MLP(bias=False)
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="exact")
+    key = tracker._slots[0].key
+    like = torch.zeros(1)
+    assert torch.equal(tracked_rows(like, key, 6), torch.full((6,), -1))
+    g = torch.Generator().manual_seed(1)
+    x, dy = torch.randn(6, 12, generator=g), torch.randn(6, 5, generator=g)
+    plain = tracked_wgrad(x, dy, key, 2)
+    assert torch.equal(plain, dy.t().mm(x)) and tracker.counts().sum() == 0
+    ids = torch.tensor([3, 1])  # per sample: rows 0-2 -> 3, rows 3-5 -> 1
+    with tracker.domains(ids):
+        assert torch.equal(tracked_rows(like, key, 6), torch.tensor([3, 3, 3, 1, 1, 1]))
+        given = torch.tensor([0, 2, 2])
+        assert torch.equal(tracked_rows(like, key, 3, given), given)
+        # Rows 2..4 of the 6: domains 3, 1, 1.
+        dw = tracked_wgrad(x[2:5], dy[2:5], key, 2, lo=2, n=6)
+        assert torch.equal(dw, dy[2:5].t().mm(x[2:5]))
+    per = tracker.domain_grads().view(M, 5, 12).double()
+    xd, dyd = x.double(), dy.double()
+    assert_close(per[3], dyd[2:3].T @ xd[2:3], torch.float32, "domain 3: row 2 only")
+    assert_close(per[1], dyd[3:5].T @ xd[3:5], torch.float32, "domain 1: rows 3-4")
+    assert not per[0].any() and not per[2].any()
+
+
+@pytest.mark.parametrize("x_dim", [3, 2])
+def test_compiled_backward_branch_counts_target_samples(monkeypatch, x_dim):
+    """Under ``target()`` without a mask the target count is the batch read off ``x``
+    (``x.shape[0]``, or 1 for a single row), on the compiled-graph branch as eagerly."""
+
+    def run(compiled):
+        torch.manual_seed(0)
+        model = MLP()
+        tracker = DomainGradientTracker(model, M, mode="exact")
+        x = torch.randn(3, 4, 6) if x_dim == 3 else torch.randn(6)
+        with tracker.target():
+            loss = model(x).square().sum()
+            with monkeypatch.context() as mp:
+                if compiled:
+                    mp.setattr(torch.compiler, "is_compiling", lambda: True)
+                loss.backward()
+        return tracker.target_count(), tracker.target_grad()
+
+    (n_e, g_e), (n_c, g_c) = run(False), run(True)
+    assert n_e == n_c == (3.0 if x_dim == 3 else 1.0)
+    assert torch.equal(g_e, g_c) and g_e.abs().sum() > 0
