@@ -527,7 +527,7 @@ def test_bad_domain_ids_leave_state_unchanged(ids, exc, word):
 def test_ids_not_matching_the_batch_raise_in_backward():
     model = MLP()
     tracker = DomainGradientTracker(model, M)
-    with pytest.raises(ValueError, match="domain_ids"):
+    with pytest.raises(ValueError, match=r"domain_ids has shape \(1, 3\) \(3 tokens\) but the"):
         with tracker.domains(torch.tensor([[0, 1, 2]])):  # [1, 3] ids for a [2, 2] batch
             token_losses(model, torch.randn(2, 2, 6)).sum().backward()
     assert float(tracker.counts().sum()) == 0.0
@@ -753,12 +753,16 @@ def test_compiled_backward_branch_matches_eager(monkeypatch, mode, bias, layout)
     assert torch.equal(eager[2], comp[2]) and eager[2].sum() > 0
 
 
-def test_tracked_wgrad_and_rows_follow_the_context():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled-branch"])
+def test_tracked_wgrad_and_rows_follow_the_context(monkeypatch, compiled):
     """The helpers the fused cross-entropy and compiled graphs call: ``tracked_rows`` maps the
     context's (or given) ids onto rows, ``-1`` outside a context; ``tracked_wgrad`` returns
-    ``dyᵀx`` of a chunk of rows and adds each domain's share of that chunk only."""
+    ``dyᵀx`` of a chunk of rows and adds each domain's share of that chunk only. Both
+    branches: the direct call, and the opaque custom ops a compiled graph calls."""
     from rnb_kernels.tracking.linear import tracked_rows, tracked_wgrad
 
+    if compiled:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     model = MLP(bias=False)
     tracker = DomainGradientTracker(model, M, modules=["head"], mode="exact")
     key = tracker._slots[0].key
@@ -776,23 +780,81 @@ def test_tracked_wgrad_and_rows_follow_the_context():
         # Rows 2..4 of the 6: domains 3, 1, 1.
         dw = tracked_wgrad(x[2:5], dy[2:5], key, 2, lo=2, n=6)
         assert torch.equal(dw, dy[2:5].t().mm(x[2:5]))
+        # Given ids instead of the context's: row 5 alone, credited to domain 0.
+        tracked_wgrad(x[5:], dy[5:], key, 2, ids=torch.tensor([0]))
     per = tracker.domain_grads().view(M, 5, 12).double()
     xd, dyd = x.double(), dy.double()
     assert_close(per[3], dyd[2:3].T @ xd[2:3], torch.float32, "domain 3: row 2 only")
     assert_close(per[1], dyd[3:5].T @ xd[3:5], torch.float32, "domain 1: rows 3-4")
-    assert not per[0].any() and not per[2].any()
+    assert_close(per[0], dyd[5:].T @ xd[5:], torch.float32, "domain 0: row 5, given ids")
+    assert not per[2].any()
 
 
-@pytest.mark.parametrize("x_dim", [3, 2])
+def test_layers_seeing_different_row_counts_get_their_own_rows():
+    """Per-sample ids map onto each tracked layer's own rows: a token-level layer sees B·T
+    rows, a head after pooling sees B; the context's row cache is per row count."""
+
+    class Pooled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Linear(6, 8)
+            self.cls = nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.cls(torch.tanh(self.tok(x)).mean(1))
+
+    torch.manual_seed(0)
+    model = Pooled()
+    tracker = DomainGradientTracker(model, M, modules=["tok", "cls"], mode="exact")
+    x, ids = torch.randn(3, 5, 6), torch.tensor([2, 0, 2])
+    with tracker.domains(ids):
+        model(x).square().sum().backward()
+    per = tracker.domain_grads().double()
+    for d in range(M):
+        sel = ids == d
+        ref = torch.zeros_like(per[d])
+        if sel.any():
+            model.zero_grad()
+            model(x[sel]).square().sum().backward()
+            ref = torch.cat(
+                [
+                    p.grad.reshape(-1)
+                    for p in (model.tok.weight, model.tok.bias, model.cls.weight, model.cls.bias)
+                ]
+            )
+        assert_close(per[d], ref, torch.float32, f"domain {d}")
+
+
+def test_float64_layer_under_autocast_is_not_cast():
+    """Autocast leaves float64 alone; so does the tracked layer (same output and grads as an
+    untracked float64 layer under the same autocast)."""
+    torch.manual_seed(0)
+    plain = MLP().double()
+    tracked = copy.deepcopy(plain)
+    tracker = DomainGradientTracker(tracked, M, mode="exact")
+    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_p = plain(x)
+        with tracker.domains(torch.tensor([0, 1])):
+            out_t = tracked(x)
+            out_t.sum().backward()
+        out_p.sum().backward()
+    assert out_t.dtype == torch.float64 and torch.equal(out_t, out_p)
+    for p, q in zip(plain.parameters(), tracked.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("x_dim", [3, 2, 1])
 def test_compiled_backward_branch_counts_target_samples(monkeypatch, x_dim):
     """Under ``target()`` without a mask the target count is the batch read off ``x``
-    (``x.shape[0]``, or 1 for a single row), on the compiled-graph branch as eagerly."""
+    (``x.shape[0]`` for ``[B, T, D]`` and ``[B, D]``, 1 for a single row ``[D]``), on the
+    compiled-graph branch as eagerly."""
 
     def run(compiled):
         torch.manual_seed(0)
         model = MLP()
         tracker = DomainGradientTracker(model, M, mode="exact")
-        x = torch.randn(3, 4, 6) if x_dim == 3 else torch.randn(6)
+        x = {3: torch.randn(3, 4, 6), 2: torch.randn(5, 6), 1: torch.randn(6)}[x_dim]
         with tracker.target():
             loss = model(x).square().sum()
             with monkeypatch.context() as mp:
@@ -802,5 +864,57 @@ def test_compiled_backward_branch_counts_target_samples(monkeypatch, x_dim):
         return tracker.target_count(), tracker.target_grad()
 
     (n_e, g_e), (n_c, g_c) = run(False), run(True)
-    assert n_e == n_c == (3.0 if x_dim == 3 else 1.0)
+    assert n_e == n_c == {3: 3.0, 2: 5.0, 1: 1.0}[x_dim]
     assert torch.equal(g_e, g_c) and g_e.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    "name,want",
+    [
+        ("head", "head"),
+        ("module.head", "head"),
+        ("_orig_mod.head", "head"),
+        ("module._orig_mod.module.blocks.0.mlp", "blocks.0.mlp"),
+        ("_orig_mod.module", ""),
+        ("module", ""),
+        ("_orig_mod", ""),
+        ("modules.head", "modules.head"),  # a prefix only with its dot
+        ("head.module.x", "head.module.x"),  # only leading wrappers go
+    ],
+)
+def test_canonical_name_strips_wrapper_prefixes(name, want):
+    from rnb_kernels.tracking.linear import canonical_name
+
+    assert canonical_name(name) == want
+
+
+def test_forward_without_weight_gradient_is_the_plain_layer():
+    """Under no_grad, or with a frozen weight, the tracked forward is the module's own
+    forward (same output, nothing recorded)."""
+    torch.manual_seed(0)
+    plain = MLP()
+    tracked = copy.deepcopy(plain)
+    tracker = DomainGradientTracker(tracked, M, modules=["inp", "mid", "head"], mode="exact")
+    x = torch.randn(2, 3, 6)
+    with torch.no_grad(), tracker.domains(torch.tensor([0, 1])):
+        assert torch.equal(tracked(x), plain(x))
+    tracked.head.weight.requires_grad_(False)
+    plain.head.weight.requires_grad_(False)
+    with tracker.domains(torch.tensor([0, 1])):
+        out = tracked(x)
+        assert torch.equal(out, plain(x))
+        out.sum().backward()
+    assert tracked.head.weight.grad is None
+    assert tracker.counts().sum() == 2  # the other layers were tracked
+
+
+def test_forward_inside_block_without_backward_warns_not_raises():
+    """A tracked forward inside the block whose backward runs after it is reported as
+    unreached (a warning naming the layer), not as a bypassed layer (an error)."""
+    model = MLP()
+    tracker = DomainGradientTracker(model, M, modules=["head"])
+    with pytest.warns(RuntimeWarning, match=r"\['head'\] ran their forward inside"):
+        with tracker.domains(torch.tensor([0, 1])):
+            out = token_losses(model, torch.randn(2, 3, 6)).sum()
+    out.backward()
+    assert tracker.counts().sum() == 0

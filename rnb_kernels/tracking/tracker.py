@@ -367,7 +367,9 @@ class DomainGradientTracker:
         bypassed, unreached = [], []
         for slot in self._slots:
             i = slot.index
-            if i in ctx.accumulated:
+            # A frozen weight gets no gradient, so there is nothing to track (its forward is
+            # the plain one): not a bypass.
+            if i in ctx.accumulated or not slot.module.weight.requires_grad:
                 continue
             if i in ctx.weight_grads or (ctx.model_ran and i not in ctx.forwarded):
                 bypassed.append(slot.name)
