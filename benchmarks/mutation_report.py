@@ -275,6 +275,72 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_3": (
         "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
     ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_8": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_11": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_20": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_22": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_23": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_24": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_32": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_34": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_35": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁrows__mutmut_36": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.x_tracked_rows__mutmut_10": (
+        "where the ids are copied to: in every CPU test ids, rows and layer are on the CPU, where .to(device), .to(None), a missing device and non_blocking give the same tensor; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.linear.x__apply__mutmut_13": (
+        "autocast switched back on around TrackedLinear whose inputs _apply already cast to the autocast dtype (or left in float64, which autocast never casts): F.linear sees the same dtypes, so the same op runs"
+    ),
+    "rnb_kernels.tracking.linear.x__apply__mutmut_14": (
+        "autocast switched back on around TrackedLinear whose inputs _apply already cast to the autocast dtype (or left in float64, which autocast never casts): F.linear sees the same dtypes, so the same op runs"
+    ),
+    "rnb_kernels.tracking.linear.xǁTrackedLinearǁbackward__mutmut_4": (
+        "the eager backward taking the compiled-graph branch: same gradients and statistics (test_compiled_backward_branch_matches_eager); under record_target() it computes weight and bias gradients nobody asked for, which autograd.grad(..., [anchor]) discards: cost only"
+    ),
+    "rnb_kernels.tracking.linear.xǁTrackedLinearǁbackward__mutmut_50": (
+        "a gradient returned for an input that needs none (needs_input_grad False, or a bias that is None/frozen) is dropped by autograd: cost only"
+    ),
+    "rnb_kernels.tracking.linear.xǁTrackedLinearǁbackward__mutmut_60": (
+        "a gradient returned for an input that needs none (needs_input_grad False, or a bias that is None/frozen) is dropped by autograd: cost only"
+    ),
+    "rnb_kernels.tracking.linear.xǁTrackedLinearǁbackward__mutmut_58": (
+        "a gradient returned for an input that needs none (needs_input_grad False, or a bias that is None/frozen) is dropped by autograd: cost only"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_5": (
+        "Context.seen is only read for its truth value and only ever set to True, and None is falsy like False"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_7": (
+        "Context.bad is only read for its truth value and only ever set to True, and None is falsy like False"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_14": (
+        "Context.model_ran is only read for its truth value and only ever set to True, and None is falsy like False"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_13": (
+        "grads_before is assigned by the tracker on entry to every block, before anything reads it"
+    ),
+    "rnb_kernels.tracking.linear.x_is_tracked__mutmut_3": (
+        "is_tracked() is only used as a condition, and None is falsy like False"
+    ),
 }
 
 

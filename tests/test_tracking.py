@@ -918,3 +918,81 @@ def test_forward_inside_block_without_backward_warns_not_raises():
             out = token_losses(model, torch.randn(2, 3, 6)).sum()
     out.backward()
     assert tracker.counts().sum() == 0
+
+
+def test_autocast_without_bias_matches_untracked():
+    """Under autocast a bias-free tracked layer (bias None) casts like ``nn.Linear``."""
+    torch.manual_seed(0)
+    plain = MLP(bias=False)
+    tracked = copy.deepcopy(plain)
+    tracker = DomainGradientTracker(tracked, M, mode="exact")
+    x = torch.randn(2, 3, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_p = plain(x)
+        with tracker.domains(torch.tensor([0, 1])):
+            out_t = tracked(x)
+            out_t.float().sum().backward()
+        out_p.float().sum().backward()
+    assert out_t.dtype == torch.bfloat16 and torch.equal(out_t, out_p)
+    for p, q in zip(plain.parameters(), tracked.parameters(), strict=True):
+        assert torch.equal(p.grad, q.grad)
+
+
+def test_per_sample_ids_not_dividing_the_rows_name_both_counts():
+    model = MLP()
+    tracker = DomainGradientTracker(model, M)
+    with pytest.raises(ValueError, match=r"domain_ids has 2 samples but the tracked layer saw 5 "):
+        with tracker.domains(torch.tensor([0, 1])):
+            model(torch.randn(5, 6)).sum().backward()
+    assert tracker.counts().sum() == 0
+
+
+@pytest.fixture
+def one_rank_mesh():
+    """A 1-process gloo group and 1-D CPU mesh (the sharded code paths in one process)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    if not dist.is_available():
+        pytest.skip("no torch.distributed")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized")
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_vocab_parallel_head_on_one_rank_equals_the_plain_head(one_rank_mesh, bias):
+    """ColwiseParallel on a 1-rank mesh makes the head's weight a DTensor sharded on its rows:
+    the tracker takes its sharded path (local tensors, a DTensor output) and must give the
+    plain head's output, gradients and statistics."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    plain = MLP(bias=bias)
+    sharded = copy.deepcopy(plain)
+    parallelize_module(
+        sharded, one_rank_mesh, {"head": ColwiseParallel(output_layouts=Replicate())}
+    )
+    t_plain = DomainGradientTracker(plain, M, modules=["head"], mode="exact")
+    t_sharded = DomainGradientTracker(sharded, M, modules=["head"], mode="exact")
+    x, ids = torch.randn(3, 4, 6), torch.tensor([1, -1, 3])
+    outs = []
+    for model, tracker in ((plain, t_plain), (sharded, t_sharded)):
+        with tracker.domains(ids):
+            out = model(x)
+            out = out.full_tensor() if hasattr(out, "full_tensor") else out
+            out.square().sum().backward()
+        outs.append(out.detach())
+    assert torch.equal(outs[0], outs[1])
+    # Row shards expose no per-domain rows, only their products (summed over the mesh).
+    assert_close(t_sharded.gram(), t_plain.gram(), torch.float32, "gram")
+    assert t_plain.gram().abs().sum() > 0
+    assert torch.equal(t_sharded.counts(), t_plain.counts())
+    g = sharded.head.weight.grad
+    g = g.full_tensor() if hasattr(g, "full_tensor") else g
+    assert_close(g, plain.head.weight.grad.double(), torch.float32, "head.weight.grad")
