@@ -338,6 +338,12 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_13": (
         "grads_before is assigned by the tracker on entry to every block, before anything reads it"
     ),
+    "rnb_kernels.tracking.linear.x_canonical_name__mutmut_3": (
+        "`changed = None` instead of False inside the loop: only read as the while condition, and None is falsy like False"
+    ),
+    "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_4": (
+        "anchor_only None instead of True for record_target(): its backward then takes the general path, which accumulates the same statistics and also computes weight and input gradients that autograd.grad(..., [anchor]) discards; the bypass check it no longer skips finds every tracked layer accumulated: cost only"
+    ),
     "rnb_kernels.tracking.linear.x_is_tracked__mutmut_3": (
         "is_tracked() is only used as a condition, and None is falsy like False"
     ),

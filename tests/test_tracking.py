@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -896,8 +897,10 @@ def test_forward_without_weight_gradient_is_the_plain_layer():
     tracked = copy.deepcopy(plain)
     tracker = DomainGradientTracker(tracked, M, modules=["inp", "mid", "head"], mode="exact")
     x = torch.randn(2, 3, 6)
-    with torch.no_grad(), tracker.domains(torch.tensor([0, 1])):
-        assert torch.equal(tracked(x), plain(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "forward ran but no backward reached" either
+        with torch.no_grad(), tracker.domains(torch.tensor([0, 1])):
+            assert torch.equal(tracked(x), plain(x))
     tracked.head.weight.requires_grad_(False)
     plain.head.weight.requires_grad_(False)
     with tracker.domains(torch.tensor([0, 1])):
@@ -996,3 +999,36 @@ def test_vocab_parallel_head_on_one_rank_equals_the_plain_head(one_rank_mesh, bi
     g = sharded.head.weight.grad
     g = g.full_tensor() if hasattr(g, "full_tensor") else g
     assert_close(g, plain.head.weight.grad.double(), torch.float32, "head.weight.grad")
+
+
+def test_record_target_under_autocast():
+    """record_target() reaches the tracked layers through the anchor on the autocast path too:
+    the target row equals the same loss's recorded without autocast, within bf16 tolerance."""
+
+    def target(amp: bool):
+        torch.manual_seed(0)
+        model = MLP()
+        tracker = DomainGradientTracker(model, M, mode="exact")
+        x = torch.randn(2, 3, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            loss = token_losses(model, x).float().sum()
+        tracker.record_target(loss)
+        return tracker.target_grad(), tracker.target_count()
+
+    (g_amp, n_amp), (g, n) = target(True), target(False)
+    assert n_amp == n == 2.0 and g.abs().sum() > 0
+    assert_close(g_amp, g.double(), torch.bfloat16, "target row under autocast")
+
+
+def test_tracked_wgrad_sets_the_target_batch():
+    """Inside target() without a mask the count is the batch handed to tracked_wgrad (what the
+    fused cross-entropy passes)."""
+    from rnb_kernels.tracking.linear import tracked_wgrad
+
+    model = MLP(bias=False)
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="exact")
+    x, dy = torch.randn(6, 12), torch.randn(6, 5)
+    with tracker.target():
+        tracked_wgrad(x, dy, tracker._slots[0].key, 3)
+    assert tracker.target_count() == 3.0
+    assert_close(tracker.target_grad().view(5, 12), dy.double().T @ x.double(), torch.float32)
