@@ -1032,3 +1032,30 @@ def test_tracked_wgrad_sets_the_target_batch():
         tracked_wgrad(x, dy, tracker._slots[0].key, 3)
     assert tracker.target_count() == 3.0
     assert_close(tracker.target_grad().view(5, 12), dy.double().T @ x.double(), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
+def test_micro_batch_with_one_overflowed_entry_is_skipped(mode):
+    """``skip_nonfinite="micro-batch"``: one +inf among finite values (its min is finite, its
+    max is not) is enough to skip the micro-batch, leaving the statistics untouched."""
+    g = torch.Generator().manual_seed(3)
+    model = MLP()
+    tracker = DomainGradientTracker(
+        model, M, mode=mode, sketch_dim=64, proj_dim=8, skip_nonfinite="micro-batch"
+    )
+    x, ids = torch.randn(4, 3, 6, generator=g), make_ids("per-sample", 4, 3, g)
+    with tracker.domains(ids):
+        token_losses(model, x).sum().backward()
+    state = tracker.state_dict()
+    w = torch.ones(5)
+    w[2] = float("inf")  # d loss / d out = w: one column +inf, the rest finite
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        with tracker.domains(ids):
+            (model(x) * w).sum().backward()
+    assert tracker.nonfinite_skips == 1
+    after = tracker.state_dict()
+    assert torch.equal(after["counts"], state["counts"])
+    for s0, s1 in zip(state["slots"], after["slots"], strict=True):
+        for grp in s0["buffers"]:
+            for key in s0["buffers"][grp]:
+                assert torch.equal(s0["buffers"][grp][key], s1["buffers"][grp][key])
