@@ -284,3 +284,25 @@ def test_triton_backend_keeps_the_same_rows_and_gram():
         for tr in trackers:
             tr.reset()
         assert torch.equal(trackers[0]._slots[0].heavy, trackers[1]._slots[0].heavy)
+
+
+def test_target_gradient_does_not_choose_the_rows():
+    """Only the domains' gradient energy picks the next round's exact rows: a target gradient
+    that is all on other rows (and far larger) changes nothing."""
+    model = _model()
+    tr = DomainGradientTracker(model, M, modules="2", mode="projected", proj_dim=P, exact_rows=H)
+    slot = tr._slots[0]
+    energy = torch.zeros(K_OUT, dtype=torch.float64)
+    for x, ids in _batches(2):
+        xi, dy = _step(model, tr, x, ids)
+        energy += (dy.T @ xi).square().sum(1)
+    w = torch.zeros(K_OUT)
+    w[-H:] = 1e4  # the target's gradient: only the last rows, 10^4 x heavier
+    x_t = torch.randn(N, 5)
+    with tr.target():
+        (model(x_t) * w).sum().backward()
+    model.zero_grad()
+    tr.reset()
+    want = torch.sort(torch.topk(energy, H).indices).values
+    assert torch.equal(slot.heavy, want)
+    assert not set(slot.heavy.tolist()) & set(range(K_OUT - H, K_OUT))
