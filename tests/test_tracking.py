@@ -1059,3 +1059,33 @@ def test_micro_batch_with_one_overflowed_entry_is_skipped(mode):
         for grp in s0["buffers"]:
             for key in s0["buffers"][grp]:
                 assert torch.equal(s0["buffers"][grp][key], s1["buffers"][grp][key])
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize(
+    "mode,extra",
+    [("exact", {}), ("projected", {"exact_rows": 0}), ("projected", {"exact_rows": 3}),
+     ("sketch", {})],
+)  # fmt: skip
+def test_memory_bytes_follow_the_formulas(mode, extra, bias):
+    """``memory_bytes()`` against docs/distributed.md's per-mode formulas, with H' = K_in + bias:
+    exact ``4 (m+1) K_out H'``, projected ``4 (m+1) (p+r) H' + 4 K_out`` (the energy only with
+    exact rows r > 0), sketch ``4 (m+1) k``; summed over the tracked layers."""
+    model = MLP(bias=bias)
+    p, k = 4, 32
+    tracker = DomainGradientTracker(
+        model, M, modules=["mid", "head"], mode=mode, proj_dim=p, sketch_dim=k, **extra
+    )
+    with tracker.domains(torch.tensor([0, 1])):
+        token_losses(model, torch.randn(2, 3, 6)).sum().backward()
+    want = 0
+    for k_in, k_out in ((12, 12), (12, 5)):
+        h = k_in + bias
+        if mode == "exact":
+            want += 4 * (M + 1) * k_out * h
+        elif mode == "projected":
+            r = extra["exact_rows"]
+            want += 4 * (M + 1) * (p + r) * h + (4 * k_out if r else 0)
+        else:
+            want += 4 * (M + 1) * k
+    assert tracker.memory_bytes() == want
