@@ -378,13 +378,14 @@ def test_record_target_rejects_unrelated_loss():
     assert tracker.target_count() == 0.0
 
 
-def test_grad_scale_is_undone_exactly():
+@pytest.mark.parametrize("scales", [(2.0**10, 2.0**7, 2.0**7), (2.0, 2.0)])
+def test_grad_scale_is_undone_exactly(scales):
     g = torch.Generator().manual_seed(8)
     model, scaled_model = MLP(), None
     scaled_model = copy.deepcopy(model)
     plain = DomainGradientTracker(model, M)
     scaled = DomainGradientTracker(scaled_model, M)
-    for scale in (2.0**10, 2.0**7, 2.0**7):
+    for scale in scales:
         x = torch.randn(4, 3, 6, generator=g)
         ids = make_ids("per-sample", 4, 3, g)
         with plain.domains(ids):
@@ -1089,3 +1090,52 @@ def test_memory_bytes_follow_the_formulas(mode, extra, bias):
         else:
             want += 4 * (M + 1) * k
     assert tracker.memory_bytes() == want
+
+
+@pytest.mark.parametrize(
+    "modules,n_first", [(["inp", "mid", "head"], 12 * 6 + 12), (["mid", "head"], 12 * 12 + 12)]
+)
+def test_record_target_reaches_every_tracked_layer(modules, n_first):
+    """record_target() on two or three tracked layers: the input gradient is passed down so
+    the deeper layers record too; the target row equals a target() block's on the same loss."""
+
+    def row(record: bool):
+        torch.manual_seed(0)
+        model = MLP()
+        tracker = DomainGradientTracker(model, M, modules=modules, mode="exact")
+        x = torch.randn(2, 3, 6)
+        if record:
+            tracker.record_target(token_losses(model, x).sum())
+        else:
+            with tracker.target():
+                token_losses(model, x).sum().backward()
+        return tracker.target_grad()
+
+    got, want = row(True), row(False)
+    assert want[:n_first].abs().sum() > 0  # the first layer's weights and bias lead the row
+    assert torch.equal(got, want)
+
+
+def test_nonfinite_input_with_finite_output_gradient_is_skipped():
+    """An inf in a tracked layer's input whose output gradient stays finite (tanh saturates)
+    still makes ``dyᵀx`` non-finite: skip_nonfinite="micro-batch" checks both sides."""
+    model = MLP()
+    tracker = DomainGradientTracker(model, M, modules=["inp"], skip_nonfinite="micro-batch")
+    x = torch.randn(2, 3, 6)
+    x[0, 0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        with tracker.domains(torch.tensor([0, 1])):
+            token_losses(model, x).sum().backward()
+    assert tracker.nonfinite_skips == 1
+    assert tracker.counts().sum() == 0 and not tracker.domain_grads().any()
+
+
+def test_exact_rows_ignore_nonfinite_energy():
+    """Rows whose energy is NaN or +inf (an overflowed round) are never chosen as exact rows:
+    the heaviest finite ones are."""
+    model = MLP()
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="projected", exact_rows=2)
+    slot = tracker._slots[0]
+    slot.energy.copy_(torch.tensor([1.0, float("nan"), 5.0, float("inf"), 3.0]))
+    slot.choose_heavy()
+    assert slot.heavy.tolist() == [2, 4]
