@@ -344,6 +344,211 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.linear.xǁContextǁ__init____mutmut_4": (
         "anchor_only None instead of True for record_target(): its backward then takes the general path, which accumulates the same statistics and also computes weight and input gradients that autograd.grad(..., [anchor]) discards; the bypass check it no longer skips finds every tracked layer accumulated: cost only"
     ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_14": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_19": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_26": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_30": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_48": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_53": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_61": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_66": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_73": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_77": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_83": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_86": (
+        "dtype=None or no dtype for an fp32 buffer: torch's default dtype is float32, the same buffer"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_15": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_20": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_27": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_31": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_49": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_54": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_62": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_67": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_74": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_78": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_84": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_allocate__mutmut_87": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁensure_buffers__mutmut_3": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁensure_buffers__mutmut_5": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_6": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_10": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_28": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_19": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_40": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_62": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_15": (
+        "self.device is only used to allocate buffers (None = the CPU, as in every CPU test); only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_5": (
+        "torch.full((n,), -1) without dtype infers int64 from the integer fill value: the same tensor"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_9": (
+        "torch.full((n,), -1) without dtype infers int64 from the integer fill value: the same tensor"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_17": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_19": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_20": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_25": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_26": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_22": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_24": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_25": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_30": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_31": (
+        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_38": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_41": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_42": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_46": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_66": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_49": (
+        "gw starts as '' instead of None but is replaced whenever need_w; need_w is False only for a frozen weight, whose forward never reaches the Function (make_forward returns the plain forward): unreachable"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁrows__mutmut_14": (
+        "torch.cat of a single part equals that part"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁrows__mutmut_20": (
+        "torch.cat of a single part equals that part"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁrows__mutmut_24": ("out / 1.0 is out exactly"),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_34": (
+        "buf starts as None instead of {}: _allocate (or bind_sharded) assigns it before any read, and bind_sharded's `if self.buf` treats both as empty"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_66": (
+        "the initial scale of an untouched (not dirty) group: _prepare_scale replaces it without rescaling, and rows() of zero buffers is zero at any scale"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_67": (
+        "the initial scale of an untouched (not dirty) group: _prepare_scale replaces it without rescaling, and rows() of zero buffers is zero at any scale"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_69": (
+        "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_70": (
+        "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_44": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_73": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_112": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_accumulate_exact_rows__mutmut_35": (
+        "the torch shortcut (add_domain_products) versus the segmented_wgrad op on the torch backend: the op adds the same products (and also forms a dW nobody reads): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_accumulate_exact_rows__mutmut_36": (
+        "the torch shortcut (add_domain_products) versus the segmented_wgrad op on the torch backend: the op adds the same products (and also forms a dW nobody reads): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ_accumulate_exact_rows__mutmut_37": (
+        "the torch shortcut (add_domain_products) versus the segmented_wgrad op on the torch backend: the op adds the same products (and also forms a dW nobody reads): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_1": (
+        "Slot.wgrad's default lo is never used: its only caller, tracked_wgrad, always passes lo"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_11": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_13": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_12": (
+        "`lo != 1` changes the branch only for lo = 1 with n = -1 or n = len(x2), a chunk that cannot start at row 1 of its own rows (invalid input); for every valid chunk the n-condition takes the branch anyway"
+    ),
     "rnb_kernels.tracking.linear.x_is_tracked__mutmut_3": (
         "is_tracked() is only used as a condition, and None is falsy like False"
     ),

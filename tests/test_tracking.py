@@ -784,12 +784,19 @@ def test_tracked_wgrad_and_rows_follow_the_context(monkeypatch, compiled):
         assert torch.equal(dw, dy[2:5].t().mm(x[2:5]))
         # Given ids instead of the context's: row 5 alone, credited to domain 0.
         tracked_wgrad(x[5:], dy[5:], key, 2, ids=torch.tensor([0]))
+    with tracker.domains(torch.tensor([2, 0])):  # rows 0-2 -> 2, rows 3-5 -> 0
+        # A chunk at the start of 6 rows (rows 0-1), and one at row 1 (row 1 only).
+        tracked_wgrad(x[:2], dy[:2], key, 2, lo=0, n=6)
+        tracked_wgrad(x[1:2], dy[1:2], key, 2, lo=1, n=6)
+        # Per-token ids given for a chunk of 2 rows (rows 3-4 -> domains 2 and 2).
+        tracked_wgrad(x[3:5], dy[3:5], key, 2, ids=torch.tensor([[2, 2]]))
     per = tracker.domain_grads().view(M, 5, 12).double()
     xd, dyd = x.double(), dy.double()
     assert_close(per[3], dyd[2:3].T @ xd[2:3], torch.float32, "domain 3: row 2 only")
     assert_close(per[1], dyd[3:5].T @ xd[3:5], torch.float32, "domain 1: rows 3-4")
     assert_close(per[0], dyd[5:].T @ xd[5:], torch.float32, "domain 0: row 5, given ids")
-    assert not per[2].any()
+    rows2 = [0, 1, 1, 3, 4]  # the three calls of the second block
+    assert_close(per[2], dyd[rows2].T @ xd[rows2], torch.float32, "domain 2: chunks")
 
 
 def test_layers_seeing_different_row_counts_get_their_own_rows():
