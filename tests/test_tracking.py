@@ -834,21 +834,25 @@ def test_layers_seeing_different_row_counts_get_their_own_rows():
         assert_close(per[d], ref, torch.float32, f"domain {d}")
 
 
-def test_float64_layer_under_autocast_is_not_cast():
-    """Autocast leaves float64 alone; so does the tracked layer (same output and grads as an
-    untracked float64 layer under the same autocast)."""
+@pytest.mark.parametrize(
+    "dtype,bias", [(torch.float64, True), (torch.float32, False)], ids=["float64", "no-bias"]
+)
+def test_autocast_casts_like_the_untracked_layer(dtype, bias):
+    """Under autocast the tracked layer casts exactly as ``nn.Linear`` does: float64 is left
+    alone (autocast never casts it), and a bias-free layer (bias None) goes to bf16."""
     torch.manual_seed(0)
-    plain = MLP().double()
+    plain = MLP(bias=bias).to(dtype)
     tracked = copy.deepcopy(plain)
     tracker = DomainGradientTracker(tracked, M, mode="exact")
-    x = torch.randn(2, 3, 6, dtype=torch.float64)
+    x = torch.randn(2, 3, 6, dtype=dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out_p = plain(x)
         with tracker.domains(torch.tensor([0, 1])):
             out_t = tracked(x)
-            out_t.sum().backward()
-        out_p.sum().backward()
-    assert out_t.dtype == torch.float64 and torch.equal(out_t, out_p)
+            out_t.float().sum().backward()
+        out_p.float().sum().backward()
+    want = torch.float64 if dtype == torch.float64 else torch.bfloat16
+    assert out_t.dtype == want and torch.equal(out_t, out_p)
     for p, q in zip(plain.parameters(), tracked.parameters(), strict=True):
         assert torch.equal(p.grad, q.grad)
 
@@ -929,24 +933,6 @@ def test_forward_inside_block_without_backward_warns_not_raises():
             out = token_losses(model, torch.randn(2, 3, 6)).sum()
     out.backward()
     assert tracker.counts().sum() == 0
-
-
-def test_autocast_without_bias_matches_untracked():
-    """Under autocast a bias-free tracked layer (bias None) casts like ``nn.Linear``."""
-    torch.manual_seed(0)
-    plain = MLP(bias=False)
-    tracked = copy.deepcopy(plain)
-    tracker = DomainGradientTracker(tracked, M, mode="exact")
-    x = torch.randn(2, 3, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_p = plain(x)
-        with tracker.domains(torch.tensor([0, 1])):
-            out_t = tracked(x)
-            out_t.float().sum().backward()
-        out_p.float().sum().backward()
-    assert out_t.dtype == torch.bfloat16 and torch.equal(out_t, out_p)
-    for p, q in zip(plain.parameters(), tracked.parameters(), strict=True):
-        assert torch.equal(p.grad, q.grad)
 
 
 def test_per_sample_ids_not_dividing_the_rows_name_both_counts():

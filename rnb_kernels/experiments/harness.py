@@ -89,10 +89,8 @@ def git_info(path: str | Path | None = None) -> tuple[str, bool | None]:
     ``RNB_GIT_SHA`` overrides it, as ``(that value, None)``: a copy of the tree shipped to
     another machine (a GPU box) may carry an older ``.git`` that would name the wrong commit.
     """
-    shipped = os.environ.get("RNB_GIT_SHA", "")
-    if shipped:
-        return shipped, None
-    shipped = "unknown"
+    if os.environ.get("RNB_GIT_SHA"):
+        return os.environ["RNB_GIT_SHA"], None
     cwd = Path(path) if path is not None else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -100,13 +98,13 @@ def git_info(path: str | Path | None = None) -> tuple[str, bool | None]:
             cwd=cwd, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
         if sha.returncode != 0:
-            return shipped, None
+            return "unknown", None
         dirty = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"],
             cwd=cwd, capture_output=True, text=True, timeout=10,
         )  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return shipped, None
+        return "unknown", None
     return sha.stdout.strip(), bool(dirty.stdout.strip())
 
 

@@ -14,12 +14,8 @@ import torch
 from .._backends import BACKENDS, BackendUnavailableError, backend_status
 
 # backend="auto" on GPU tensors takes the first of these that implements the op and can run.
-# Triton first: on an H200 (sm_90, bf16, GPT-2 head 8192 x 768 -> 50257) it measured 2.3-3.1x
-# faster than the CUDA kernels for the exact op at m = 1, 8, 64 and 1.9-2.7x for the sketch at
-# m <= 8 (equal at m = 64), and 2.4-6.2x faster for the Gram product; end to end (GPT-2-small
-# step, m = 64) the tracked step cost +4.2% with Triton against +14.7% (exact) and +11.7%
-# (sketch) with CUDA. benchmarks/results/kernels_gpu.csv and overhead_gpu.csv hold the rows.
-# Other architectures are unmeasured and get the same order.
+# Triton first: on an H200 its kernels and the tracked training step measured faster than the
+# CUDA ones (benchmarks/results/gpu_checks.md); other architectures are unmeasured.
 AUTO_ORDER = ("triton", "cuda", "torch")
 
 _IMPLS: dict[str, dict[str, str]] = {
