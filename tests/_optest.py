@@ -128,3 +128,25 @@ def extension_error() -> str | None:
     except ImportError as e:
         return f"rnb_kernels._C is not built ({e})"
     return None
+
+
+class GemmShapes:
+    """Records the inner (reduction) size of every ``mm`` / ``addmm`` run inside it (through
+    the profiler, which also sees into the custom ops), so a test can tell a full ``dyᵀ x``
+    over all ``N`` rows from per-domain products."""
+
+    def __enter__(self):
+        self._prof = torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True
+        )
+        self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._prof.__exit__(*exc)
+        self.inner = []
+        for ev in self._prof.events():
+            if ev.name in ("aten::mm", "aten::addmm", "aten::addmm_"):
+                a = ev.input_shapes[0] if ev.name == "aten::mm" else ev.input_shapes[1]
+                self.inner.append(int(a[1]))
+        return False

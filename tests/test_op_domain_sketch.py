@@ -11,6 +11,7 @@ from _optest import (
     DTYPE_IDS,
     DTYPES,
     GPU_BACKENDS,
+    GemmShapes,
     absent_domains,
     brute_force,
     device_of,
@@ -357,3 +358,35 @@ def test_domain_sketch_float64_inputs_only_on_torch(backend):
     assert dw.dtype == torch.float64
     assert_close(dw, ref_dw, torch.float64, "dW")
     assert_close(sk, ref_sk, torch.float32, "sketch")
+
+
+# ------------------------------------------------------------ dW as the sum of the domain tiles
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("pattern", ["mixed", "sorted", "one-domain", "all-ignored"])
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_sketch_dw_from_domains_matches_reference(n, pattern, dtype):
+    m, k, seed, layer = 4, 29, 3, 1
+    x, dy = make_inputs(n, 11, 13, dtype)
+    ids = make_ids(pattern, n, m)
+    s0 = torch.randn(m, k)
+    s = s0.clone()
+    dw, _ = domain_sketch(x, dy, ids, m, s, seed=seed, layer=layer, backend="torch",
+                          bias=True, dw_from_domains=True)  # fmt: skip
+    ref_dw, _ = domain_sketch_ref(x, dy, ids, m, k, seed, layer)
+    assert dw.dtype == dtype
+    assert_close(dw, ref_dw, dtype, "dW")
+    # The sketch itself is the same whichever way dW is formed.
+    want = s0.clone()
+    domain_sketch(x, dy, ids, m, want, seed=seed, layer=layer, backend="torch", bias=True)
+    assert_close(s, want.double(), ACC_DTYPE, "sketch")
+    for d in absent_domains(ids, m):
+        assert torch.equal(s[d], s0[d]), f"absent domain {d} was modified"
+
+
+def test_sketch_dw_from_domains_runs_no_full_gemm():
+    x, dy = make_inputs(192, 8, 12, torch.float32)
+    ids = torch.arange(3).repeat_interleave(64)
+    for flag, full in ((True, 0), (False, 1)):
+        with GemmShapes() as rec:
+            domain_sketch(x, dy, ids, 3, sketch_dim=16, backend="torch", dw_from_domains=flag)
+        assert sorted(rec.inner) == sorted([64] * 3 + [192] * full), (flag, rec.inner)

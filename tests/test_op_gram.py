@@ -126,8 +126,8 @@ def test_gram_matvec_is_float64_accurate(monkeypatch, m, p, scales):
     ref, mag = exact_products(a)
     want = ref @ c
     bound = 8.0 * p**0.5 * 2.0**-53 * (mag @ c.abs()) * m
-    for chunk in (gram_mod._CHUNK, 4099):  # one chunk, and several
-        monkeypatch.setattr(gram_mod, "_CHUNK", chunk)
+    for chunk in (gram_mod._CPU_CHUNK_BYTES, 8 * m * 4099):  # default chunks, and 4099 columns
+        monkeypatch.setattr(gram_mod, "_CPU_CHUNK_BYTES", chunk)
         got = gram_matvec(a, c)
         assert got.dtype == torch.float64 and got.shape == (m,)
         err = (got - want).abs()
@@ -147,7 +147,8 @@ def test_gram_matvec_rejects_bad_input():
 def test_gram_reference_and_chunking(monkeypatch):
     """torch backend only: its column chunking."""
     gram_mod = sys.modules["rnb_kernels.ops.gram"]
-    monkeypatch.setattr(gram_mod, "_CHUNK", 7)  # force several column chunks
+    # Several column chunks (7 or 8 columns: a's 5 rows, with b's one), the last one short.
+    monkeypatch.setattr(gram_mod, "_CPU_CHUNK_BYTES", 8 * 7 * 6)
     a = torch.randn(5, 40)
     assert_close(gram(a, backend="torch"), gram_ref(a), torch.float32, "chunked")
     assert_dot_close(gram(a, backend="torch"), a, None, torch.float64, "chunked per entry")

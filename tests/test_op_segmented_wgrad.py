@@ -12,6 +12,7 @@ from _optest import (
     DTYPE_IDS,
     DTYPES,
     GPU_BACKENDS,
+    GemmShapes,
     absent_domains,
     brute_force,
     device_of,
@@ -458,3 +459,50 @@ def test_bias_reference_is_float64_exact():
     out = bias_grads_ref(dy, ids, 3)
     assert out.dtype == torch.float64
     assert out.tolist() == [[1.0, 2.0], [5.0, 5.0], [0.0, 0.0]]
+
+
+# ------------------------------------------------------------ dW as the sum of the domain tiles
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("pattern", ["mixed", "sorted", "one-domain", "all-ignored", "skip-even"])
+@pytest.mark.parametrize("n", [1, 37, 300])
+def test_dw_from_domains_matches_reference(n, pattern, dtype):
+    """torch backend: dW summed from the domain tiles (ignored rows included) is dyᵀx at the
+    dtype's tolerance, and acc gets the same shares as with the GEMM; both row layouts (long
+    runs read in place at n=300 sorted, a gathered copy for mixed ids)."""
+    m = 5
+    x, dy = make_inputs(n, 19, 23, dtype)
+    ids = make_ids(pattern, n, m)
+    acc0 = torch.randn(m, 23, 19)
+    acc = acc0.clone()
+    dw, _ = segmented_wgrad(x, dy, ids, m, acc, backend="torch", dw_from_domains=True)
+    ref_dw, ref_pd = segmented_wgrad_ref(x, dy, ids, m)
+    assert dw.dtype == dtype and dw.shape == (23, 19)
+    assert_close(dw, ref_dw, dtype, "dW")
+    assert_close(acc, acc0.double() + ref_pd, ACC_DTYPE, "acc")
+    for d in absent_domains(ids, m):
+        assert torch.equal(acc[d], acc0[d]), f"absent domain {d} was modified"
+
+
+def test_dw_from_domains_runs_no_full_gemm():
+    """The point of the option: no GEMM over all N rows; without it, exactly one."""
+    x, dy = make_inputs(256, 16, 24, torch.float32)
+    ids = torch.arange(4).repeat_interleave(64)
+    ids[:64] = -1  # ignored rows are multiplied on their own, not with the batch
+    for flag, want in ((True, [64] * 4), (False, [64] * 3 + [256])):
+        with GemmShapes() as rec:
+            segmented_wgrad(x, dy, ids, 4, backend="torch", dw_from_domains=flag)
+        assert sorted(rec.inner) == want, (flag, rec.inner)
+
+
+def test_dw_from_domains_float64_is_the_gemm():
+    """float64 inputs keep the float64 GEMM (fp32 tiles would lose precision)."""
+    x, dy = make_inputs(50, 7, 9, torch.float64)
+    ids = make_ids("mixed", 50, 3)
+    dw, _ = segmented_wgrad(x, dy, ids, 3, backend="torch", dw_from_domains=True)
+    assert torch.equal(dw, dy.t().mm(x))
+
+
+def test_dw_from_domains_rejects_non_bool():
+    x, dy = make_inputs(4, 3, 2, torch.float32)
+    with pytest.raises(TypeError, match="dw_from_domains must be a bool"):
+        segmented_wgrad(x, dy, torch.zeros(4, dtype=torch.int64), 1, dw_from_domains=1)

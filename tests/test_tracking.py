@@ -17,6 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 import torch.nn.functional as F
+from _optest import GemmShapes
 from _tol import assert_close
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -230,6 +231,41 @@ def test_param_grad_bit_identical(mode, bias, ckpt):
     token_losses(untracked, x2d).sum().backward()
     for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
         assert torch.equal(p.grad, q.grad), n
+
+
+@pytest.mark.parametrize("mode", ["exact", "sketch"])
+def test_bitwise_grad_false_sums_the_domain_products(mode):
+    """bitwise_grad=False: param.grad equal to untracked at fp32 tolerance (and not computed by
+    a GEMM over all rows), statistics equal to the bitwise tracker's."""
+    g = torch.Generator().manual_seed(3)
+    model = MLP(bias=True)
+    untracked, bitwise = copy.deepcopy(model), copy.deepcopy(model)
+    kw = dict(modules=["inp", "mid", "head"], mode=mode, sketch_dim=64, reseed=False)
+    tracker = DomainGradientTracker(model, M, bitwise_grad=False, **kw)
+    ref_tracker = DomainGradientTracker(bitwise, M, **kw)
+    assert tracker.bitwise_grad is False and ref_tracker.bitwise_grad is True
+    for _ in range(2):
+        x = torch.randn(4, 3, 6, generator=g)
+        ids = make_ids("with-ignored", 4, 3, g)
+        with tracker.domains(ids):
+            token_losses(model, x).mean().backward()
+        with ref_tracker.domains(ids):
+            token_losses(bitwise, x).mean().backward()
+        token_losses(untracked, x).mean().backward()
+    for (n, p), (_, q) in zip(model.named_parameters(), untracked.named_parameters()):
+        assert_close(p.grad, q.grad.double(), torch.float32, n)
+    assert_close(tracker.gram(), ref_tracker.gram(), torch.float32, "gram")
+    # 20 rows (no layer width is 20): one dyᵀx over all of them per tracked layer, or none.
+    x = torch.randn(4, 5, 6, generator=g)
+    ids = torch.tensor([0, 1, 1, 2])
+    for tr, net, full in ((tracker, model, 0), (ref_tracker, bitwise, 3)):
+        with GemmShapes() as rec, tr.domains(ids):
+            token_losses(net, x).mean().backward()
+        assert rec.inner.count(20) == full, rec.inner
+    with pytest.raises(TypeError, match="bitwise_grad must be a bool"):
+        DomainGradientTracker(copy.deepcopy(untracked), M, bitwise_grad=0)
+    tracker.remove()
+    ref_tracker.remove()
 
 
 def test_checkpointing_elsewhere_matches_brute_force():

@@ -10,7 +10,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import get_impl, resolve_backend
-from .segmented_wgrad import domain_bias_sums, domain_row_blocks
+from .segmented_wgrad import domain_bias_sums, domain_row_blocks, wgrad_from_domains
 
 _U32_MAX = 2**32 - 1
 
@@ -23,7 +23,7 @@ def _cuda_takes_row_offset() -> bool:
 
 
 @functools.lru_cache(maxsize=8)
-def _flat_hash(
+def _signed_flat_hash(
     k_out: int,
     k_in: int,
     sketch_dim: int,
@@ -31,12 +31,14 @@ def _flat_hash(
     layer: int,
     device: torch.device,
     row_offset: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached flat ``(bucket int32 [K_out*K_in], sign float32 [K_out*K_in])`` on ``device``."""
+) -> torch.Tensor:
+    """Cached int64 ``[K_out*K_in]``: ``bucket + sketch_dim * (sign < 0)``. Negative elements
+    land in a second block of buckets, so one unsigned ``index_add_`` does the signed fold with
+    no ``tile * sign`` pass, and a subtraction finishes it."""
     bucket, sign = H.sketch_hash(
         k_out, k_in, sketch_dim, seed, layer, device, torch.float32, row_offset=row_offset
     )
-    return bucket.reshape(-1).to(torch.int32), sign.reshape(-1)
+    return (bucket + sketch_dim * (sign < 0).to(torch.int64)).reshape(-1)
 
 
 @functools.lru_cache(maxsize=32)
@@ -61,19 +63,34 @@ def domain_sketch_torch(
     seed: int,
     layer: int,
     row_offset: int = 0,
+    dw_from_domains: bool = False,
 ) -> torch.Tensor:
-    """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add."""
+    """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add.
+
+    ``dW`` is ``dyᵀ x`` (bit-identical to autograd's), or with ``dw_from_domains`` (not for
+    float64) the sum of the tiles, which saves one GEMM (see :func:`wgrad_from_domains`)."""
+    k = sketch.shape[1]
+    state: dict[str, torch.Tensor] = {}
+
+    def fold(d: int, tile: torch.Tensor) -> None:
+        if not state:  # hashed and allocated only when a domain is present
+            state["signed"] = _signed_flat_hash(
+                dy.shape[1], x.shape[1], k, seed, layer, x.device, row_offset
+            )
+            state["both"] = torch.empty(2 * k, dtype=torch.float32, device=x.device)
+        both = state["both"].zero_()
+        both.index_add_(0, state["signed"], tile.reshape(-1))
+        sketch[d] += both[:k] - both[k:]
+
+    if dw_from_domains and x.dtype != torch.float64:
+        return wgrad_from_domains(x, dy, domain_ids, num_domains, fold)
     dw = dy.t().mm(x)
-    bucket = sign = None
     for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
-        if bucket is None:
-            k = sketch.shape[1]
-            bucket, sign = _flat_hash(dy.shape[1], x.shape[1], k, seed, layer, x.device, row_offset)
-        dys, xs = parts[0]
+        (dys, xs), rest = parts[0], parts[1:]
         tile = dys.t().mm(xs)
-        for dys, xs in parts[1:]:
+        for dys, xs in rest:
             tile.addmm_(dys.t(), xs)
-        sketch[d].index_add_(0, bucket, tile.reshape(-1) * sign)
+        fold(d, tile)
     return dw
 
 
@@ -91,10 +108,16 @@ def _domain_sketch_op(
     check_ids: bool,
     check_finite: bool,
     row_offset: int = 0,
+    dw_from_domains: bool = False,
 ) -> torch.Tensor:
     V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
-    impl = get_impl("domain_sketch", backend)
-    dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer, row_offset)
+    if backend == "torch":
+        dw = domain_sketch_torch(
+            x, dy, domain_ids, num_domains, sketch, seed, layer, row_offset, dw_from_domains
+        )
+    else:  # the fused kernels form dW themselves
+        impl = get_impl("domain_sketch", backend)
+        dw = impl(x, dy, domain_ids, num_domains, sketch, seed, layer, row_offset)
     if bias:
         bucket, sign = _bias_hash(
             dy.shape[1], x.shape[1], sketch.shape[1], seed, layer, x.device, row_offset
@@ -106,7 +129,7 @@ def _domain_sketch_op(
 @_domain_sketch_op.register_fake
 def _(
     x, dy, domain_ids, num_domains, sketch, seed, layer, bias, backend, check_ids, check_finite,
-    row_offset=0,
+    row_offset=0, dw_from_domains=False,
 ):  # fmt: skip
     return x.new_empty(dy.shape[1], x.shape[1])
 
@@ -126,6 +149,7 @@ def domain_sketch(
     check_ids: bool = True,
     check_finite: bool = False,
     row_offset: int = 0,
+    dw_from_domains: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus a count-sketch of each domain's share.
 
@@ -154,6 +178,8 @@ def domain_sketch(
             weight (rows ``[row_offset, row_offset + K_out)``, a vocabulary-parallel head): rows
             are hashed by global index, so the shards' sketches add up to the full weight's.
             ``row_offset + K_out <= 2**32``.
+        dw_from_domains: as in :func:`segmented_wgrad` (torch backend: ``dW`` as the sum of
+            the domain tiles, one GEMM less, not bit-identical to ``dyᵀ x``).
 
     Returns:
         ``(dW, sketch)``: ``dW`` ``[K_out, K_in]`` in ``x.dtype`` and the updated sketch.
@@ -190,8 +216,10 @@ def domain_sketch(
             "row_offset: this build's cuda domain_sketch kernel hashes rows from 0; "
             "rebuild rnb_kernels._C or use backend='triton' / 'torch' for row-sharded weights"
         )
+    if not isinstance(dw_from_domains, bool):
+        raise TypeError(f"dw_from_domains must be a bool, got {type(dw_from_domains).__name__}")
     dw = _domain_sketch_op(
         x, dy, domain_ids, num_domains, sketch, seed, layer, bool(bias), be,
-        bool(check_ids), bool(check_finite), int(row_offset),
+        bool(check_ids), bool(check_finite), int(row_offset), dw_from_domains,
     )  # fmt: skip
     return dw, sketch

@@ -7,17 +7,37 @@ import torch
 from . import _validate as V
 from ._dispatch import get_impl, resolve_backend
 
-# Columns per float64 chunk: bounds the temporary to ~m * 2**20 * 8 bytes however large P is.
-_CHUNK = 1 << 20
+# Float64 column chunks. On the CPU a chunk of all rows is ~4 MB, copied into one buffer reused
+# for every chunk: measured on the 2-core CPU at m = 16 and 64, P = 2M, this is 4-6x faster than
+# 2**20-column chunks, whose fresh 128-512 MB temporaries are page-faulted in on every call. On
+# a GPU, 2**20 columns: few launches, and the caching allocator reuses the memory anyway.
+_CPU_CHUNK_BYTES = 4 << 20
+_GPU_CHUNK_COLUMNS = 1 << 20
+
+
+def _spans(rows: int, cols: int, device: torch.device) -> list[tuple[int, int]]:
+    """Column spans ``(lo, hi)`` of a float64 pass over ``rows`` rows of ``cols`` columns."""
+    step = max(1, _CPU_CHUNK_BYTES // (8 * rows)) if device.type == "cpu" else _GPU_CHUNK_COLUMNS
+    return [(lo, min(lo + step, cols)) for lo in range(0, cols, step)]
+
+
+def _float64_chunks(spans: list[tuple[int, int]], *ts: torch.Tensor):
+    """Yield, per span, each tensor's columns in float64, copied into one buffer per tensor
+    that every chunk reuses (the views are overwritten by the next chunk)."""
+    width = max((hi - lo for lo, hi in spans), default=0)
+    bufs = [torch.empty(t.shape[0], width, dtype=torch.float64, device=t.device) for t in ts]
+    for lo, hi in spans:
+        yield [buf[:, : hi - lo].copy_(t[:, lo:hi]) for buf, t in zip(bufs, ts)]
 
 
 def gram_torch(a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """Torch backend: float64 products over column chunks of ``a`` (and ``b``)."""
     rows_b = a if b is None else b
     out = torch.zeros(a.shape[0], rows_b.shape[0], dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], _CHUNK):
-        ac = a[:, lo : lo + _CHUNK].to(torch.float64)
-        bc = ac if b is None else b[:, lo : lo + _CHUNK].to(torch.float64)
+    ts = (a,) if b is None else (a, b)
+    spans = _spans(sum(t.shape[0] for t in ts), a.shape[1], a.device)
+    for chunk in _float64_chunks(spans, *ts):
+        ac, bc = chunk[0], chunk[-1]
         out.addmm_(ac, bc.t())
     if b is None:
         # Exact symmetry, whatever order the BLAS summed the two triangles in.
@@ -115,7 +135,6 @@ def gram_matvec(a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     V.check_same_device(a, "a", c=c)
     c64 = c.to(torch.float64)
     out = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
-    for lo in range(0, a.shape[1], _CHUNK):
-        ac = a[:, lo : lo + _CHUNK].to(torch.float64)
+    for (ac,) in _float64_chunks(_spans(a.shape[0], a.shape[1], a.device), a):
         out.addmv_(ac, c64 @ ac)
     return out

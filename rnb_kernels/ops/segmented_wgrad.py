@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from . import _validate as V
@@ -37,11 +39,57 @@ def domain_bias_sums(dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: in
     return out[1:]
 
 
+def wgrad_from_domains(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    consume: Callable[[int, torch.Tensor], None],
+) -> torch.Tensor:
+    """``dW = dyᵀ x`` formed as the sum of the per-domain products (torch backends).
+
+    Each present domain's fp32 tile ``dy_dᵀ x_d`` ``[K_out, K_in]`` is handed to
+    ``consume(d, tile)`` (valid only during the call) and added into ``dW``; rows with id ``-1``
+    are added last. The GEMM work is that of one ``dyᵀ x``, against two for ``dyᵀ x`` plus the
+    per-domain products, for one ``[K_out, K_in]`` add per domain; ``dW`` equals ``dyᵀ x`` up to
+    fp32 rounding (summed in fp32, returned in ``x.dtype``), not bit for bit."""
+    dw: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
+        (dys, xs), rest = parts[0], parts[1:]
+        if dw is None:
+            tile = dw = dys.t().mm(xs)
+        else:
+            if scratch is None:
+                scratch = torch.empty_like(dw)
+            tile = torch.mm(dys.t(), xs, out=scratch)
+        for dys, xs in rest:
+            tile.addmm_(dys.t(), xs)
+        consume(d, tile)
+        if tile is not dw:
+            dw.add_(tile)
+    ignored = domain_ids < 0
+    if dw is None:
+        dw = torch.zeros(dy.shape[1], x.shape[1], dtype=torch.float32, device=x.device)
+    if bool(ignored.any()):
+        dw.addmm_(dy[ignored].float().t(), x[ignored].float())
+    return dw.to(x.dtype)
+
+
 def segmented_wgrad_torch(
-    x: torch.Tensor, dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, acc: torch.Tensor
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    acc: torch.Tensor,
+    dw_from_domains: bool = False,
 ) -> torch.Tensor:
     """Torch backend: ``dW = dyᵀ x`` in the input dtype (the same GEMM autograd runs for
-    ``nn.Linear``, so ``param.grad`` is bit-identical), then fp32 per-domain GEMMs into ``acc``."""
+    ``nn.Linear``, so ``param.grad`` is bit-identical), then fp32 per-domain GEMMs into ``acc``;
+    with ``dw_from_domains`` (not for float64), ``dW`` is the sum of those products instead
+    (:func:`wgrad_from_domains`: one GEMM less, equal up to fp32 rounding)."""
+    if dw_from_domains and x.dtype != torch.float64:
+        return wgrad_from_domains(x, dy, domain_ids, num_domains, lambda d, t: acc[d].add_(t))
     dw = dy.t().mm(x)
     add_domain_products(x, dy, domain_ids, num_domains, acc)
     return dw
@@ -68,16 +116,23 @@ def _segmented_wgrad_op(
     backend: str,
     check_ids: bool,
     check_finite: bool,
+    dw_from_domains: bool = False,
 ) -> torch.Tensor:
     V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
-    dw = get_impl("segmented_wgrad", backend)(x, dy, domain_ids, num_domains, acc)
+    if backend == "torch":
+        dw = segmented_wgrad_torch(x, dy, domain_ids, num_domains, acc, dw_from_domains)
+    else:  # the fused kernels form dW themselves
+        dw = get_impl("segmented_wgrad", backend)(x, dy, domain_ids, num_domains, acc)
     if bias_acc is not None:
         bias_acc += domain_bias_sums(dy, domain_ids, num_domains)
     return dw
 
 
 @_segmented_wgrad_op.register_fake
-def _(x, dy, domain_ids, num_domains, acc, bias_acc, backend, check_ids, check_finite):
+def _(
+    x, dy, domain_ids, num_domains, acc, bias_acc, backend, check_ids, check_finite,
+    dw_from_domains=False,
+):  # fmt: skip
     return x.new_empty(dy.shape[1], x.shape[1])
 
 
@@ -92,6 +147,7 @@ def segmented_wgrad(
     bias_acc: torch.Tensor | None = None,
     check_ids: bool = True,
     check_finite: bool = False,
+    dw_from_domains: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus per-domain shares, in one op.
 
@@ -115,6 +171,9 @@ def segmented_wgrad(
             per micro-batch) pass ``False``.
         check_finite: raise ``ValueError`` (before touching ``acc``) if ``x`` or ``dy`` hold
             NaN/Inf. Off by default: it costs a pass over both inputs.
+        dw_from_domains: torch backend: form ``dW`` as the sum of the per-domain products (one
+            GEMM instead of two; equal to ``dyᵀ x`` up to fp32 rounding, not bit for bit).
+            Ignored for float64 inputs and by the fused GPU kernels, which form ``dW`` anyway.
 
     Returns:
         ``(dW, acc)``: ``dW`` ``[K_out, K_in]`` in ``x.dtype``; ``acc`` the updated accumulator.
@@ -137,7 +196,10 @@ def segmented_wgrad(
     be = resolve_backend("segmented_wgrad", backend, x.device)
     if be != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
+    if not isinstance(dw_from_domains, bool):
+        raise TypeError(f"dw_from_domains must be a bool, got {type(dw_from_domains).__name__}")
     dw = _segmented_wgrad_op(
-        x, dy, domain_ids, num_domains, acc, bias_acc, be, bool(check_ids), bool(check_finite)
-    )
+        x, dy, domain_ids, num_domains, acc, bias_acc, be, bool(check_ids), bool(check_finite),
+        dw_from_domains,
+    )  # fmt: skip
     return dw, acc

@@ -261,7 +261,7 @@ class Slot:
         if tr.mode == "exact":
             dw, _ = segmented_wgrad(
                 x2, dy2, rows, m, acc=b["w"], backend=self.backend, bias_acc=b.get("b"),
-                check_ids=False,
+                check_ids=False, dw_from_domains=not tr.bitwise_grad,
             )  # fmt: skip
         elif tr.mode == "projected":
             dw, _ = domain_projection(
@@ -275,7 +275,7 @@ class Slot:
             dw, _ = domain_sketch(
                 x2, dy2, rows, m, sketch=b["s"], seed=tr.hash_seed, layer=self.index,
                 backend=self.backend, bias=self.has_bias, check_ids=False,
-                row_offset=self.row_offset,
+                row_offset=self.row_offset, dw_from_domains=not tr.bitwise_grad,
             )  # fmt: skip
         self.dirty[group] = True
         ctx.seen = True

@@ -61,9 +61,13 @@ def _tracker_modes() -> tuple[str, ...]:
 
 
 # Extra variants of a mode, named on the command line like a mode: projected mode without its
-# exact rows, so their cost shows on its own.
+# exact rows, so their cost shows on its own; exact and sketch modes with the weight gradient
+# summed from the per-domain products (bitwise_grad=False: one GEMM less, param.grad equal to
+# untracked up to fp32 rounding).
 MODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "projected-plain": ("projected", {"exact_rows": 0}),
+    "exact-summed": ("exact", {"bitwise_grad": False}),
+    "sketch-summed": ("sketch", {"bitwise_grad": False}),
 }
 DEFAULT_MODES = (*_tracker_modes(), *MODE_VARIANTS)
 
@@ -339,7 +343,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--modes",
         default=",".join(DEFAULT_MODES),
         help="tracker modes, comma-separated (auto = the tracker's default for this layer; "
-        "projected-plain = projected without exact rows)",
+        "projected-plain = projected without exact rows; exact-summed / sketch-summed = "
+        "bitwise_grad=False)",
     )
     p.add_argument("--no-anchors", action="store_true", help="skip the two anchor variants")
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
