@@ -103,13 +103,16 @@ def test_results_dir_order(tmp_path, monkeypatch):
     assert harness.results_csv("kernels", "cpu").name == "kernels_cpu.csv"
 
 
-def test_environment_columns():
+def test_environment_columns(monkeypatch):
     from rnb_kernels.experiments.harness import environment
 
     env = environment("cpu")
     assert list(env) == ["timestamp", "device", "hardware", "threads", "torch", "triton",
-                         "cuda", "python", "git_sha", "git_dirty", "load_avg_1min"]  # fmt: skip
+                         "cuda", "python", "git_sha", "git_dirty", "load_avg_1min",
+                         "malloc_tunables"]  # fmt: skip
     assert env["device"] == "cpu" and env["hardware"] and env["threads"] >= 1
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1")
+    assert environment("cpu")["malloc_tunables"] == "glibc.malloc.mmap_threshold=1"
 
 
 def test_time_interleaved_runs_round_robin():
@@ -118,7 +121,7 @@ def test_time_interleaved_runs_round_robin():
     calls = []
     fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
     times = time_interleaved(fns, repeats=3, warmup=1)
-    assert "".join(calls) == "abc" * 4
+    assert "".join(calls) == "abc" + "bca" + "cab" + "abc"  # every round rotated by one
     assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
     with pytest.raises(ValueError, match="repeats"):
         time_interleaved(fns, repeats=0)

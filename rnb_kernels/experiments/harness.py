@@ -12,7 +12,7 @@ Used by ``rnb bench mixing``, ``rnb bench overhead`` and the scripts in ``benchm
 * :func:`append_csv` (header union), :func:`write_csv`, :func:`markdown_table`.
 * :func:`median_ms` — ``triton.testing.do_bench`` on CUDA (L2 flushed between runs, CUDA
   events), a ``perf_counter`` loop on the CPU (:func:`cpu_time_ms`).
-* :func:`time_interleaved` — variants run round-robin (A B C A B C ...), so load from other
+* :func:`time_interleaved` — variants run round-robin, rotated (A B C, B C A, ...), so load from other
   processes and clock drift hit every variant alike; :func:`summarize` (median, IQR,
   bootstrap CI of the median) and :func:`ratio_ci` (ratio of medians, bootstrap CI paired by
   round) turn the samples into numbers that can be compared.
@@ -134,6 +134,10 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
         "git_sha": sha,
         "git_dirty": "" if dirty is None else dirty,
         "load_avg_1min": load,
+        # glibc's allocator settings change CPU step times (on the 2-core VM, the untracked
+        # CPU preset step went from ~210 to ~175 ms when large temporaries stopped being
+        # mmapped and page-faulted in on every step), so a row says which it ran under.
+        "malloc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
     }
 
 
@@ -260,11 +264,14 @@ def time_interleaved(
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
 ) -> dict[str, list[float]]:
-    """Time whole steps of several variants round-robin: A B C, A B C, ...
+    """Time whole steps of several variants round-robin, the order rotated every round:
+    A B C, B C A, C A B, ...
 
     Every variant runs ``warmup`` untimed rounds, then ``repeats`` timed ones; sample ``i`` of
     every variant comes from round ``i``, so samples are paired by round (see
-    :func:`ratio_ci`).
+    :func:`ratio_ci`). The rotation keeps any cost of a position in the round (running first,
+    or right after a variant that leaves the caches or the allocator in some state) from
+    landing on one variant every time.
 
     Args:
         fns: ``{name: fn}``; each ``fn()`` is one unit of work (a step, a round of steps).
@@ -281,15 +288,21 @@ def time_interleaved(
     if not fns:
         raise ValueError("fns is empty")
     sync = sync or (lambda: None)
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
+    names = list(fns)
+
+    def order(r: int) -> list[str]:
+        k = r % len(names)
+        return names[k:] + names[:k]
+
+    for r in range(warmup):
+        for name in order(r):
+            fns[name]()
     sync()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    for r in range(repeats):
+        for name in order(warmup + r):
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             sync()
             times[name].append(time.perf_counter() - t0)
     return times

@@ -1,7 +1,7 @@
 """``rnb bench overhead``: end-to-end training-step cost of per-domain gradient tracking.
 
 Every variant trains its own copy of the same model (same init, batch and domain ids), and
-the variants are timed interleaved, one mixing round each in turn (A B C ..., A B C ...;
+the variants are timed interleaved, one mixing round each in turn (A B C, B C A, ...;
 :func:`~rnb_kernels.experiments.harness.time_interleaved`), so load from other processes and
 clock drift hit every variant alike. A timed unit is one mixing round: ``update_every``
 optimizer steps, including the round's ``gram()`` + ``reset()`` for tracked variants, so the
