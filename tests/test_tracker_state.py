@@ -1,0 +1,187 @@
+"""DomainGradientTracker.state_dict / load_state_dict: every field restored, every bad state
+rejected with a message naming what is wrong, and a rejected state never changes the tracker."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from rnb_kernels import DomainGradientTracker
+
+M = 3
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 11))
+
+
+def _trained(mode: str, **kw) -> DomainGradientTracker:
+    """A tracker with something in every field: two rounds (so projected mode has heavy rows),
+    a target row, loss-scaled buffers, a dropped non-finite micro-batch and a non-finite read."""
+    net = _net()
+    kw = {"modules": ["0", "2"], "mode": mode, "sketch_dim": 32, "proj_dim": 4,
+          "exact_rows": 3, "skip_nonfinite": "micro-batch", **kw}  # fmt: skip
+    tr = DomainGradientTracker(net, M, **kw)
+    g = torch.Generator().manual_seed(1)
+    for r in range(2):
+        for _ in range(2):
+            x = torch.randn(6, 5, generator=g)
+            with tr.domains(torch.tensor([0, 0, 1, 2, 2, -1]), grad_scale=8.0):
+                (net(x).square().sum() * 8.0).backward()
+        if r == 0:
+            tr.reset()
+    with pytest.warns(RuntimeWarning, match="non-finite"), tr.domains(torch.ones(6).long()):
+        net(torch.full((6, 5), math.nan)).sum().backward()  # dropped: counted in nonfinite_skips
+    tr.record_target(net(torch.randn(4, 5, generator=g)).sum())
+    tr.nonfinite_rounds = 2
+    tr._synced = True
+    return tr
+
+
+def _equal(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
+def test_round_trip_restores_every_field(mode):
+    src = _trained(mode)
+    state = src.state_dict()
+    assert state["nonfinite_skips"] == 1 and state["nonfinite_rounds"] == 2
+    assert state["synced"] is True and state["round"] == 1
+    assert state["slots"][1]["scale"]["domain"] == 8.0 and state["slots"][1]["dirty"]["target"]
+    if mode == "projected":
+        assert state["slots"][1]["heavy"].shape == (3,)
+        assert state["slots"][1]["energy"].abs().sum() > 0
+    dst = DomainGradientTracker(_net(), M, **{k: v for k, v in _config(src).items()})
+    dst.load_state_dict(state)
+    assert _equal(dst.state_dict(), state)
+    # Buffers are copies: the source moving on leaves the loaded tracker alone.
+    src.reset()
+    assert _equal(dst.state_dict(), state)
+
+
+def _config(tr: DomainGradientTracker) -> dict:
+    return {"modules": ["0", "2"], "mode": tr.mode, "sketch_dim": tr.sketch_dim,
+            "proj_dim": tr.proj_dim, "exact_rows": tr.exact_rows, "seed": tr.seed,
+            "reseed": tr.reseed}  # fmt: skip
+
+
+def _drop(key):
+    def edit(s):
+        del s[key]
+
+    return edit
+
+
+def _set(path, value):
+    def edit(s):
+        d = s
+        for k in path[:-1]:
+            d = d[k]
+        d[path[-1]] = value(d[path[-1]]) if callable(value) else value
+
+    return edit
+
+
+BAD_STATES = [
+    *[pytest.param("exact", _drop(k), ValueError, f"state is missing '{k}'", id=f"no-{k}")
+      for k in ("mode", "num_domains", "sketch_dim", "seed", "modules")],  # fmt: skip
+    pytest.param("exact", _set(["mode"], "sketch"), ValueError, "configured as", id="mode"),
+    pytest.param("exact", _set(["seed"], 7), ValueError, "configured as", id="seed"),
+    pytest.param("exact", _set(["num_domains"], 4), ValueError, "configured as", id="m"),
+    pytest.param("exact", _set(["modules"], ["2", "0"]), ValueError, "configured as", id="mods"),
+    pytest.param("sketch", _set(["sketch_dim"], 64), ValueError, "configured as", id="k"),
+    pytest.param("projected", _set(["proj_dim"], 8), ValueError, "configured as", id="proj"),
+    pytest.param("projected", _set(["proj_in_dim"], 3), ValueError, "configured as", id="pin"),
+    pytest.param("projected", _set(["exact_rows"], 2), ValueError, "configured as", id="rows"),
+    # A state from before exact rows existed kept none: it does not fit 3 exact rows.
+    pytest.param("projected", _drop("exact_rows"), ValueError, r"\(.*, 0\), not", id="old"),
+    pytest.param("exact", _set(["slots"], lambda s: s[:1]), ValueError,
+                 "state has 1 slots, this tracker 2", id="slots"),  # fmt: skip
+    pytest.param("exact", _set(["slots", 1, "buffers", "domain"], lambda b: {}), ValueError,
+                 "state has no buffer domain/w for 2", id="no-buffer"),  # fmt: skip
+    pytest.param("exact", _set(["slots", 0, "buffers", "target", "b"], torch.zeros(1, 6)),
+                 ValueError, r"buffer target/b of 0 has shape \(1, 6\), expected \(1, 7\)",
+                 id="buffer-shape"),  # fmt: skip
+    pytest.param("projected", _set(["slots", 1, "heavy"], torch.tensor([0, 1])), ValueError,
+                 r"heavy rows of 2 must be 3 indices in \[0, 11\), got shape \(2,\)",
+                 id="heavy-shape"),  # fmt: skip
+    pytest.param("projected", _set(["slots", 1, "heavy"], torch.tensor([0, 1, 11])),
+                 ValueError, "heavy rows of 2 must be 3 indices", id="heavy-high"),  # fmt: skip
+    pytest.param("projected", _set(["slots", 1, "heavy"], torch.tensor([-1, 1, 2])),
+                 ValueError, "heavy rows of 2 must be 3 indices", id="heavy-negative"),  # fmt: skip
+    pytest.param("projected", _set(["slots", 0, "energy"], torch.zeros(8)), ValueError,
+                 r"energy of 0 has shape \(8,\), expected \(7,\)", id="energy"),  # fmt: skip
+    pytest.param("exact", _set(["counts"], torch.zeros(4, dtype=torch.float64)), ValueError,
+                 r"counts must have shape \(3,\)", id="counts"),  # fmt: skip
+]
+
+
+@pytest.mark.parametrize("mode,edit,exc,match", BAD_STATES)
+def test_bad_state_is_rejected_and_changes_nothing(mode, edit, exc, match):
+    src = _trained(mode)
+    dst = _trained(mode, seed=0)
+    dst.reset()  # different contents from src, so a partial load would show
+    before = dst.state_dict()
+    bad = copy.deepcopy(src.state_dict())
+    edit(bad)
+    with pytest.raises(exc, match=match):
+        dst.load_state_dict(bad)
+    assert _equal(dst.state_dict(), before)
+
+
+def test_state_must_be_a_dict():
+    tr = _trained("exact")
+    with pytest.raises(TypeError, match="state must be a dict, got list"):
+        tr.load_state_dict([])
+
+
+def test_settings_of_other_modes_do_not_matter():
+    """Exact mode's buffers do not depend on sketch_dim / proj_dim / exact_rows."""
+    src = _trained("exact")
+    state = src.state_dict()
+    dst = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="exact", sketch_dim=99,
+                                proj_dim=2, exact_rows=0)  # fmt: skip
+    dst.load_state_dict(state)
+    assert torch.equal(dst.gram(), src.gram())
+
+
+def test_projected_without_exact_rows_loads_a_state_from_before_them():
+    src = _trained("projected", exact_rows=0)
+    state = src.state_dict()
+    del state["exact_rows"]
+    for s in state["slots"]:
+        del s["heavy"], s["energy"]
+    del state["nonfinite_rounds"], state["round"], state["reseed"]
+    dst = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="projected", proj_dim=4,
+                                exact_rows=0, reseed=False)  # fmt: skip
+    dst.load_state_dict(state)
+    assert dst.nonfinite_rounds == 0 and dst._round == 0 and dst.nonfinite_skips == 1
+    assert torch.equal(dst.domain_projections(), src.domain_projections())
+
+
+def test_reseed_mismatch_warns_and_keeps_this_trackers_setting(caplog):
+    src = _trained("sketch", reseed=True)
+    dst = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="sketch", sketch_dim=32,
+                                reseed=False)  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.tracking.tracker"):
+        dst.load_state_dict(src.state_dict())
+    assert "saved with reseed=True, this tracker has reseed=False" in caplog.text
+    assert dst.reseed is False and dst._round == 1
+    caplog.clear()
+    same = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="sketch", sketch_dim=32)
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.tracking.tracker"):
+        same.load_state_dict(src.state_dict())
+    assert "reseed" not in caplog.text
