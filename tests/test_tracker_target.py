@@ -1,0 +1,137 @@
+"""The tracker's target row: record_target's arguments and errors, masks, loss scales, and
+target_alignment against independently computed gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _optest import GemmShapes
+from torch import nn
+
+from rnb_kernels import DomainGradientTracker
+
+M = 3
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 11))
+
+
+def _head_grad(net: nn.Sequential, loss: torch.Tensor) -> torch.Tensor:
+    """float64 flattened ``[d loss / d W_head | d loss / d b_head]``, by plain autograd."""
+    gw, gb = torch.autograd.grad(loss, [net[2].weight, net[2].bias])
+    return torch.cat([gw.reshape(-1), gb]).double()
+
+
+def test_record_target_rejects_bad_losses():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    with pytest.raises(TypeError, match="loss must be a torch.Tensor, got float"):
+        tr.record_target(1.0)
+    with torch.no_grad():
+        frozen = net(torch.randn(2, 5)).sum()
+    with pytest.raises(ValueError, match=r"loss does not require grad \(was it computed under"):
+        tr.record_target(frozen)
+    untracked_only = net[0](torch.randn(2, 5)).sum()  # never reaches the tracked head
+    with pytest.raises(
+        ValueError,
+        match=r"loss does not depend on any tracked module .*fused_linear_cross_entropy\(\.\.\., "
+        r"tracker=\)",
+    ):
+        tr.record_target(untracked_only)
+    with pytest.raises(TypeError, match="mask must be a bool tensor"):
+        tr.record_target(net(torch.randn(2, 5)).sum(), mask=torch.tensor([0, 1]))
+    assert float(tr.target_count()) == 0.0
+    assert not bool(tr.target_grad().any())
+
+
+def test_record_target_equals_autograd_and_leaves_grads_alone():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    x = torch.randn(4, 5)
+    tr.record_target(net(x).square().sum())
+    want = _head_grad(net, net(x).square().sum())
+    torch.testing.assert_close(tr.target_grad().double(), want, rtol=1e-5, atol=1e-6)
+    assert float(tr.target_count()) == 4.0
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_record_target_mask_keeps_only_the_masked_samples():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    x = torch.randn(5, 5)
+    mask = torch.tensor([True, False, True, True, False])
+    tr.record_target(net(x).square().sum(1).sum(), mask=mask)
+    want = _head_grad(net, net(x[mask]).square().sum())
+    torch.testing.assert_close(tr.target_grad().double(), want, rtol=1e-5, atol=1e-6)
+    assert float(tr.target_count()) == 3.0
+
+
+def test_record_target_sums_a_non_scalar_loss():
+    net = _net()
+    a = DomainGradientTracker(net, M, mode="exact")
+    x = torch.randn(4, 5)
+    a.record_target(net(x).square().sum(1))  # [4]: its sum is differentiated
+    got = a.target_grad().clone()
+    a.reset()
+    a.record_target(net(x).square().sum())
+    assert torch.equal(got, a.target_grad())
+
+
+def test_record_target_grad_scale_is_undone():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    x = torch.randn(4, 5)
+    tr.record_target(net(x).sum() * 4.0, grad_scale=4.0)
+    scaled = tr.target_grad().clone()
+    tr.reset()
+    tr.record_target(net(x).sum())
+    torch.testing.assert_close(scaled, tr.target_grad(), rtol=1e-6, atol=0)
+
+
+def test_record_target_frees_the_graph_unless_asked():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    loss = net(torch.randn(3, 5)).sum()
+    tr.record_target(loss)
+    with pytest.raises(RuntimeError, match="second time"):
+        loss.backward()
+    loss = net(torch.randn(3, 5)).sum()
+    tr.record_target(loss, retain_graph=True)
+    loss.backward()  # the graph is still there
+    assert net[2].weight.grad is not None
+
+
+def test_record_target_runs_no_input_gradient_of_the_last_tracked_layer():
+    """anchor-only backward: the head's dy @ W (inner size 11 = K_out) is never formed."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    loss = net(torch.randn(3, 5)).sum()
+    with GemmShapes() as rec:
+        tr.record_target(loss)
+    assert 11 not in rec.inner, rec.inner
+    assert 3 in rec.inner  # the head's dyᵀ x over the 3 rows
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
+def test_target_alignment_undoes_both_loss_scales(mode):
+    """Domain rows at grad_scale 4 and the target at 2 give the alignment of unscaled ones."""
+    kw = {"mode": mode, "sketch_dim": 64, "proj_dim": 8, "exact_rows": 2, "reseed": False}
+    nets = [_net(), _net()]
+    trs = [DomainGradientTracker(n, M, **kw) for n in nets]
+    x, ids, xt = torch.randn(6, 5), torch.tensor([0, 0, 1, 2, 2, 1]), torch.randn(4, 5)
+    for (net, tr), (ds, ts) in zip(zip(nets, trs), ((4.0, 2.0), (1.0, 1.0))):
+        with tr.domains(ids, grad_scale=ds):
+            (net(x).square().sum() * ds).backward()
+        tr.record_target(net(xt).sum() * ts, grad_scale=ts)
+    got, want = trs[0].target_alignment(), trs[1].target_alignment()
+    assert got.dtype == torch.float64 and got.shape == (M,)
+    assert bool(want.abs().gt(0).all())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    if mode == "exact":  # and against plain autograd, one backward per domain
+        net = _net()
+        tgt = _head_grad(net, net(xt).sum())
+        for d in range(M):
+            g = _head_grad(net, net(x[ids == d]).square().sum())
+            torch.testing.assert_close(want[d], g @ tgt, rtol=1e-5, atol=1e-6)
