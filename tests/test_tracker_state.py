@@ -96,8 +96,10 @@ def _set(path, value):
 
 
 BAD_STATES = [
-    *[pytest.param("exact", _drop(k), ValueError, f"state is missing '{k}'", id=f"no-{k}")
-      for k in ("mode", "num_domains", "sketch_dim", "seed", "modules")],  # fmt: skip
+    *[
+        pytest.param("exact", _drop(k), ValueError, f"state is missing '{k}'", id=f"no-{k}")
+        for k in ("mode", "num_domains", "sketch_dim", "seed", "modules")
+    ],  # fmt: skip
     pytest.param("exact", _set(["mode"], "sketch"), ValueError, "configured as", id="mode"),
     pytest.param("exact", _set(["seed"], 7), ValueError, "configured as", id="seed"),
     pytest.param("exact", _set(["num_domains"], 4), ValueError, "configured as", id="m"),
@@ -108,24 +110,62 @@ BAD_STATES = [
     pytest.param("projected", _set(["exact_rows"], 2), ValueError, "configured as", id="rows"),
     # A state from before exact rows existed kept none: it does not fit 3 exact rows.
     pytest.param("projected", _drop("exact_rows"), ValueError, r"\(.*, 0\), not", id="old"),
-    pytest.param("exact", _set(["slots"], lambda s: s[:1]), ValueError,
-                 "state has 1 slots, this tracker 2", id="slots"),  # fmt: skip
-    pytest.param("exact", _set(["slots", 1, "buffers", "domain"], lambda b: {}), ValueError,
-                 "state has no buffer domain/w for 2", id="no-buffer"),  # fmt: skip
-    pytest.param("exact", _set(["slots", 0, "buffers", "target", "b"], torch.zeros(1, 6)),
-                 ValueError, r"buffer target/b of 0 has shape \(1, 6\), expected \(1, 7\)",
-                 id="buffer-shape"),  # fmt: skip
-    pytest.param("projected", _set(["slots", 1, "heavy"], torch.tensor([0, 1])), ValueError,
-                 r"heavy rows of 2 must be 3 indices in \[0, 11\), got shape \(2,\)",
-                 id="heavy-shape"),  # fmt: skip
-    pytest.param("projected", _set(["slots", 1, "heavy"], torch.tensor([0, 1, 11])),
-                 ValueError, "heavy rows of 2 must be 3 indices", id="heavy-high"),  # fmt: skip
-    pytest.param("projected", _set(["slots", 1, "heavy"], torch.tensor([-1, 1, 2])),
-                 ValueError, "heavy rows of 2 must be 3 indices", id="heavy-negative"),  # fmt: skip
-    pytest.param("projected", _set(["slots", 0, "energy"], torch.zeros(8)), ValueError,
-                 r"energy of 0 has shape \(8,\), expected \(7,\)", id="energy"),  # fmt: skip
-    pytest.param("exact", _set(["counts"], torch.zeros(4, dtype=torch.float64)), ValueError,
-                 r"counts must have shape \(3,\)", id="counts"),  # fmt: skip
+    pytest.param(
+        "exact",
+        _set(["slots"], lambda s: s[:1]),
+        ValueError,
+        "state has 1 slots, this tracker 2",
+        id="slots",
+    ),  # fmt: skip
+    pytest.param(
+        "exact",
+        _set(["slots", 1, "buffers", "domain"], lambda b: {}),
+        ValueError,
+        "state has no buffer domain/w for 2",
+        id="no-buffer",
+    ),  # fmt: skip
+    pytest.param(
+        "exact",
+        _set(["slots", 0, "buffers", "target", "b"], torch.zeros(1, 6)),
+        ValueError,
+        r"buffer target/b of 0 has shape \(1, 6\), expected \(1, 7\)",
+        id="buffer-shape",
+    ),  # fmt: skip
+    pytest.param(
+        "projected",
+        _set(["slots", 1, "heavy"], torch.tensor([0, 1])),
+        ValueError,
+        r"heavy rows of 2 must be 3 indices in \[0, 11\), got shape \(2,\)",
+        id="heavy-shape",
+    ),  # fmt: skip
+    pytest.param(
+        "projected",
+        _set(["slots", 1, "heavy"], torch.tensor([0, 1, 11])),
+        ValueError,
+        "heavy rows of 2 must be 3 indices",
+        id="heavy-high",
+    ),  # fmt: skip
+    pytest.param(
+        "projected",
+        _set(["slots", 1, "heavy"], torch.tensor([-1, 1, 2])),
+        ValueError,
+        "heavy rows of 2 must be 3 indices",
+        id="heavy-negative",
+    ),  # fmt: skip
+    pytest.param(
+        "projected",
+        _set(["slots", 0, "energy"], torch.zeros(8)),
+        ValueError,
+        r"energy of 0 has shape \(8,\), expected \(7,\)",
+        id="energy",
+    ),  # fmt: skip
+    pytest.param(
+        "exact",
+        _set(["counts"], torch.zeros(4, dtype=torch.float64)),
+        ValueError,
+        r"counts must have shape \(3,\)",
+        id="counts",
+    ),  # fmt: skip
 ]
 
 
