@@ -135,3 +135,58 @@ def test_target_alignment_undoes_both_loss_scales(mode):
         for d in range(M):
             g = _head_grad(net, net(x[ids == d]).square().sum())
             torch.testing.assert_close(want[d], g @ tgt, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- statistics reads
+def test_gram_vector_is_float64_and_undoes_the_loss_scale():
+    nets = [_net(), _net()]
+    trs = [DomainGradientTracker(n, M, mode="exact") for n in nets]
+    x, ids = torch.randn(6, 5), torch.tensor([0, 0, 1, 2, 2, 1])
+    for net, tr, s in zip(nets, trs, (8.0, 1.0)):
+        with tr.domains(ids, grad_scale=s):
+            (net(x).square().sum() * s).backward()
+    c = [1 / 3, 2 / 7, 0.1]  # not fp32-representable: a float32 detour would show
+    want = trs[1].gram() @ torch.tensor(c, dtype=torch.float64)
+    got = trs[0].gram_vector(c)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(trs[1].gram_vector(c), want, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match=r"coeffs must have shape \(3,\), got \(2,\)"):
+        trs[0].gram_vector([1.0, 2.0])
+
+
+def test_nonfinite_reads_are_counted_and_warned():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")  # skip_nonfinite="round": nothing dropped
+    with tr.domains(torch.tensor([0, 1])):
+        net(torch.tensor([[float("inf")] * 5, [1.0] * 5])).sum().backward()
+    for k in (1, 2):
+        with pytest.warns(RuntimeWarning, match=f"non-finite gram vector.*{k} so far"):
+            tr.gram_vector([1.0, 0.0, 0.0])
+        assert tr.nonfinite_rounds == k
+
+
+def test_target_micro_batch_dropped_after_the_head_saw_it_is_not_counted():
+    """skip_nonfinite='micro-batch': the head's backward is finite (tanh saturates the inf),
+    the first layer's input is not, so the target micro-batch is dropped: no count."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="exact",
+                               skip_nonfinite="micro-batch")  # fmt: skip
+    x = torch.randn(3, 5)
+    x[0, 0] = float("inf")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        tr.record_target(net(x).sum())
+    assert float(tr.target_count()) == 0.0 and tr.nonfinite_skips == 1
+    tr.record_target(net(torch.randn(2, 5)).sum())
+    assert float(tr.target_count()) == 2.0
+
+
+def test_mode_specific_reads_name_their_mode():
+    tr = DomainGradientTracker(_net(), M, mode="exact")
+    with pytest.raises(RuntimeError, match=r"domain_sketches\(\) needs mode='sketch'"):
+        tr.domain_sketches()
+    with pytest.raises(RuntimeError, match=r"domain_projections\(\) needs mode='projected'"):
+        tr.domain_projections()
+    sk = DomainGradientTracker(_net(), M, mode="sketch")
+    with pytest.raises(RuntimeError, match=r"domain_grads\(\) needs mode='exact'"):
+        sk.domain_grads()
