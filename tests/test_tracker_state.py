@@ -225,3 +225,120 @@ def test_reseed_mismatch_warns_and_keeps_this_trackers_setting(caplog):
     with caplog.at_level(logging.WARNING, logger="rnb_kernels.tracking.tracker"):
         same.load_state_dict(src.state_dict())
     assert "reseed" not in caplog.text
+
+
+# ------------------------------------------- data-parallel sync, two identical ranks faked
+@pytest.fixture
+def two_ranks(monkeypatch):
+    """``rnb_kernels.distributed`` as two ranks that saw the same data: an all-reduce doubles
+    each tensor. Returns the list of ``(number of tensors, group)`` of every all-reduce."""
+    from rnb_kernels import distributed as rdist
+
+    calls = []
+
+    def all_reduce_sum_(tensors, group=None):
+        ts = list(tensors)
+        calls.append((len(ts), group))
+        for t in ts:
+            t.mul_(2)
+
+    monkeypatch.setattr(rdist, "is_initialized", lambda: True)
+    monkeypatch.setattr(rdist, "world_size", lambda group=None: 2)
+    monkeypatch.setattr(rdist, "all_reduce_sum_", all_reduce_sum_)
+    return calls
+
+
+def _feed(tr, net, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 5, generator=g)
+    with tr.domains(torch.tensor([0, 0, 1, 2, 2, -1]), grad_scale=scale):
+        (net(x).square().sum() * scale).backward()
+    tr.record_target(net(torch.randn(4, 5, generator=g)).sum())
+
+
+def _local(tr, read):
+    """``read(tr)`` on this rank's own buffers (marked as already summed, so no all-reduce)."""
+    tr._synced = True
+    try:
+        return read(tr)
+    finally:
+        tr._synced = False
+
+
+def test_sync_sums_over_ranks_once_per_round(two_ranks):
+    ref_net, net = _net(), _net()
+    kw = {"modules": ["0", "2"], "mode": "exact"}
+    ref = DomainGradientTracker(ref_net, M, **kw)  # one rank's statistics, read locally
+    tr = DomainGradientTracker(net, M, **kw)
+    _feed(ref, ref_net)
+    _feed(tr, net, scale=8.0)  # buffers in loss-scaled units: normalised before the sum
+    assert two_ranks == []
+    assert torch.equal(tr.counts(), 2 * ref._counts)
+    # counts, target count, then both groups' buffers of both slots (weight and bias).
+    assert two_ranks == [(2 + 2 * 2 * 2, None)]
+    gram = _local(ref, lambda t: t.gram())
+    torch.testing.assert_close(tr.gram(), 4 * gram, rtol=1e-6, atol=0)
+    align = _local(ref, lambda t: t.target_alignment())
+    torch.testing.assert_close(tr.target_alignment(), 4 * align, rtol=1e-6, atol=0)
+    assert float(tr.target_count()) == 2 * float(ref._target_count)
+    assert len(two_ranks) == 1  # every read of the round used the one sum
+    # More data after the sum: this rank keeps 1/2 of it, so the next sum adds the new part once.
+    _feed(tr, net, seed=1)
+    _feed(ref, ref_net, seed=1)
+    gram = _local(ref, lambda t: t.gram())
+    torch.testing.assert_close(tr.gram(), 4 * gram, rtol=1e-6, atol=0)
+    assert len(two_ranks) == 2
+    tr.reset()
+    ref.reset()
+    assert tr._synced is False
+    for sl in tr._slots:
+        assert sl.scale == {"domain": 1.0, "target": 1.0}
+        assert sl.dirty == {"domain": False, "target": False}
+    _feed(tr, net, seed=2)
+    _feed(ref, ref_net, seed=2)
+    gram = _local(ref, lambda t: t.gram())
+    torch.testing.assert_close(tr.gram(), 4 * gram, rtol=1e-6, atol=0)
+    assert len(two_ranks) == 3
+
+
+def test_reset_sums_the_rows_energy_when_nothing_was_read(two_ranks):
+    """Projected exact rows: every rank must pick the same heavy rows, so reset() all-reduces
+    the energies (once) unless a statistics read already summed them."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="projected", proj_dim=4,
+                               exact_rows=3)  # fmt: skip
+    _feed(tr, net)
+    energies = [s.energy.clone() for s in tr._slots]
+    energy_ids = [id(s.energy) for s in tr._slots]
+    seen = []
+    from rnb_kernels import distributed as rdist
+
+    inner = rdist.all_reduce_sum_
+
+    def spy(tensors, group=None):
+        ts = list(tensors)
+        seen.append([id(t) for t in ts])
+        inner(ts, group)
+
+    import rnb_kernels.tracking.tracker as tracker_mod
+
+    tracker_mod.rdist.all_reduce_sum_, saved = spy, tracker_mod.rdist.all_reduce_sum_
+    try:
+        tr.reset()
+    finally:
+        tracker_mod.rdist.all_reduce_sum_ = saved
+    assert seen == [energy_ids]
+    for s, e in zip(tr._slots, energies):
+        want = torch.sort(torch.topk(2 * e, 3).indices).values
+        assert torch.equal(s.heavy, want)
+    # After a read (which summed the energies with the statistics), reset() adds nothing.
+    _feed(tr, net, seed=1)
+    tr.gram()
+    n = len(two_ranks)
+    tr.reset()
+    assert len(two_ranks) == n
+    # Exact mode has no energies: reset() never all-reduces.
+    ex = DomainGradientTracker(_net(), M, mode="exact")
+    n = len(two_ranks)
+    ex.reset()
+    assert len(two_ranks) == n
