@@ -342,3 +342,33 @@ def test_reset_sums_the_rows_energy_when_nothing_was_read(two_ranks):
     n = len(two_ranks)
     ex.reset()
     assert len(two_ranks) == n
+
+
+# ------------------------------------------------------------------------------ remove
+def test_remove_unregisters_and_restores_and_says_when_forward_was_replaced(caplog):
+    from rnb_kernels.tracking.linear import SLOTS
+
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"])
+    keys = [s.key for s in tr._slots]
+    assert all(k in SLOTS for k in keys)
+    # Someone replaced one tracked forward after tracking began (e.g. another wrapper).
+    net[2].forward = lambda x: x
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.tracking.tracker"):
+        tr.remove()
+    assert "2.forward was replaced after tracking began; restoring" in caplog.text
+    assert "0.forward was replaced" not in caplog.text
+    assert not any(k in SLOTS for k in keys)
+    assert "forward" not in net[0].__dict__ and "forward" not in net[2].__dict__
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.tracking.tracker"):
+        tr.remove()  # idempotent, silent
+    assert caplog.text == ""
+    # A module that had its own forward attribute before tracking gets it back.
+    own = _net()
+    mine = own[2].forward
+    own[2].forward = mine
+    tr2 = DomainGradientTracker(own, M)
+    assert own[2].__dict__["forward"] is not mine
+    tr2.remove()
+    assert own[2].__dict__["forward"] is mine
