@@ -108,6 +108,14 @@ BAD_STATES = [
     pytest.param("projected", _set(["proj_dim"], 8), ValueError, "configured as", id="proj"),
     pytest.param("projected", _set(["proj_in_dim"], 3), ValueError, "configured as", id="pin"),
     pytest.param("projected", _set(["exact_rows"], 2), ValueError, "configured as", id="rows"),
+    pytest.param(
+        "projected",
+        _drop("proj_dim"),
+        ValueError,
+        r"configured as \('projected', 3, 0, \['0', '2'\], '<missing>', None, 3\), "
+        r"not \('projected', 3, 0, \['0', '2'\], 4, None, 3\)$",
+        id="no-proj-dim",
+    ),  # fmt: skip
     # A state from before exact rows existed kept none: it does not fit 3 exact rows.
     pytest.param("projected", _drop("exact_rows"), ValueError, r"\(.*, 0\), not", id="old"),
     pytest.param(
@@ -210,6 +218,27 @@ def test_projected_without_exact_rows_loads_a_state_from_before_them():
     dst.load_state_dict(state)
     assert dst.nonfinite_rounds == 0 and dst._round == 0 and dst.nonfinite_skips == 1
     assert torch.equal(dst.domain_projections(), src.domain_projections())
+
+
+def test_state_dict_version():
+    assert _trained("exact").state_dict()["version"] == 3
+
+
+@pytest.mark.parametrize("reseed", [True, False])
+def test_state_without_reseed_was_saved_without_it(caplog, reseed):
+    """States from before reseeding existed hashed every round with the seed (reseed=False)."""
+    state = _trained("sketch", reseed=False).state_dict()
+    del state["reseed"]
+    dst = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="sketch", sketch_dim=32,
+                                reseed=reseed)  # fmt: skip
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels.tracking.tracker"):
+        dst.load_state_dict(state)
+    if reseed:
+        assert "state was saved with reseed=False, this tracker has reseed=True: the rest of " \
+            "the round is hashed with this tracker's setting" in caplog.text  # fmt: skip
+    else:
+        assert caplog.text == ""
 
 
 def test_reseed_mismatch_warns_and_keeps_this_trackers_setting(caplog):

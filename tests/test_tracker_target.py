@@ -31,13 +31,16 @@ def test_record_target_rejects_bad_losses():
         tr.record_target(1.0)
     with torch.no_grad():
         frozen = net(torch.randn(2, 5)).sum()
-    with pytest.raises(ValueError, match=r"loss does not require grad \(was it computed under"):
+    with pytest.raises(
+        ValueError, match=r"^loss does not require grad \(was it computed under no_grad\?\)$"
+    ):
         tr.record_target(frozen)
     untracked_only = net[0](torch.randn(2, 5)).sum()  # never reaches the tracked head
     with pytest.raises(
         ValueError,
-        match=r"loss does not depend on any tracked module .*fused_linear_cross_entropy\(\.\.\., "
-        r"tracker=\)",
+        match=r"^loss does not depend on any tracked module \(a fused linear cross-entropy that "
+        r"reads the head's weight directly bypasses it: use "
+        r"rnb_kernels\.integrations\.fused_ce\.fused_linear_cross_entropy\(\.\.\., tracker=\)\)$",
     ):
         tr.record_target(untracked_only)
     with pytest.raises(TypeError, match="mask must be a bool tensor"):
@@ -183,10 +186,31 @@ def test_target_micro_batch_dropped_after_the_head_saw_it_is_not_counted():
 
 def test_mode_specific_reads_name_their_mode():
     tr = DomainGradientTracker(_net(), M, mode="exact")
-    with pytest.raises(RuntimeError, match=r"domain_sketches\(\) needs mode='sketch'"):
+    with pytest.raises(RuntimeError, match=r"^domain_sketches\(\) needs mode='sketch'$"):
         tr.domain_sketches()
     with pytest.raises(RuntimeError, match=r"domain_projections\(\) needs mode='projected'"):
         tr.domain_projections()
     sk = DomainGradientTracker(_net(), M, mode="sketch")
     with pytest.raises(RuntimeError, match=r"domain_grads\(\) needs mode='exact'"):
         sk.domain_grads()
+
+
+def test_target_alignment_is_float64_over_every_layer():
+    """Two tracked layers, against float64 inner products of the exact rows; non-finite
+    alignments are reported under their own name."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="exact")
+    x, ids = torch.randn(6, 5), torch.tensor([0, 0, 1, 2, 2, 1])
+    with tr.domains(ids):
+        (net(x).square().sum() * 1e3).backward()  # large values: fp32 sums would round
+    tr.record_target(net(torch.randn(4, 5)).sum() / 3)
+    want = tr.domain_grads().double() @ tr.target_grad().double()
+    got = tr.target_alignment()
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    tr.reset()
+    with tr.domains(torch.tensor([0, 1])):
+        net(torch.tensor([[float("inf")] * 5, [1.0] * 5])).sum().backward()
+    tr.record_target(net(torch.randn(2, 5)).sum())
+    with pytest.warns(RuntimeWarning, match="^non-finite target alignment: a NaN/Inf gradient"):
+        tr.target_alignment()
