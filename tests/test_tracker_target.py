@@ -3,6 +3,9 @@ target_alignment against independently computed gradients."""
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import pytest
 import torch
 from _optest import GemmShapes
@@ -214,3 +217,66 @@ def test_target_alignment_is_float64_over_every_layer():
     tr.record_target(net(torch.randn(2, 5)).sum())
     with pytest.warns(RuntimeWarning, match="^non-finite target alignment: a NaN/Inf gradient"):
         tr.target_alignment()
+
+
+def test_finite_reads_are_silent_and_warnings_point_at_the_caller(caplog):
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    with tr.domains(torch.tensor([0, 1])):
+        net(torch.randn(2, 5)).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tr.gram_vector([1.0, 1.0, 1.0])
+    assert tr.nonfinite_rounds == 0
+    tr.reset()
+    with tr.domains(torch.tensor([0, 1])):
+        net(torch.tensor([[float("inf")] * 5, [1.0] * 5])).sum().backward()
+    caplog.clear()
+    with pytest.warns(RuntimeWarning) as rec:
+        tr.gram_vector([1.0, 1.0, 1.0])
+    assert rec[0].filename == __file__  # stacklevel: the user's call, not the tracker
+    msg = ("non-finite gram vector: a NaN/Inf gradient reached the tracked statistics this "
+           "round; mixers skip such an update (1 so far)")  # fmt: skip
+    assert str(rec[0].message) == msg
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [msg]
+
+
+def test_deferred_bad_ids_are_reported_once_in_full():
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact", id_check="deferred")
+    with tr.domains(torch.tensor([0, 7, 1, -3])):
+        net(torch.randn(4, 5)).sum().backward()
+    with pytest.raises(
+        ValueError,
+        match=r"^domain_ids: 2 id\(s\) outside \[-1, num_domains=3\) were passed to domains\(\) "
+        r"this round; they were ignored \(treated as -1\), the statistics hold only the valid "
+        r"ids$",
+    ):
+        tr.counts()
+    assert tr.counts().tolist() == [1.0, 1.0, 0.0]  # reported once; the valid ids were kept
+
+
+def test_row_sharded_layers_refuse_full_rows_by_name():
+    """domain_grads() / target_grad() of exact mode need every row on this rank."""
+    tr = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="exact")
+    tr._slots[1].tp_group = object()  # what bind_sharded leaves on a row-sharded layer
+    tail = (r": tracked layers \['2'\] are row-sharded \(tensor parallel\), each rank holds "
+            r"only its rows; use gram\(\), gram_vector\(\) or target_alignment\(\)$")  # fmt: skip
+    with pytest.raises(RuntimeError, match=r"^domain_grads\(\)" + tail):
+        tr.domain_grads()
+    with pytest.raises(RuntimeError, match=r"^target_grad\(\)" + tail):
+        tr.target_grad()
+    sk = DomainGradientTracker(_net(), M, mode="sketch")
+    sk._slots[0].tp_group = object()
+    assert sk.target_grad().shape == (sk.sketch_dim,)  # a sketch row adds over shards anyway
+
+
+def test_auto_mode_counts_the_bias():
+    from rnb_kernels.tracking.tracker import AUTO_EXACT_MAX_ELEMENTS, resolve_mode
+
+    side = int(AUTO_EXACT_MAX_ELEMENTS**0.5)  # weight alone exactly at the threshold
+    assert side * side == AUTO_EXACT_MAX_ELEMENTS
+    with_bias = nn.Linear(side, side, device="meta")
+    without = nn.Linear(side, side, bias=False, device="meta")
+    assert resolve_mode("auto", 1, [("l", without)]) == "exact"
+    assert resolve_mode("auto", 1, [("l", with_bias)]) == "projected"
