@@ -312,7 +312,8 @@ def test_sync_sums_over_ranks_once_per_round(two_ranks):
     assert float(tr.target_count()) == 2 * float(ref._target_count)
     assert len(two_ranks) == 1  # every read of the round used the one sum
     # More data after the sum: this rank keeps 1/2 of it, so the next sum adds the new part once.
-    _feed(tr, net, seed=1)
+    # (at a new loss scale: the summed buffers, in true units, are marked for rescaling)
+    _feed(tr, net, scale=4.0, seed=1)
     _feed(ref, ref_net, seed=1)
     gram = _local(ref, lambda t: t.gram())
     torch.testing.assert_close(tr.gram(), 4 * gram, rtol=1e-6, atol=0)
@@ -411,3 +412,63 @@ def test_remove_survives_a_deleted_forward_attribute(caplog):
         tr.remove()
     assert "forward" not in net[2].__dict__
     assert "2.forward was replaced after tracking began" in caplog.text
+
+
+# --------------------------------- tensor parallelism faked: a row-sharded slot on two ranks
+def _shard(tr, slot_index=1, tp_size=2):
+    slot = tr._slots[slot_index]
+    slot.tp_group, slot.tp_size = "tp-group", tp_size  # what bind_sharded leaves
+    return slot
+
+
+def test_sharded_exact_slot_sums_its_partial_grams_over_its_group(two_ranks):
+    """Pure tensor parallelism (tp = world = 2): nothing is summed over data-parallel ranks;
+    each read sums this slot's partial Gram / alignment / Gram vector over the TP group."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="exact")
+    _feed(tr, net)
+    local = {
+        "gram": _local(tr, lambda t: t.gram()),
+        "vec": _local(tr, lambda t: t.gram_vector([1.0, 2.0, 3.0])),
+        "align": _local(tr, lambda t: t.target_alignment()),
+    }
+    # The sharded slot's own part (weight and bias blocks): the TP sum doubles it.
+    g1 = sum(b.double() @ b.double().T for b in tr._slots[1].gram_parts("domain"))
+    _shard(tr)
+    assert tr._dp() == (None, 1)
+    torch.testing.assert_close(tr.gram(), local["gram"] + g1, rtol=1e-6, atol=1e-6)
+    assert two_ranks == [(1, "tp-group")]  # no data-parallel sum: only the slot's part
+    c = torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64)
+    torch.testing.assert_close(tr.gram_vector(c), local["vec"] + g1 @ c, rtol=1e-6, atol=1e-6)
+    tr.target_alignment()
+    assert two_ranks == [(1, "tp-group")] * 3
+    assert local["align"].shape == (M,)
+
+
+def test_sharded_sketch_slot_is_summed_over_its_group_at_sync(two_ranks):
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="sketch", sketch_dim=16)
+    _feed(tr, net)
+    before = [t.clone() for t in tr._slots[1].tensors("domain")]
+    _shard(tr)
+    tr.counts()
+    # counts and target count are not summed (dp size 1); the sharded slot's two groups are.
+    assert two_ranks == [(1, "tp-group"), (1, "tp-group")]
+    assert torch.equal(tr._slots[1].tensors("domain")[0], 2 * before[0])
+    assert tr._slots[1].dirty == {"domain": True, "target": True}
+
+
+def test_partial_tensor_parallelism_needs_the_data_parallel_group(two_ranks, monkeypatch):
+    from rnb_kernels import distributed as rdist
+
+    tr = DomainGradientTracker(_net(), M, modules=["0", "2"], mode="exact")
+    monkeypatch.setattr(rdist, "world_size", lambda group=None: 4)
+    assert tr._dp() == (None, 4)  # nothing sharded: every rank holds different data
+    _shard(tr)
+    with pytest.raises(
+        ValueError,
+        match=r"^dp_group: tracked weights are row-sharded over \[2\] of 4 ranks; pass "
+        r"DomainGradientTracker\(\.\.\., dp_group=\.\.\.\) \(the data-parallel group, e\.g\. "
+        r"mesh\['dp'\]\)$",
+    ):
+        tr._dp()

@@ -282,3 +282,18 @@ def test_auto_mode_counts_the_bias():
     without = nn.Linear(side, side, bias=False, device="meta")
     assert resolve_mode("auto", 1, [("l", without)]) == "exact"
     assert resolve_mode("auto", 1, [("l", with_bias)]) == "projected"
+
+
+def test_fused_cross_entropy_picks_the_named_or_given_layer():
+    import torch.nn.functional as F
+
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="exact")
+    targets = torch.tensor([1, 0, 3])
+    h2, h0 = torch.randn(3, 7), torch.randn(3, 5)
+    for module, h, lin in ((None, h2, net[2]), ("2", h2, net[2]), (net[2], h2, net[2]),
+                           ("0", h0, net[0]), (net[0], h0, net[0])):  # fmt: skip
+        got = tr.fused_cross_entropy(h, targets, module=module)
+        torch.testing.assert_close(got, F.cross_entropy(lin(h), targets), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^module: 'nope' is not tracked by this tracker$"):
+        tr.fused_cross_entropy(h2, targets, module="nope")
