@@ -472,3 +472,27 @@ def test_partial_tensor_parallelism_needs_the_data_parallel_group(two_ranks, mon
         r"mesh\['dp'\]\)$",
     ):
         tr._dp()
+
+
+def test_sums_go_over_the_given_data_parallel_group(two_ranks):
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="projected", proj_dim=4,
+                               exact_rows=3)  # fmt: skip
+    tr.dp_group = "dp-group"  # stands in for a ProcessGroup (the fake ignores what it is)
+    _feed(tr, net)
+    tr.reset()  # nothing read: the energies are summed over the dp group
+    assert two_ranks == [(2, "dp-group")]
+    _feed(tr, net, seed=1)
+    tr.counts()
+    assert [g for _, g in two_ranks] == ["dp-group", "dp-group"]
+
+
+def test_pure_tensor_parallelism_sums_no_energy(two_ranks):
+    """tp = world: no rank holds different data, so reset() sums no energies."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="projected", proj_dim=4,
+                               exact_rows=3)  # fmt: skip
+    _feed(tr, net)
+    _shard(tr)
+    tr.reset()
+    assert two_ranks == []

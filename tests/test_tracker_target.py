@@ -297,3 +297,11 @@ def test_fused_cross_entropy_picks_the_named_or_given_layer():
         torch.testing.assert_close(got, F.cross_entropy(lin(h), targets), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match=r"^module: 'nope' is not tracked by this tracker$"):
         tr.fused_cross_entropy(h2, targets, module="nope")
+
+
+def test_validate_ids_names_its_argument():
+    tr = DomainGradientTracker(_net(), M)
+    with pytest.raises(ValueError, match=r"^domain_ids must lie in \[-1, num_domains=3\)"):
+        tr.validate_ids(torch.tensor([0, 5]))
+    with pytest.raises(ValueError, match=r"^ids must lie in"):
+        tr.validate_ids(torch.tensor([0, 5]), name="ids")
