@@ -23,6 +23,108 @@ ROOT = Path(__file__).resolve().parents[1]
 # Surviving mutants that cannot change any observable behaviour, with the reason. Keys are
 # mutmut's mutant names; keep this list short and argued.
 EQUIVALENT: dict[str, str] = {
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_6": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_10": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_15": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_19": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_30": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram_vector__mutmut_13": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram_vector__mutmut_16": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram_vector__mutmut_19": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram_vector__mutmut_23": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram_vector__mutmut_26": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram_vector__mutmut_36": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁdomain_grads__mutmut_12": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁdomain_sketches__mutmut_11": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁdomain_projections__mutmut_9": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_grad__mutmut_11": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_alignment__mutmut_4": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_alignment__mutmut_7": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_alignment__mutmut_16": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_alignment__mutmut_19": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_alignment__mutmut_35": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁload_state_dict__mutmut_156": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_26": (
+        "gram() without backend= resolves 'auto', which is the torch backend on CPU tensors, the tracker's resolved backend in every CPU test"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁtarget_alignment__mutmut_31": (
+        "gram() without backend= resolves 'auto', which is the torch backend on CPU tensors, the tracker's resolved backend in every CPU test"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_target_ctx__mutmut_6": (
+        "validate_domain_ids ignores num_domains with mask=True: a bool mask is not range-checked"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_target_ctx__mutmut_13": (
+        "validate_domain_ids ignores num_domains with mask=True: a bool mask is not range-checked"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_target_ctx__mutmut_28": (
+        "a mask's ids are only 0 and -1: per_sample_counts(ids, 2)[0] and per_sample_counts(ids, 1)[0] both count domain 0"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁrecord_target__mutmut_19": (
+        "loss.sum() of a 0-d loss is the same scalar"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_checked__mutmut_13": (
+        "the warning's stacklevel: mutmut's trampoline adds stack frames, so the test that checks it (test_finite_reads_are_silent_and_warnings_point_at_the_caller) skips that assertion under mutmut; outside it, both mutants planted by hand fail it"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_checked__mutmut_14": (
+        "the warning's stacklevel: mutmut's trampoline adds stack frames, so the test that checks it (test_finite_reads_are_silent_and_warnings_point_at_the_caller) skips that assertion under mutmut; outside it, both mutants planted by hand fail it"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁfused_cross_entropy__mutmut_19": (
+        "module=None: fused_linear_cross_entropy then finds the slot by the weight it is given, this slot's module's weight; only two tracked layers sharing one weight tensor could tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁfused_cross_entropy__mutmut_25": (
+        "module=None: fused_linear_cross_entropy then finds the slot by the weight it is given, this slot's module's weight; only two tracked layers sharing one weight tensor could tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁremove__mutmut_3": (
+        "SLOTS.pop without a default: the key was registered at construction and is popped once (remove() returns early once removed), so it is always there"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁremove__mutmut_12": (
+        "getattr default None instead of False: both are falsy under `not`"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁsync__mutmut_1": (
+        "`or` -> `and` before world_size() == 1: uninitialised, world_size() is 1 and both return; initialised with one rank, the mutant takes the sum path with dp size 1: no collective, buffers brought to scale 1 (exact for power-of-two loss scales), the same statistics"
+    ),
     "rnb_kernels.mixing.rnb.xǁRnBǁload_state_dict__mutmut_4": (
         "the argument name of an as_float64 call whose input _load_extra_state already validated: the message cannot be produced"
     ),

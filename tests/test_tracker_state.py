@@ -456,6 +456,26 @@ def test_sharded_sketch_slot_is_summed_over_its_group_at_sync(two_ranks):
     assert two_ranks == [(1, "tp-group"), (1, "tp-group")]
     assert torch.equal(tr._slots[1].tensors("domain")[0], 2 * before[0])
     assert tr._slots[1].dirty == {"domain": True, "target": True}
+    tr.gram()
+    tr.target_alignment()
+    assert len(two_ranks) == 2  # summed once, at sync: reads add no sum over the group
+
+
+def test_a_one_rank_shard_sums_nothing(two_ranks, monkeypatch):
+    from rnb_kernels import distributed as rdist
+
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="exact")
+    _feed(tr, net)
+    want = _local(tr, lambda t: t.gram())
+    monkeypatch.setattr(rdist, "world_size", lambda group=None: 1)
+    _shard(tr, tp_size=1)
+    torch.testing.assert_close(tr.gram(), want, rtol=1e-12, atol=0)
+    assert two_ranks == []
+
+
+def test_no_process_group_means_one_rank():
+    assert DomainGradientTracker(_net(), M)._dp() == (None, 1)
 
 
 def test_partial_tensor_parallelism_needs_the_data_parallel_group(two_ranks, monkeypatch):
@@ -474,11 +494,16 @@ def test_partial_tensor_parallelism_needs_the_data_parallel_group(two_ranks, mon
         tr._dp()
 
 
-def test_sums_go_over_the_given_data_parallel_group(two_ranks):
+def test_sums_go_over_the_given_data_parallel_group(two_ranks, monkeypatch):
     net = _net()
     tr = DomainGradientTracker(net, M, modules=["0", "2"], mode="projected", proj_dim=4,
                                exact_rows=3)  # fmt: skip
     tr.dp_group = "dp-group"  # stands in for a ProcessGroup (the fake ignores what it is)
+    from rnb_kernels import distributed as rdist
+
+    sizes = {"dp-group": 2, None: 4}
+    monkeypatch.setattr(rdist, "world_size", lambda group=None: sizes[group])
+    assert tr._dp() == ("dp-group", 2)  # the size of the given group, not of the world
     _feed(tr, net)
     tr.reset()  # nothing read: the energies are summed over the dp group
     assert two_ranks == [(2, "dp-group")]
