@@ -510,6 +510,9 @@ def test_sums_go_over_the_given_data_parallel_group(two_ranks, monkeypatch):
     _feed(tr, net, seed=1)
     tr.counts()
     assert [g for _, g in two_ranks] == ["dp-group", "dp-group"]
+    energy = [s.energy.clone() for s in tr._slots]
+    _feed(tr, net, seed=2)  # after a sum, this rank keeps 1/2 of the energies too
+    assert all(torch.all(s.energy >= e / 2 - 1e-6) for s, e in zip(tr._slots, energy))
 
 
 def test_pure_tensor_parallelism_sums_no_energy(two_ranks):
@@ -521,3 +524,83 @@ def test_pure_tensor_parallelism_sums_no_energy(two_ranks):
     _shard(tr)
     tr.reset()
     assert two_ranks == []
+
+
+# ------------------------------------------------- non-finite skips and the bypass evidence
+def test_nonfinite_skips_count_up_and_are_reported_in_full(caplog):
+    net = _net()
+    tr = DomainGradientTracker(net, M, skip_nonfinite="micro-batch")
+    for k in (1, 2):
+        caplog.clear()
+        with pytest.warns(RuntimeWarning) as rec, tr.domains(torch.tensor([0, 1])):
+            net(torch.full((2, 5), math.nan)).sum().backward()
+        msg = ("non-finite activations/gradients in a tracked layer: domain statistics of this "
+               f"micro-batch skipped ({k} so far)")  # fmt: skip
+        assert [str(w.message) for w in rec] == [msg]
+        assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [msg]
+    assert tr.nonfinite_skips == 2
+
+
+def _bypassing_net():
+    """Its forward reads the tracked head's weight without calling head.forward."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = nn.Linear(5, 7), nn.Linear(7, 11)
+
+        def forward(self, x):
+            return torch.tanh(self.body(x)) @ self.head.weight.t()
+
+    torch.manual_seed(0)
+    return Net()
+
+
+def test_a_model_that_ran_without_the_tracked_forward_is_a_bypass():
+    """The backward runs after the block, so only the model having run can tell."""
+    net = _bypassing_net()
+    tr = DomainGradientTracker(net, M, modules=["head"])
+    with pytest.raises(RuntimeError, match=r"^tracked layer\(s\) \['head'\]: inside "):
+        with tr.domains(torch.tensor([0, 1])):
+            net(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("earlier_grad", [False, True], ids=["fresh-grad", "accumulated"])
+def test_a_weight_gradient_without_the_tracked_forward_is_a_bypass(earlier_grad):
+    """No model call inside the block: the head's weight getting a gradient (a new .grad, or
+    an in-place accumulation into the one it had) is the evidence."""
+    net = _bypassing_net()
+    tr = DomainGradientTracker(net, M, modules=["head"])
+    w = net.head.weight
+    if earlier_grad:
+        w.grad = torch.zeros_like(w)
+    with pytest.raises(RuntimeError, match=r"^tracked layer\(s\) \['head'\]: inside "):
+        with tr.domains(torch.tensor([0, 1])):
+            (torch.randn(2, 7) @ w.t()).sum().backward()
+
+
+def test_forwarded_but_unreached_warns_even_with_an_earlier_grad():
+    """A tracked forward whose backward runs after the block is 'unreached' (a warning), not
+    a bypass, also when the weight already holds a gradient from an earlier micro-batch."""
+    net = _net()
+    tr = DomainGradientTracker(net, M)
+    net(torch.randn(2, 5)).sum().backward()  # outside any block: .grad exists now
+    with pytest.warns(RuntimeWarning, match=r"^tracked layer\(s\) \['2'\] ran their forward"):
+        with tr.domains(torch.tensor([0, 1])):
+            out = net(torch.randn(2, 5))
+    out.sum().backward()
+
+
+def test_sketch_shard_keeps_half_after_a_sum(two_ranks):
+    """After the TP sum of a sharded sketch, the next block keeps 1/tp of it on this rank."""
+    ref_net, net = _net(), _net()
+    kw = {"modules": ["0", "2"], "mode": "sketch", "sketch_dim": 16, "reseed": False}
+    ref = DomainGradientTracker(ref_net, M, **kw)
+    tr = DomainGradientTracker(net, M, **kw)
+    _shard(tr)
+    for seed in (0, 1):
+        _feed(tr, net, seed=seed)
+        _feed(ref, ref_net, seed=seed)
+        tr.counts()
+        want = 2 * ref._slots[1].tensors("domain")[0]
+        torch.testing.assert_close(tr._slots[1].tensors("domain")[0], want, rtol=1e-6, atol=1e-6)
