@@ -23,6 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 # Surviving mutants that cannot change any observable behaviour, with the reason. Keys are
 # mutmut's mutant names; keep this list short and argued.
 EQUIVALENT: dict[str, str] = {
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_begin__mutmut_12": (
+        "the tensor-parallel factor applied to every slot: a slot that is not row-sharded has tp_size 1, so w is the same"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_begin__mutmut_21": (
+        "_synced = None instead of False: it is only read as a condition, and None is falsy"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_begin__mutmut_4": (
+        "world_size() >= 1 instead of > 1: with one rank, _dp() gives size 1, so the division is by 1"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_release__mutmut_10": (
+        "grads_before = None instead of []: it is read only by _release, once per block, and the ended context never reads it again (clearing it only drops references)"
+    ),
     "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁgram__mutmut_6": (
         "device=None / no device / .to(None) keeps CPU tensors on the CPU, the tracker's device in every CPU test; only a CUDA model can tell"
     ),
