@@ -305,3 +305,21 @@ def test_validate_ids_names_its_argument():
         tr.validate_ids(torch.tensor([0, 5]))
     with pytest.raises(ValueError, match=r"^ids must lie in"):
         tr.validate_ids(torch.tensor([0, 5]), name="ids")
+
+
+@pytest.mark.skipif("MUTANT_UNDER_TEST" in os.environ, reason="mutmut adds stack frames")
+@pytest.mark.parametrize("path", ["domains", "record_target", "target"])
+def test_dropped_micro_batch_warning_points_at_the_caller(path):
+    net = _net()
+    tr = DomainGradientTracker(net, M, skip_nonfinite="micro-batch")
+    x = torch.full((2, 5), float("nan"))
+    with pytest.warns(RuntimeWarning, match="non-finite activations") as rec:
+        if path == "domains":
+            with tr.domains(torch.tensor([0, 1])):
+                net(x).sum().backward()
+        elif path == "record_target":
+            tr.record_target(net(x).sum())
+        else:
+            with tr.target():
+                net(x).sum().backward()
+    assert [w.filename for w in rec] == [__file__]

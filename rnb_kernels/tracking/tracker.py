@@ -461,14 +461,16 @@ class DomainGradientTracker:
             ctx.grads_before = []
         self._active = None
 
-    def _end_micro_batch(self, ctx: Context) -> None:
+    def _end_micro_batch(self, ctx: Context, stacklevel: int = 4) -> None:
+        """``stacklevel``: frames from here to the user's code, so the warning points there
+        (4 from ``domains()``: its generator and contextlib's ``__exit__`` in between)."""
         if ctx.bad:
             self.nonfinite_skips += 1
             msg = (
                 f"non-finite activations/gradients in a tracked layer: {ctx.kind} statistics of "
                 f"this micro-batch skipped ({self.nonfinite_skips} so far)"
             )
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warnings.warn(msg, RuntimeWarning, stacklevel=stacklevel)
             logger.warning(msg)
 
     @staticmethod
@@ -542,10 +544,10 @@ class DomainGradientTracker:
         n = None if ids is None else float(per_sample_counts(ids, 1)[0])
         return Context(TARGET, ids, scale, anchor_only), n
 
-    def _end_target(self, ctx: Context, n: float | None) -> None:
+    def _end_target(self, ctx: Context, n: float | None, stacklevel: int = 5) -> None:
         if ctx.seen and not ctx.bad:
             self._target_count += float(ctx.batch if n is None else n)
-        self._end_micro_batch(ctx)
+        self._end_micro_batch(ctx, stacklevel)
 
     @contextlib.contextmanager
     def target(self, mask=None, grad_scale=None) -> Iterator[None]:
@@ -612,7 +614,7 @@ class DomainGradientTracker:
                 "reads the head's weight directly bypasses it: use "
                 "rnb_kernels.integrations.fused_ce.fused_linear_cross_entropy(..., tracker=))"
             )
-        self._end_target(ctx, n)
+        self._end_target(ctx, n, stacklevel=4)
 
     def fused_cross_entropy(
         self, hidden: torch.Tensor, targets: torch.Tensor, module: Any = None, **kwargs: Any
