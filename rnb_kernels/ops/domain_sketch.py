@@ -10,7 +10,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import get_impl, resolve_backend
-from .segmented_wgrad import domain_bias_sums, domain_row_blocks, wgrad_from_domains
+from .segmented_wgrad import domain_bias_sums, domain_tiles, wgrad_from_domains
 
 _U32_MAX = 2**32 - 1
 
@@ -70,26 +70,23 @@ def domain_sketch_torch(
     ``dW`` is ``dyᵀ x`` (bit-identical to autograd's), or with ``dw_from_domains`` (not for
     float64) the sum of the tiles, which saves one GEMM (see :func:`wgrad_from_domains`)."""
     k = sketch.shape[1]
-    state: dict[str, torch.Tensor] = {}
+    signed: torch.Tensor | None = None
+    both: torch.Tensor | None = None
 
     def fold(d: int, tile: torch.Tensor) -> None:
-        if not state:  # hashed and allocated only when a domain is present
-            state["signed"] = _signed_flat_hash(
+        nonlocal signed, both
+        if signed is None:  # hashed and allocated only when a domain is present
+            signed = _signed_flat_hash(
                 dy.shape[1], x.shape[1], k, seed, layer, x.device, row_offset
             )
-            state["both"] = torch.empty(2 * k, dtype=torch.float32, device=x.device)
-        both = state["both"].zero_()
-        both.index_add_(0, state["signed"], tile.reshape(-1))
+            both = torch.empty(2 * k, dtype=torch.float32, device=x.device)
+        both.zero_().index_add_(0, signed, tile.reshape(-1))
         sketch[d] += both[:k] - both[k:]
 
     if dw_from_domains and x.dtype != torch.float64:
         return wgrad_from_domains(x, dy, domain_ids, num_domains, fold)
     dw = dy.t().mm(x)
-    for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
-        (dys, xs), rest = parts[0], parts[1:]
-        tile = dys.t().mm(xs)
-        for dys, xs in rest:
-            tile.addmm_(dys.t(), xs)
+    for d, tile in domain_tiles(x, dy, domain_ids, num_domains):
         fold(d, tile)
     return dw
 

@@ -39,6 +39,25 @@ def domain_bias_sums(dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: in
     return out[1:]
 
 
+def domain_tiles(x: torch.Tensor, dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int):
+    """Yield ``(d, tile)``: each present domain's fp32 ``dy_dᵀ x_d`` ``[K_out, K_in]`` (torch
+    backends). The first tile is a new tensor the caller may keep; the later ones share one
+    scratch buffer, valid until the next is yielded."""
+    first: torch.Tensor | None = None
+    scratch: torch.Tensor | None = None
+    for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
+        (dys, xs), rest = parts[0], parts[1:]
+        if first is None:
+            tile = first = dys.t().mm(xs)
+        else:
+            if scratch is None:
+                scratch = torch.empty_like(first)
+            tile = torch.mm(dys.t(), xs, out=scratch)
+        for dys, xs in rest:
+            tile.addmm_(dys.t(), xs)
+        yield d, tile
+
+
 def wgrad_from_domains(
     x: torch.Tensor,
     dy: torch.Tensor,
@@ -48,25 +67,17 @@ def wgrad_from_domains(
 ) -> torch.Tensor:
     """``dW = dyᵀ x`` formed as the sum of the per-domain products (torch backends).
 
-    Each present domain's fp32 tile ``dy_dᵀ x_d`` ``[K_out, K_in]`` is handed to
-    ``consume(d, tile)`` (valid only during the call) and added into ``dW``; rows with id ``-1``
-    are added last. The GEMM work is that of one ``dyᵀ x``, against two for ``dyᵀ x`` plus the
-    per-domain products, for one ``[K_out, K_in]`` add per domain; ``dW`` equals ``dyᵀ x`` up to
-    fp32 rounding (summed in fp32, returned in ``x.dtype``), not bit for bit."""
+    Each present domain's tile (:func:`domain_tiles`) is handed to ``consume(d, tile)`` (valid
+    only during the call) and added into ``dW``; rows with id ``-1`` are added last. The GEMM
+    work is that of one ``dyᵀ x``, against two for ``dyᵀ x`` plus the per-domain products, for
+    one ``[K_out, K_in]`` add per domain; ``dW`` equals ``dyᵀ x`` up to fp32 rounding (summed in
+    fp32, returned in ``x.dtype``), not bit for bit."""
     dw: torch.Tensor | None = None
-    scratch: torch.Tensor | None = None
-    for d, parts in domain_row_blocks(x, dy, domain_ids, num_domains):
-        (dys, xs), rest = parts[0], parts[1:]
-        if dw is None:
-            tile = dw = dys.t().mm(xs)
-        else:
-            if scratch is None:
-                scratch = torch.empty_like(dw)
-            tile = torch.mm(dys.t(), xs, out=scratch)
-        for dys, xs in rest:
-            tile.addmm_(dys.t(), xs)
+    for d, tile in domain_tiles(x, dy, domain_ids, num_domains):
         consume(d, tile)
-        if tile is not dw:
+        if dw is None:
+            dw = tile  # the first tile is the caller's to keep
+        else:
             dw.add_(tile)
     ignored = domain_ids < 0
     if dw is None:
