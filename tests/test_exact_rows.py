@@ -276,7 +276,7 @@ def test_triton_backend_keeps_the_same_rows_and_gram():
                 backend=backend,
             )
         )  # fmt: skip
-    assert trackers[1]._slots[0].exact_backend == "triton"
+    assert trackers[1]._slots[0].backend == "triton"
     for r, (x, ids) in enumerate(_batches(2, seed=7)):
         for model, tr in zip(models, trackers):
             _step(model, tr, x, ids)

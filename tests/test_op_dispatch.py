@@ -109,6 +109,65 @@ def test_custom_ops_pass_opcheck(backend):
     torch.library.opcheck(_gram_op, (acc.view(3, -1), None, backend, False))
 
 
+class _Counted:
+    """Stands in for a custom op: counts the calls that went through it, then runs it."""
+
+    def __init__(self, op):
+        self.op, self.calls = op, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.op(*args)
+
+
+def _op_call(name):
+    x, dy, ids, _ = _inputs()
+    if name == "segmented_wgrad":
+        return lambda: segmented_wgrad(x, dy, ids, 3)
+    if name == "domain_sketch":
+        return lambda: domain_sketch(x, dy, ids, 3, sketch_dim=16)
+    return lambda: rnb.ops.domain_projection(x, dy, ids, 3, proj_dim=4)
+
+
+@pytest.mark.parametrize("name", ["segmented_wgrad", "domain_sketch", "domain_projection"])
+def test_eager_calls_skip_the_custom_op_and_traced_calls_use_it(monkeypatch, name):
+    """Eagerly a public op calls its implementation (the custom op's dispatch costs ~0.25 ms a
+    call); under a dispatch mode (fake tensors, tracing) or on tensor subclasses it must go
+    through the custom op, the only form the compiler and subclasses understand."""
+    import importlib
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    mod = importlib.import_module(f"rnb_kernels.ops.{name}")
+    counted = _Counted(getattr(mod, f"_{name}_op"))
+    monkeypatch.setattr(mod, f"_{name}_op", counted)
+    call = _op_call(name)
+    dw_eager, state_eager = call()
+    assert counted.calls == 0
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with PassThrough():
+        dw_mode, state_mode = call()
+    assert counted.calls == 1
+    assert torch.equal(dw_eager, dw_mode) and torch.equal(state_eager, state_mode)
+
+    class Sub(torch.Tensor):
+        pass
+
+    x, dy, ids, _ = _inputs()
+    assert not _dispatch_eager(x.as_subclass(Sub), dy)
+    assert _dispatch_eager(x, torch.nn.Parameter(dy))
+
+
+def _dispatch_eager(*tensors):
+    from rnb_kernels.ops._dispatch import eager
+
+    return eager(*tensors)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter-only plumbing")
 @pytest.mark.hardware
 def test_runnable_interprets_a_kernel_jitted_before_the_switch():

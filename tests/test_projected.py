@@ -22,9 +22,13 @@ from torch import nn  # noqa: E402
 
 import rnb_kernels as rnb  # noqa: E402
 from rnb_kernels.ops import domain_projection  # noqa: E402
-from rnb_kernels.ops.domain_projection import project_columns_torch  # noqa: E402
+from rnb_kernels.ops.domain_projection import (  # noqa: E402
+    project_columns_keeping,
+    project_columns_torch,
+)
 from rnb_kernels.ops.reference import (  # noqa: E402
     domain_projection_ref,
+    domain_rows_ref,
     projection_matrix_ref,
     segmented_wgrad_ref,
 )
@@ -88,14 +92,20 @@ def make_inputs(n, k_in, k_out, dtype, g, integer=False):
 
 
 def check_against_reference(x, dy, ids, m, backend, *, p=13, seed=5, layer=2, offset=0,
-                            bias=False, q=None):  # fmt: skip
+                            bias=False, q=None, rows=None):  # fmt: skip
+    """``rows``: also keep these output rows exactly (``exact_index``) and check them."""
     g = torch.Generator().manual_seed(99)
     width = q if q is not None else x.shape[1] + int(bias)
     p0 = torch.randn(m, p, width, generator=g).to(DEVICE)
     state = p0.clone()
+    extra = {}
+    if rows is not None:
+        rows = torch.as_tensor(rows, dtype=torch.int64, device=DEVICE)
+        e0 = torch.randn(m, rows.numel(), width, generator=g).to(DEVICE)
+        extra = dict(exact_index=rows, exact=e0.clone())
     dw, out = domain_projection(
         x, dy, ids, m, state, seed=seed, layer=layer, row_offset=offset, backend=backend,
-        bias=bias, proj_in_dim=q,
+        bias=bias, proj_in_dim=q, **extra,
     )  # fmt: skip
     assert out is state
     ref_dw, ref = domain_projection_ref(x, dy, ids, m, p, seed, layer, offset, bias, q)
@@ -106,6 +116,12 @@ def check_against_reference(x, dy, ids, m, backend, *, p=13, seed=5, layer=2, of
     for d in range(m):
         if d not in present:
             assert torch.equal(state[d], p0[d]), f"absent domain {d} was modified"
+    if rows is not None:
+        want = e0.double() + domain_rows_ref(x, dy, ids, m, rows, seed, layer, bias, q)
+        assert_close(extra["exact"], want, ACC_DTYPE, "exact rows")
+        for d in range(m):
+            if d not in present:
+                assert torch.equal(extra["exact"][d], e0[d]), f"absent domain {d}: exact rows"
     if backend == "torch":
         assert torch.equal(dw, dy.t().mm(x)), "dW must be autograd's GEMM, bit for bit"
 
@@ -220,6 +236,60 @@ def test_op_no_rows(backend):
                               backend=backend)  # fmt: skip
     assert torch.equal(dw, torch.zeros(9, 6, device=DEVICE))
     assert torch.equal(state, torch.ones(3, 4, 6, device=DEVICE))
+
+
+EXACT_ROWS = {
+    "one": [5],
+    "spread": [0, 9, 33, 69],  # first and last rows included
+    "adjacent": [40, 41, 42, 43, 44, 45],
+    "unsorted": [61, 2, 30],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", list(EXACT_ROWS.values()), ids=list(EXACT_ROWS))
+@pytest.mark.parametrize(
+    "bias,q", [(False, None), (True, None), (True, 7)], ids=["plain", "bias", "bias-in"]
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_op_exact_rows_match_reference(rows, bias, q, dtype, backend):
+    """``exact_index``: the rows land exactly in ``exact`` and ``proj`` still projects every row
+    (the torch backend folds the rows into columns of their own and adds them back)."""
+    g = torch.Generator().manual_seed(len(rows) * 10 + int(bias))
+    x, dy = make_inputs(37, 33, 70, dtype, g)
+    ids = make_ids("mixed", 37, 4, g)
+    check_against_reference(x, dy, ids, 4, backend, p=11, offset=5, bias=bias, q=q, rows=rows)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("pattern", ["one-domain", "all-ignored", "empty-domains", "runs"])
+def test_op_exact_rows_id_patterns(pattern, backend):
+    g = torch.Generator().manual_seed(8)
+    if pattern == "runs":
+        x, dy = make_inputs(200, 9, 30, torch.float32, g)
+        ids = torch.randint(-1, 4, (5,), generator=g).repeat_interleave(40).to(DEVICE)
+    else:
+        x, dy = make_inputs(37, 33, 70, torch.float32, g)
+        ids = make_ids(pattern, 37, 4, g)
+    check_against_reference(x, dy, ids, 4, backend, bias=True, rows=[3, 17, 29])
+
+
+def test_op_exact_rows_float64():
+    g = torch.Generator().manual_seed(9)
+    x, dy = make_inputs(37, 33, 70, torch.float64, g)
+    check_against_reference(x, dy, make_ids("mixed", 37, 3, g), 3, "torch", rows=[1, 50])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_project_columns_keeping_is_projection_beside_gather(dtype):
+    g = torch.Generator().manual_seed(10)
+    t = torch.randn(23, 300, generator=g).to(dtype)
+    index = torch.randperm(300, generator=g)[:17]
+    both = project_columns_keeping(t, index, 19, seed=3, layer=4, offset=11, side=PROJ_OUT)
+    assert both.shape == (23, 19 + 17) and both.dtype == torch.float32
+    dense = projection_matrix_ref(300, 19, 3, 4, 11, PROJ_OUT)
+    assert_close(both[:, :19], t.double() @ dense.T, torch.float32, "projection")
+    assert torch.equal(both[:, 19:], t[:, index].float())
 
 
 def test_op_float64_on_torch_backend():
@@ -408,6 +478,56 @@ BAD = [
     ("x dtype", dict(x=torch.randn(8, 5, dtype=torch.float64)), TypeError, "dy"),
     ("num_domains 0", dict(num_domains=0), ValueError, "num_domains"),
     ("backend name", dict(backend="cudnn"), ValueError, "backend"),
+    ("exact_index alone", dict(exact_index=torch.tensor([0])), ValueError, "exact_index"),
+    ("exact alone", dict(exact=torch.zeros(3, 1, 5)), ValueError, "exact_index"),
+    (
+        "exact_index int32",
+        dict(exact_index=torch.tensor([0], dtype=torch.int32), exact=torch.ones(3, 1, 5)),
+        TypeError,
+        "exact_index",
+    ),  # fmt: skip
+    (
+        "exact_index 2-D",
+        dict(exact_index=torch.tensor([[0]]), exact=torch.ones(3, 1, 5)),
+        ValueError,
+        "exact_index",
+    ),  # fmt: skip
+    (
+        "exact rows",
+        dict(exact_index=torch.tensor([0, 1]), exact=torch.ones(3, 1, 5)),
+        ValueError,
+        "exact",
+    ),  # fmt: skip
+    (
+        "exact width",
+        dict(exact_index=torch.tensor([0]), exact=torch.ones(3, 1, 6)),
+        ValueError,
+        "exact",
+    ),  # fmt: skip
+    (
+        "exact dtype",
+        dict(exact_index=torch.tensor([0]), exact=torch.ones(3, 1, 5).half()),
+        TypeError,
+        "exact",
+    ),  # fmt: skip
+    (
+        "exact_index repeated",
+        dict(exact_index=torch.tensor([1, 1]), exact=torch.ones(3, 2, 5)),
+        ValueError,
+        "exact_index",
+    ),  # fmt: skip
+    (
+        "exact_index >= K_out",
+        dict(exact_index=torch.tensor([3]), exact=torch.ones(3, 1, 5)),
+        ValueError,
+        "exact_index",
+    ),  # fmt: skip
+    (
+        "exact_index negative",
+        dict(exact_index=torch.tensor([-1]), exact=torch.ones(3, 1, 5)),
+        ValueError,
+        "exact_index",
+    ),  # fmt: skip
 ]
 
 
@@ -418,10 +538,14 @@ def test_rejects_bad_input_without_touching_state(case):
     args = dict(x=x, dy=dy, domain_ids=ids, num_domains=3, proj=torch.ones(3, 4, 5))
     args.update(override)
     before = None if args["proj"] is None else args["proj"].clone()
+    exact = args.get("exact")
+    exact_before = None if exact is None else exact.clone()
     with pytest.raises(exc, match=name):
         domain_projection(**args)
     if before is not None:
         assert torch.equal(args["proj"], before)
+    if exact is not None:
+        assert torch.equal(exact, exact_before)
 
 
 @pytest.mark.parametrize("which", ["x", "dy"])
@@ -444,6 +568,11 @@ def test_custom_op_passes_opcheck():
             _domain_projection_op,
             (x, dy, ids, 3, torch.zeros(3, 4, width), 1, 2, 7, q, bias, "torch", True, False),
         )
+        torch.library.opcheck(
+            _domain_projection_op,
+            (x, dy, ids, 3, torch.zeros(3, 4, width), 1, 2, 7, q, bias, "torch", True, False,
+             torch.tensor([2, 0]), torch.zeros(3, 2, width)),
+        )  # fmt: skip
 
 
 def test_exported_from_ops():

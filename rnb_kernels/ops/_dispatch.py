@@ -10,6 +10,7 @@ import importlib
 from collections.abc import Callable
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .._backends import BACKENDS, BackendUnavailableError, backend_status
 
@@ -125,6 +126,20 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
                 "backend='triton' on CPU tensors needs TRITON_INTERPRET=1 (Triton's interpreter)"
             )
     return backend
+
+
+def eager(*tensors: torch.Tensor) -> bool:
+    """Whether a public op may call its implementation directly instead of its custom op: eager
+    execution (not compiling, no dispatch mode such as a fake-tensor or tracing mode active)
+    on plain tensors (no subclass such as ``DTensor``). The custom op is what the compiler
+    needs (an opaque node with declared mutations); eagerly its dispatch is pure overhead,
+    about 0.25 ms per call on the CPU, paid once per tracked layer and micro-batch."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    return all(type(t) in _PLAIN for t in tensors)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def get_impl(op: str, backend: str) -> Callable:

@@ -85,6 +85,14 @@ def check_finite_tensor(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or Inf")
 
 
+def check_distinct_index(index: torch.Tensor, name: str, size: int) -> None:
+    """``index`` (int64 ``[h]``) holds distinct values in ``[0, size)`` (a value check)."""
+    if index.numel():
+        lo, hi = torch.aminmax(index)
+        if int(lo) < 0 or int(hi) >= size or index.unique().numel() != index.numel():
+            raise ValueError(f"{name} must hold distinct rows in [0, {size})")
+
+
 def check_values(x, dy, domain_ids, num_domains: int, check_ids: bool, check_finite: bool) -> None:
     """The value checks of the segmented ops, run inside the op before any state is written."""
     if check_ids:

@@ -16,8 +16,8 @@ import torch
 
 from . import _validate as V
 from . import sketch_hash as H
-from ._dispatch import get_impl, resolve_backend
-from .segmented_wgrad import domain_row_blocks
+from ._dispatch import eager, get_impl, has_impl, resolve_backend
+from .segmented_wgrad import add_domain_products, domain_row_blocks
 
 _U32 = 2**32
 
@@ -64,6 +64,48 @@ def project_columns_torch(
     out = torch.zeros(t.shape[0], 2 * proj_dim, dtype=torch.float32, device=t.device)
     out.index_add_(1, idx, t if t.dtype == torch.float32 else t.float())
     return out[:, :proj_dim] - out[:, proj_dim:]
+
+
+def project_columns_keeping(
+    t: torch.Tensor,
+    index: torch.Tensor,
+    proj_dim: int,
+    seed: int,
+    layer: int,
+    offset: int,
+    side: int,
+) -> torch.Tensor:
+    """float32 ``[N, proj_dim + h]``: ``t Pᵀ`` (every column projected, as
+    :func:`project_columns_torch`) beside the ``h`` columns ``t[:, index]`` kept as they are.
+
+    One pass over ``t``: the kept columns are folded into ``h`` columns of their own instead of
+    their buckets (so one ``index_add_`` also gathers them) and then added to their buckets from
+    that small copy, which is cheaper than a separate ``index_select`` of strided columns.
+
+    Args:
+        t: ``[N, K]`` float tensor; column ``c`` is feature ``offset + c``.
+        index: int64 ``[h]`` distinct columns of ``t``, on ``t``'s device.
+        proj_dim, seed, layer, offset, side: as in :func:`project_columns_torch`.
+
+    Example:
+        >>> t, idx = torch.randn(3, 9), torch.tensor([2, 7])
+        >>> both = project_columns_keeping(t, idx, 4, seed=0, layer=0, offset=0, side=0)
+        >>> full = project_columns_torch(t, 4, seed=0, layer=0, offset=0, side=0)
+        >>> torch.allclose(both[:, :4], full, atol=1e-6), torch.equal(both[:, 4:], t[:, idx])
+        (True, True)
+    """
+    signed = _signed_index(t.shape[1], proj_dim, seed, layer, offset, side, t.device)
+    h = index.shape[0]
+    route = signed.clone()
+    route[index] = torch.arange(2 * proj_dim, 2 * proj_dim + h, device=t.device)
+    folded = torch.zeros(t.shape[0], 2 * proj_dim + h, dtype=torch.float32, device=t.device)
+    folded.index_add_(1, route, t if t.dtype == torch.float32 else t.float())
+    kept = folded[:, 2 * proj_dim :]
+    folded[:, : 2 * proj_dim].index_add_(1, signed.index_select(0, index), kept)
+    out = torch.empty(t.shape[0], proj_dim + h, dtype=torch.float32, device=t.device)
+    torch.sub(folded[:, :proj_dim], folded[:, proj_dim : 2 * proj_dim], out=out[:, :proj_dim])
+    out[:, proj_dim:] = kept
+    return out
 
 
 def project_rows(
@@ -138,23 +180,32 @@ def domain_projection_torch(
     row_offset: int,
     proj_in_dim: int | None,
     bias: bool,
+    exact_index: torch.Tensor | None = None,
+    exact: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Torch backend: ``dW = dy.t().mm(x)`` (autograd's GEMM, so ``param.grad`` is
-    bit-identical), then ``proj[d] += (dy_d P_outᵀ)ᵀ x_d`` per present domain, in fp32.
+    bit-identical), then ``proj[d] += (dy_d P_outᵀ)ᵀ x_d`` per present domain, in fp32, and
+    with ``exact_index`` also ``exact[d] += dy_d[:, exact_index]ᵀ x_d``.
 
     ``dy`` is folded for every row (ignored rows included) before rows are grouped: the fold
-    is the one pass over ``[N, K_out]``, and grouping then moves only ``[N, proj_dim]``."""
+    is the one pass over ``[N, K_out]`` (it also gathers the exact rows' columns), and grouping
+    then moves only ``[N, proj_dim + h]``."""
     dw = dy.t().mm(x)
-    dyp = project_columns_torch(dy, proj.shape[1], seed, layer, row_offset, H.PROJ_OUT)
+    p = proj.shape[1]
+    if exact_index is None:
+        dyp = project_columns_torch(dy, p, seed, layer, row_offset, H.PROJ_OUT)
+    else:
+        dyp = project_columns_keeping(dy, exact_index, p, seed, layer, row_offset, H.PROJ_OUT)
     xin = input_side(x, proj_in_dim, bias, seed, layer)
     for d, parts in domain_row_blocks(xin, dyp, domain_ids, num_domains):
         for dys, xs in parts:
-            proj[d].addmm_(dys.t(), xs)
+            proj[d].addmm_(dys[:, :p].t(), xs)
+            if exact is not None:
+                exact[d].addmm_(dys[:, p:].t(), xs)
     return dw
 
 
-@torch.library.custom_op("rnb::domain_projection", mutates_args=("proj",))
-def _domain_projection_op(
+def _domain_projection_impl(
     x: torch.Tensor,
     dy: torch.Tensor,
     domain_ids: torch.Tensor,
@@ -168,16 +219,38 @@ def _domain_projection_op(
     backend: str,
     check_ids: bool,
     check_finite: bool,
+    exact_index: torch.Tensor | None = None,
+    exact: torch.Tensor | None = None,
 ) -> torch.Tensor:
     V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
-    impl = get_impl("domain_projection", backend)
-    return impl(x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias)
+    if check_ids and exact_index is not None:
+        V.check_distinct_index(exact_index, "exact_index", dy.shape[1])
+    args = (x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias)
+    if backend == "torch":
+        return domain_projection_torch(*args, exact_index, exact)
+    dw = get_impl("domain_projection", backend)(*args)
+    if exact is not None:
+        # The projection kernels have no exact-rows path: the rows' shares go through the
+        # segmented op of the same backend (torch where it has none).
+        be = backend if has_impl("segmented_wgrad", backend) else "torch"
+        xin = input_side(x, proj_in_dim, bias, seed, layer)
+        dyh = dy.index_select(1, exact_index).float()
+        if be == "torch":
+            add_domain_products(xin, dyh, domain_ids, num_domains, exact)
+        else:
+            get_impl("segmented_wgrad", be)(xin, dyh, domain_ids, num_domains, exact)
+    return dw
+
+
+_domain_projection_op = torch.library.custom_op(
+    "rnb::domain_projection", _domain_projection_impl, mutates_args=("proj", "exact")
+)
 
 
 @_domain_projection_op.register_fake
 def _(
     x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias, backend,
-    check_ids, check_finite,
+    check_ids, check_finite, exact_index=None, exact=None,
 ):  # fmt: skip
     return x.new_empty(dy.shape[1], x.shape[1])
 
@@ -203,6 +276,8 @@ def domain_projection(
     proj_in_dim: int | None = None,
     check_ids: bool = True,
     check_finite: bool = False,
+    exact_index: torch.Tensor | None = None,
+    exact: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus a count-sketch projection of each domain's share.
 
@@ -229,8 +304,15 @@ def domain_projection(
             ``"triton"``.
         bias: also project each domain's bias gradient, as a ones column appended to ``x``.
         proj_in_dim: also project the input side to this many columns (for wide ``K_in``).
-        check_ids: as in :func:`rnb_kernels.ops.segmented_wgrad`.
+        check_ids: as in :func:`rnb_kernels.ops.segmented_wgrad`; also checks that
+            ``exact_index`` holds distinct rows in ``[0, K_out)`` (a host sync).
         check_finite: raise ``ValueError`` before touching ``proj`` on NaN/Inf inputs.
+        exact_index: int64 ``[h]`` distinct local output rows to keep exactly as well (the
+            tracker's heaviest rows); needs ``exact``. ``proj`` still projects every row.
+        exact: float32 ``[m, h, K_in']`` contiguous, same ``K_in'`` as ``proj``; updated in
+            place with ``exact[d] += [g_d | β_d][exact_index] (P_inᵀ)``, the rows the projection
+            would mix with others. On the torch backend the one fold of ``dy`` also gathers
+            these columns.
 
     Returns:
         ``(dW, proj)``: ``dW = dyᵀ x`` ``[K_out, K_in]`` in ``x.dtype`` (bit-identical to
@@ -242,6 +324,11 @@ def domain_projection(
         ...                           bias=True)
         >>> p.shape, torch.equal(dw, dy.t().mm(x))
         (torch.Size([2, 8, 5]), True)
+        >>> rows = torch.zeros(2, 1, 5)
+        >>> _ = domain_projection(x, dy, torch.tensor([0, 0, 1, 1, -1]), 2, proj_dim=8,
+        ...                       bias=True, exact_index=torch.tensor([2]), exact=rows)
+        >>> torch.allclose(rows[0, 0, :4], dy[:2, 2] @ x[:2], atol=1e-6)
+        True
     """
     V.check_wgrad_inputs(x, dy, domain_ids, num_domains)
     V.check_int(seed, "seed", low=0, high=_U32 - 1)
@@ -260,11 +347,21 @@ def domain_projection(
         if proj.shape[1] < 1:
             raise ValueError("proj must have at least one row per domain (proj_dim >= 1)")
         V.check_accumulator(proj, "proj", (num_domains, proj.shape[1], width), x)
+    if (exact_index is None) != (exact is None):
+        raise ValueError("exact_index and exact must be given together")
+    if exact_index is not None:
+        V.check_tensor(exact_index, "exact_index", ndim=1, dtypes=(torch.int64,))
+        if exact_index.device != x.device:
+            raise ValueError(f"exact_index must be on {x.device}, got {exact_index.device}")
+        V.check_accumulator(exact, "exact", (num_domains, exact_index.shape[0], width), x)
     be = resolve_backend("domain_projection", backend, x.device)
     if be != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
-    dw = _domain_projection_op(
+    # Eagerly the implementation is called directly: the custom op is what the compiler needs,
+    # and its dispatch alone costs about 0.25 ms per call on the CPU.
+    op = _domain_projection_impl if eager(x, dy) else _domain_projection_op
+    dw = op(
         x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias, be,
-        bool(check_ids), bool(check_finite),
+        bool(check_ids), bool(check_finite), exact_index, exact,
     )  # fmt: skip
     return dw, proj

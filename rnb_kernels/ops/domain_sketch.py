@@ -9,7 +9,7 @@ import torch
 
 from . import _validate as V
 from . import sketch_hash as H
-from ._dispatch import get_impl, resolve_backend
+from ._dispatch import eager, get_impl, resolve_backend
 from .segmented_wgrad import domain_bias_sums, domain_tiles, wgrad_from_domains
 
 _U32_MAX = 2**32 - 1
@@ -91,8 +91,7 @@ def domain_sketch_torch(
     return dw
 
 
-@torch.library.custom_op("rnb::domain_sketch", mutates_args=("sketch",))
-def _domain_sketch_op(
+def _domain_sketch_impl(
     x: torch.Tensor,
     dy: torch.Tensor,
     domain_ids: torch.Tensor,
@@ -121,6 +120,11 @@ def _domain_sketch_op(
         )
         sketch.index_add_(1, bucket, domain_bias_sums(dy, domain_ids, num_domains) * sign)
     return dw
+
+
+_domain_sketch_op = torch.library.custom_op(
+    "rnb::domain_sketch", _domain_sketch_impl, mutates_args=("sketch",)
+)
 
 
 @_domain_sketch_op.register_fake
@@ -215,7 +219,9 @@ def domain_sketch(
         )
     if not isinstance(dw_from_domains, bool):
         raise TypeError(f"dw_from_domains must be a bool, got {type(dw_from_domains).__name__}")
-    dw = _domain_sketch_op(
+    # Eagerly the implementation is called directly (see _dispatch.eager).
+    op = _domain_sketch_impl if eager(x, dy) else _domain_sketch_op
+    dw = op(
         x, dy, domain_ids, num_domains, sketch, seed, layer, bool(bias), be,
         bool(check_ids), bool(check_finite), int(row_offset), dw_from_domains,
     )  # fmt: skip

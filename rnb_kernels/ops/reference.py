@@ -211,3 +211,31 @@ def domain_projection_ref(
         p_in = projection_matrix_ref(per_domain.shape[-1], proj_in_dim, seed, layer, 0, PROJ_IN)
         proj = proj @ p_in.T
     return dw, proj.to(x.device)
+
+
+def domain_rows_ref(
+    x: torch.Tensor,
+    dy: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    index: torch.Tensor,
+    seed: int = 0,
+    layer: int = 0,
+    bias: bool = False,
+    proj_in_dim: int | None = None,
+) -> torch.Tensor:
+    """float64 ``[m, h, K_in']``: rows ``index`` of each domain's augmented gradient
+    ``[g_d | β_d]`` (``β_d`` only with ``bias``), times ``P_inᵀ`` with ``proj_in_dim`` -- what
+    ``domain_projection(..., exact_index=index, exact=...)`` adds to ``exact``. ``P_in`` is
+    the input projection of :func:`domain_projection_ref` (same seed and layer)."""
+    _, per_domain = segmented_wgrad_ref(x, dy, domain_ids, num_domains)
+    per_domain = per_domain.cpu()
+    if bias:
+        per_domain = torch.cat(
+            [per_domain, bias_grads_ref(dy, domain_ids, num_domains).cpu()[..., None]], -1
+        )
+    rows = per_domain[:, index.cpu()]
+    if proj_in_dim is not None:
+        p_in = projection_matrix_ref(per_domain.shape[-1], proj_in_dim, seed, layer, 0, PROJ_IN)
+        rows = rows @ p_in.T
+    return rows.to(x.device)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 
 from . import _validate as V
-from ._dispatch import get_impl, resolve_backend
+from ._dispatch import eager, get_impl, resolve_backend
 from .grouping import group_rows, host_runs, host_segments
 
 
@@ -116,8 +116,7 @@ def add_domain_products(
             acc[d].addmm_(dys.t(), xs)
 
 
-@torch.library.custom_op("rnb::segmented_wgrad", mutates_args=("acc", "bias_acc"))
-def _segmented_wgrad_op(
+def _segmented_wgrad_impl(
     x: torch.Tensor,
     dy: torch.Tensor,
     domain_ids: torch.Tensor,
@@ -137,6 +136,11 @@ def _segmented_wgrad_op(
     if bias_acc is not None:
         bias_acc += domain_bias_sums(dy, domain_ids, num_domains)
     return dw
+
+
+_segmented_wgrad_op = torch.library.custom_op(
+    "rnb::segmented_wgrad", _segmented_wgrad_impl, mutates_args=("acc", "bias_acc")
+)
 
 
 @_segmented_wgrad_op.register_fake
@@ -209,7 +213,9 @@ def segmented_wgrad(
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
     if not isinstance(dw_from_domains, bool):
         raise TypeError(f"dw_from_domains must be a bool, got {type(dw_from_domains).__name__}")
-    dw = _segmented_wgrad_op(
+    # Eagerly the implementation is called directly (see _dispatch.eager).
+    op = _segmented_wgrad_impl if eager(x, dy) else _segmented_wgrad_op
+    dw = op(
         x, dy, domain_ids, num_domains, acc, bias_acc, be, bool(check_ids), bool(check_finite),
         dw_from_domains,
     )  # fmt: skip

@@ -9,8 +9,7 @@ from torch import nn
 
 from ..ops import domain_projection, domain_sketch, segmented_wgrad
 from ..ops._dispatch import resolve_backend
-from ..ops.domain_projection import input_side, project_rows, projection_width
-from ..ops.segmented_wgrad import add_domain_products
+from ..ops.domain_projection import project_rows, projection_width
 from .linear import DOMAIN, TARGET, Context, is_dtensor, register_slot
 
 if TYPE_CHECKING:
@@ -85,11 +84,6 @@ class Slot:
         self.exact_rows = min(tracker.exact_rows, self.k_out) if tracker.mode == "projected" else 0
         self.heavy: torch.Tensor | None = None
         self.energy: torch.Tensor | None = None
-        self.exact_backend = (
-            resolve_backend("segmented_wgrad", tracker.backend, w.device)
-            if self.exact_rows
-            else None
-        )
         if not is_dtensor(w):
             self._allocate(self.k_out, w.device)
         self.scale = {DOMAIN: 1.0, TARGET: 1.0}
@@ -264,13 +258,17 @@ class Slot:
                 check_ids=False, dw_from_domains=not tr.bitwise_grad,
             )  # fmt: skip
         elif tr.mode == "projected":
+            # This round's heavy rows go to ``e`` in the same op (one fold of dy2 for both).
+            heavy = self.heavy if self.exact_rows else None
             dw, _ = domain_projection(
                 x2, dy2, rows, m, proj=b["p"], seed=tr.hash_seed, layer=self.index,
                 backend=self.backend, bias=self.has_bias, proj_in_dim=tr.proj_in_dim,
-                check_ids=False, row_offset=self.row_offset,
+                check_ids=False, row_offset=self.row_offset, exact_index=heavy,
+                exact=None if heavy is None else b["e"],
             )  # fmt: skip
-            if self.exact_rows:
-                self._accumulate_exact_rows(x2, dy2, dw, rows, m, group)
+            if self.exact_rows and group == DOMAIN and self.energy is not None:
+                # The rows' energy, for the next round's choice of heavy rows. No host sync.
+                self.energy += torch.linalg.vector_norm(dw, dim=1, dtype=torch.float32).square_()
         else:
             dw, _ = domain_sketch(
                 x2, dy2, rows, m, sketch=b["s"], seed=tr.hash_seed, layer=self.index,
@@ -281,27 +279,6 @@ class Slot:
         ctx.seen = True
         ctx.accumulated.add(self.index)
         return dw
-
-    def _accumulate_exact_rows(
-        self, x2: torch.Tensor, dy2: torch.Tensor, dw: torch.Tensor, rows: torch.Tensor, m: int,
-        group: str,
-    ) -> None:  # fmt: skip
-        """Projected mode: measure the rows' energy for the next round's choice and add each
-        domain's share of this round's heavy rows to ``e`` (against the same input side as
-        ``p``, so bias and ``proj_in_dim`` are handled alike). No host sync."""
-        tr = self.tracker
-        if group == DOMAIN and self.energy is not None:
-            self.energy += torch.linalg.vector_norm(dw, dim=1, dtype=torch.float32).square_()
-        if self.heavy is None:
-            return
-        xin = input_side(x2, tr.proj_in_dim, self.has_bias, tr.hash_seed, self.index)
-        dyh = dy2.index_select(1, self.heavy).float()
-        acc = self.buf[group]["e"]
-        if self.exact_backend == "torch":
-            # The op would also form dyhᵀ x, which nobody reads here.
-            add_domain_products(xin, dyh, rows, m, acc)
-        else:
-            segmented_wgrad(xin, dyh, rows, m, acc=acc, backend=self.exact_backend, check_ids=False)
 
     def context_rows(
         self, n: int, device: torch.device, ids: torch.Tensor | None = None
