@@ -390,3 +390,29 @@ def test_sketch_dw_from_domains_runs_no_full_gemm():
         with GemmShapes() as rec:
             domain_sketch(x, dy, ids, 3, sketch_dim=16, backend="torch", dw_from_domains=flag)
         assert sorted(rec.inner) == sorted([64] * 3 + [192] * full), (flag, rec.inner)
+
+
+def test_references_default_to_the_ops_hash():
+    """At their defaults (seed 0, layer 0) the references hash like the ops at theirs, and
+    ``count_sketch_ref`` sketches every leading index on its own."""
+    from rnb_kernels.ops import domain_projection
+    from rnb_kernels.ops.reference import count_sketch_ref, domain_projection_ref
+
+    g = torch.Generator().manual_seed(21)
+    x, dy = torch.randn(12, 5, generator=g), torch.randn(12, 7, generator=g)
+    ids = torch.tensor([0, 1, -1, 1, 0, 0, 1, 1, -1, 0, 1, 0])
+    _, s_op = domain_sketch(x, dy, ids, 2, sketch_dim=16)
+    _, s_ref = domain_sketch_ref(x, dy, ids, 2, 16)
+    assert_close(s_op, s_ref, ACC_DTYPE, "domain_sketch defaults")
+    _, s_one = domain_sketch(x, dy, torch.zeros(12, dtype=torch.long), 1, sketch_dim=16)
+    assert_close(s_one[0], count_sketch_ref(dy.T.double() @ x.double(), 16), ACC_DTYPE,
+                 "count_sketch_ref defaults")  # fmt: skip
+    _, p_op = domain_projection(x, dy, ids, 2, proj_dim=4)
+    _, p_ref = domain_projection_ref(x, dy, ids, 2, 4)
+    assert_close(p_op, p_ref, ACC_DTYPE, "domain_projection defaults")
+    tiles = torch.randn(2, 3, 7, 5, generator=g, dtype=torch.float64)
+    out = count_sketch_ref(tiles, 16, seed=3, layer=1)
+    assert out.shape == (2, 3, 16)
+    for i in range(2):
+        for j in range(3):
+            assert torch.equal(out[i, j], count_sketch_ref(tiles[i, j], 16, seed=3, layer=1))

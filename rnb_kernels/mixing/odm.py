@@ -66,9 +66,9 @@ class ODM(Mixer):
         self.t = 0
 
     def _eps(self, t: int) -> float:
+        """``ε_t`` of round ``t >= 1`` (0 for one domain: ``ln 1 = 0``); the initial policy is
+        the uniform one, ``ε_0 = 1/K``, so no update asks for ``t = 0``."""
         k = self.num_domains
-        if t == 0 or k == 1:
-            return 1.0 / k if k > 1 else 0.0
         return min(1.0 / k, self.exploration * math.sqrt(math.log(k) / (k * t)))
 
     def update(self, losses: Any, counts: Any) -> torch.Tensor:
