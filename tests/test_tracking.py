@@ -1031,6 +1031,96 @@ def test_vocab_parallel_head_on_one_rank_equals_the_plain_head(one_rank_mesh, bi
     assert_close(g, plain.head.weight.grad.double(), torch.float32, "head.weight.grad")
 
 
+def _rowwise_head(mesh):
+    from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = MLP(bias=False)
+    parallelize_module(model, mesh, {"head": RowwiseParallel()})
+    return model
+
+
+def test_sharded_head_layouts_the_tracker_refuses(one_rank_mesh):
+    """Each sharded layout the tracker cannot follow is refused by name at the first forward,
+    before any statistic is written: a weight sharded on its input dim (RowwiseParallel), a
+    weight whose shape changed after the tracker was built, and a head that became row-sharded
+    after statistics were accumulated."""
+    import re
+
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    x, ids = torch.randn(2, 3, 6), torch.tensor([0, 2])
+
+    model = _rowwise_head(one_rank_mesh)
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="exact")
+    want = (
+        "head: the tracked weight is a DTensor with placements (Shard(dim=1),) on a 1-D mesh; "
+        "only row sharding on a 1-D mesh (Shard(0): ColwiseParallel, a vocabulary-parallel "
+        "head) is supported"
+    )
+    with pytest.raises(NotImplementedError, match="^" + re.escape(want) + "$"):
+        with tracker.domains(ids):
+            model(x)
+
+    torch.manual_seed(0)
+    model = MLP(bias=False)
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="exact")
+    model.head.weight = nn.Parameter(
+        distribute_tensor(torch.randn(7, 12), one_rank_mesh, [Shard(0)])
+    )
+    want = "head: the weight's logical shape changed from (5, 12) to (7, 12) after the tracker was built"
+    with pytest.raises(ValueError, match="^" + re.escape(want) + "$"):
+        with tracker.domains(ids):
+            model(x)
+
+    torch.manual_seed(0)
+    model = MLP(bias=False)
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="projected", proj_dim=4)
+    with tracker.domains(ids):
+        model(x).square().sum().backward()
+    before = [t.clone() for t in tracker._slots[0].tensors("domain")]
+    parallelize_module(model, one_rank_mesh, {"head": ColwiseParallel(output_layouts=Replicate())})
+    want = (
+        "head: statistics were accumulated before the weight became row-sharded; build the "
+        "tracker after parallelize_module"
+    )
+    with pytest.raises(RuntimeError, match="^" + re.escape(want) + "$"):
+        with tracker.domains(ids):
+            model(x)
+    after = tracker._slots[0].tensors("domain")
+    assert all(torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_row_sharded_projected_slot_takes_the_local_layout(one_rank_mesh):
+    """A projected head made row-sharded (ColwiseParallel) before any statistic: the slot binds
+    the local rows, drops the exact rows (they would need agreement over the shards), and
+    records the mesh; its Gram equals the plain head's."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    plain = MLP(bias=True)
+    sharded = copy.deepcopy(plain)
+    parallelize_module(
+        sharded, one_rank_mesh, {"head": ColwiseParallel(output_layouts=Replicate())}
+    )
+    kw = dict(modules=["head"], mode="projected", proj_dim=4, exact_rows=2)
+    t_plain = DomainGradientTracker(plain, M, **kw)
+    t_sharded = DomainGradientTracker(sharded, M, **kw)
+    x, ids = torch.randn(2, 3, 6), torch.tensor([0, 2])
+    for model, tracker in ((plain, t_plain), (sharded, t_sharded)):
+        with tracker.domains(ids):
+            out = model(x)
+            out = out.full_tensor() if hasattr(out, "full_tensor") else out
+            out.square().sum().backward()
+    slot = t_sharded._slots[0]
+    assert slot.sharded and slot.tp_size == 1 and slot.row_offset == 0
+    assert slot.local_rows == 5 and slot.exact_rows == 0 and "e" not in slot.buf["domain"]
+    assert tuple(slot.buf["domain"]["p"].shape) == (M, 4, 13)
+    assert_close(t_sharded.gram(), t_plain.gram(), torch.float32, "gram")
+
+
 def test_record_target_under_autocast():
     """record_target() reaches the tracked layers through the anchor on the autocast path too:
     the target row equals the same loss's recorded without autocast, within bf16 tolerance."""
