@@ -470,6 +470,13 @@ def _inputs():
     return x, dy, ids
 
 
+def _exact(index, shape=(3, 1, 5), dtype=torch.float32, index_dtype=torch.int64):
+    """``exact_index`` / ``exact`` arguments for the bad-input table."""
+    return dict(
+        exact_index=torch.tensor(index, dtype=index_dtype), exact=torch.ones(shape, dtype=dtype)
+    )
+
+
 BAD = [
     ("proj dtype", dict(proj=torch.zeros(3, 4, 5, dtype=torch.float16)), TypeError, "proj"),
     ("proj rows", dict(proj=torch.zeros(2, 4, 5)), ValueError, "proj"),
@@ -497,54 +504,14 @@ BAD = [
     ("backend name", dict(backend="cudnn"), ValueError, "backend"),
     ("exact_index alone", dict(exact_index=torch.tensor([0])), ValueError, "exact_index"),
     ("exact alone", dict(exact=torch.zeros(3, 1, 5)), ValueError, "exact_index"),
-    (
-        "exact_index int32",
-        dict(exact_index=torch.tensor([0], dtype=torch.int32), exact=torch.ones(3, 1, 5)),
-        TypeError,
-        "exact_index",
-    ),  # fmt: skip
-    (
-        "exact_index 2-D",
-        dict(exact_index=torch.tensor([[0]]), exact=torch.ones(3, 1, 5)),
-        ValueError,
-        "exact_index",
-    ),  # fmt: skip
-    (
-        "exact rows",
-        dict(exact_index=torch.tensor([0, 1]), exact=torch.ones(3, 1, 5)),
-        ValueError,
-        "exact",
-    ),  # fmt: skip
-    (
-        "exact width",
-        dict(exact_index=torch.tensor([0]), exact=torch.ones(3, 1, 6)),
-        ValueError,
-        "exact",
-    ),  # fmt: skip
-    (
-        "exact dtype",
-        dict(exact_index=torch.tensor([0]), exact=torch.ones(3, 1, 5).half()),
-        TypeError,
-        "exact",
-    ),  # fmt: skip
-    (
-        "exact_index repeated",
-        dict(exact_index=torch.tensor([1, 1]), exact=torch.ones(3, 2, 5)),
-        ValueError,
-        "exact_index",
-    ),  # fmt: skip
-    (
-        "exact_index >= K_out",
-        dict(exact_index=torch.tensor([3]), exact=torch.ones(3, 1, 5)),
-        ValueError,
-        "exact_index",
-    ),  # fmt: skip
-    (
-        "exact_index negative",
-        dict(exact_index=torch.tensor([-1]), exact=torch.ones(3, 1, 5)),
-        ValueError,
-        "exact_index",
-    ),  # fmt: skip
+    ("exact_index int32", _exact([0], index_dtype=torch.int32), TypeError, "exact_index"),
+    ("exact_index 2-D", _exact([[0]]), ValueError, "exact_index"),
+    ("exact rows", _exact([0, 1]), ValueError, "exact"),
+    ("exact width", _exact([0], (3, 1, 6)), ValueError, "exact"),
+    ("exact dtype", _exact([0], dtype=torch.float16), TypeError, "exact"),
+    ("exact_index repeated", _exact([1, 1], (3, 2, 5)), ValueError, "exact_index"),
+    ("exact_index >= K_out", _exact([3]), ValueError, "exact_index"),
+    ("exact_index negative", _exact([-1]), ValueError, "exact_index"),
 ]
 
 
