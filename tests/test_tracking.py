@@ -1121,6 +1121,56 @@ def test_row_sharded_projected_slot_takes_the_local_layout(one_rank_mesh):
     assert_close(t_sharded.gram(), t_plain.gram(), torch.float32, "gram")
 
 
+def test_sharded_tracker_rounds_before_the_first_forward(one_rank_mesh):
+    """A tracker over a DTensor head has no buffers until the first forward shows the layout;
+    closing a round (reset, with its choice of exact rows) and saving before that must work
+    and leave the first forward free to bind the layout."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    torch.manual_seed(0)
+    model = MLP(bias=False)
+    parallelize_module(model, one_rank_mesh, {"head": ColwiseParallel(output_layouts=Replicate())})
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="projected", proj_dim=4)
+    slot = tracker._slots[0]
+    assert slot.buf == {} and slot.tensors("domain") == [] and slot.energy is None
+    tracker.reset()
+    assert slot.heavy is None and slot.buf == {}
+    with tracker.domains(torch.tensor([0, 2])):
+        out = model(torch.randn(2, 3, 6))
+        out = out.full_tensor() if hasattr(out, "full_tensor") else out
+        out.square().sum().backward()
+    assert slot.sharded and tracker.gram().abs().sum() > 0
+
+
+def test_non_finite_row_energy_never_makes_a_row_heavy():
+    """Rows whose energy is NaN or +inf (a non-finite gradient met with skip_nonfinite off)
+    rank below every finite row when the next round's exact rows are chosen."""
+    model = MLP(bias=False)
+    tracker = DomainGradientTracker(model, M, modules=["head"], mode="projected", proj_dim=4,
+                                    exact_rows=2)  # fmt: skip
+    slot = tracker._slots[0]
+    slot.energy.copy_(torch.tensor([float("nan"), 0.5, float("inf"), 0.2, 0.1]))
+    tracker.reset()
+    assert slot.heavy.tolist() == [1, 3]
+    assert torch.equal(slot.energy, torch.zeros(5))
+
+
+def test_tracked_rows_outside_a_context_are_ignored_rows():
+    """The compiled path's row lookup outside any context: int64 ``-1`` (ignored) rows."""
+    from rnb_kernels.tracking.linear import tracked_rows
+
+    model = MLP()
+    tracker = DomainGradientTracker(model, M, modules=["head"])
+    rows = tracked_rows(torch.zeros(1), tracker._slots[0].key, 4)
+    assert rows.dtype == torch.int64 and rows.tolist() == [-1, -1, -1, -1]
+    with tracker.domains(torch.tensor([2, 0])):
+        rows = tracked_rows(torch.zeros(1), tracker._slots[0].key, 4)
+        assert rows.tolist() == [2, 2, 0, 0]
+        ids = torch.tensor([[1, 3], [0, -1]])
+        assert tracked_rows(torch.zeros(1), tracker._slots[0].key, 4, ids).tolist() == [1, 3, 0, -1]
+
+
 def test_record_target_under_autocast():
     """record_target() reaches the tracked layers through the anchor on the autocast path too:
     the target row equals the same loss's recorded without autocast, within bf16 tolerance."""

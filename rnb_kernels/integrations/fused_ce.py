@@ -44,7 +44,7 @@ from torch import nn
 
 from ..ops import _validate as V
 from ..ops.cross_entropy import cross_entropy_rows, cross_entropy_rows_grad_
-from ..tracking.linear import DOMAIN, Context, is_dtensor, tracked_rows, tracked_wgrad
+from ..tracking.linear import is_dtensor, rows_of, tracked_rows, tracked_wgrad
 
 if TYPE_CHECKING:
     from ..tracking.slot import Slot
@@ -325,7 +325,7 @@ def fused_linear_cross_entropy(
         slot = _find_slot(tracker, weight, module)
         if domain_ids is not None:
             ids = tracker.validate_ids(domain_ids)
-            Context(DOMAIN, ids, 1.0, False).rows(n, hidden.device)  # shape check, now
+            rows_of(ids, n, hidden.device)  # shape check, now
         # Not while compiling: reading the context would guard on it (a recompile per block).
         if not torch.compiler.is_compiling() and tracker._active is not None:
             tracker._active.forwarded.add(slot.index)

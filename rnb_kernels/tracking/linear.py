@@ -83,27 +83,30 @@ class Context:
         """int64 ``[N]`` domain id of every row of the layer's flattened input (cached per
         shape, so several tracked layers share one copy)."""
         key = (n, device)
-        if key in self._rows:
-            return self._rows[key]
-        ids = self.ids
-        if ids is None:
-            rows = torch.zeros(n, dtype=torch.int64, device=device)
-        elif ids.dim() == 1:
-            if n % ids.shape[0]:
-                raise ValueError(
-                    f"domain_ids has {ids.shape[0]} samples but the tracked layer saw {n} rows "
-                    f"(not a multiple); pass per-token ids [batch, seq] for this layout"
-                )
-            rows = ids.to(device, non_blocking=True).repeat_interleave(n // ids.shape[0])
-        else:
-            if ids.numel() != n:
-                raise ValueError(
-                    f"domain_ids has shape {tuple(ids.shape)} ({ids.numel()} tokens) but the "
-                    f"tracked layer saw {n} rows"
-                )
-            rows = ids.to(device, non_blocking=True).reshape(-1)
-        self._rows[key] = rows
-        return rows
+        if key not in self._rows:
+            self._rows[key] = rows_of(self.ids, n, device)
+        return self._rows[key]
+
+
+def rows_of(ids: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
+    """int64 ``[n]``: the domain of each of a layer's ``n`` input rows under ``ids`` --
+    ``[B]`` per sample (broadcast over the rows of each sample), ``[B, T]`` per token, or
+    ``None`` (a target context without a mask: every row is the target's, 0)."""
+    if ids is None:
+        return torch.zeros(n, dtype=torch.int64, device=device)
+    if ids.dim() == 1:
+        if n % ids.shape[0]:
+            raise ValueError(
+                f"domain_ids has {ids.shape[0]} samples but the tracked layer saw {n} rows "
+                f"(not a multiple); pass per-token ids [batch, seq] for this layout"
+            )
+        return ids.to(device, non_blocking=True).repeat_interleave(n // ids.shape[0])
+    if ids.numel() != n:
+        raise ValueError(
+            f"domain_ids has shape {tuple(ids.shape)} ({ids.numel()} tokens) but the "
+            f"tracked layer saw {n} rows"
+        )
+    return ids.to(device, non_blocking=True).reshape(-1)
 
 
 # cudagraph_unsafe: its Python body (context lookup, row grouping, buffer updates) must run on

@@ -10,7 +10,7 @@ from torch import nn
 from ..ops import domain_projection, domain_sketch, segmented_wgrad
 from ..ops._dispatch import resolve_backend
 from ..ops.domain_projection import project_rows, projection_width
-from .linear import DOMAIN, TARGET, Context, is_dtensor, register_slot
+from .linear import DOMAIN, TARGET, Context, is_dtensor, register_slot, rows_of
 
 if TYPE_CHECKING:
     from .tracker import DomainGradientTracker
@@ -287,8 +287,7 @@ class Slot:
         ctx = self.tracker._active
         if ctx is None:
             return torch.full((n,), -1, dtype=torch.int64, device=device)
-        src = ctx if ids is None else Context(ctx.kind, ids, 1.0, False)
-        return src.rows(n, device)
+        return ctx.rows(n, device) if ids is None else rows_of(ids, n, device)
 
     def wgrad(
         self,
@@ -311,9 +310,9 @@ class Slot:
             ctx.batch = batch
         rows = None
         if ids is not None or lo != 0 or (n >= 0 and n != x2.shape[0]):
-            src = ctx if ids is None else Context(ctx.kind, ids, 1.0, False)
             n = x2.shape[0] if n < 0 else n
-            rows = src.rows(n, x2.device)[lo : lo + x2.shape[0]]
+            rows = ctx.rows(n, x2.device) if ids is None else rows_of(ids, n, x2.device)
+            rows = rows[lo : lo + x2.shape[0]]
         return self.accumulate(x2, dy2, ctx, rows)
 
     def backward(self, x, weight, dy, need_x: bool, need_w: bool, need_b: bool, has_bias: bool):
