@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import warnings
 
 import pytest
 import torch
@@ -604,3 +606,96 @@ def test_sketch_shard_keeps_half_after_a_sum(two_ranks):
         tr.counts()
         want = 2 * ref._slots[1].tensors("domain")[0]
         torch.testing.assert_close(tr._slots[1].tensors("domain")[0], want, rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------- the end-of-block check, word for word
+def _unreached_msg(block: str) -> str:
+    return (
+        f"tracked layer(s) ['2'] ran their forward inside {block} but no backward reached "
+        "them inside the block: run loss.backward() inside the `with` block, or these "
+        "statistics are lost"
+    )
+
+
+def _half_backward(net, x):
+    """Forward through both tracked layers, backward from the first one's output only."""
+    h = net[0](x)
+    out = net[2](torch.tanh(h))
+    h.sum().backward()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["domains", "target"])
+def test_unreached_layer_after_a_reached_one_is_reported_at_the_callers_line(kind, caplog):
+    """Layer '0' accumulates and layer '2' (later in the slot order) ran its forward but no
+    backward reached it: the warning names '2' and the block, points at this file, and is
+    logged too."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"])
+    block = tr.domains(torch.tensor([0, 1])) if kind == "domains" else tr.target()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with block:
+            _half_backward(net, torch.randn(2, 5))
+    msg = _unreached_msg(f"tracker.{kind}()")
+    assert [str(w.message) for w in rec] == [msg]
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds stack frames
+        assert rec[0].filename == __file__
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [msg]
+
+
+def test_on_untracked_ignore_skips_the_end_of_block_check():
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=["0", "2"], on_untracked="ignore")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with tr.domains(torch.tensor([0, 1])):
+            _half_backward(net, torch.randn(2, 5))
+        bypass = _bypassing_net()
+        tb = DomainGradientTracker(bypass, M, modules=["head"], on_untracked="ignore")
+        with tb.domains(torch.tensor([0, 1])):
+            bypass(torch.randn(2, 5)).sum().backward()
+    assert [w for w in rec if w.category is RuntimeWarning] == []
+    assert tb.untracked_micro_batches == 0
+
+
+def test_bypass_warning_in_full(caplog):
+    net = _bypassing_net()
+    tr = DomainGradientTracker(net, M, modules=["head"], on_untracked="warn")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with tr.domains(torch.tensor([0, 1])):
+            net(torch.randn(2, 5)).sum().backward()
+    msg = (
+        "tracked layer(s) ['head']: inside tracker.domains() the weight was used (the model "
+        "ran, or head.weight received a gradient) but head.forward was never called, so the "
+        "tracker recorded nothing for it and its per-domain statistics would silently be zero. "
+        "The usual cause is a fused linear cross-entropy that reads head.weight directly, e.g. "
+        "Liger-Kernel's LigerFusedLinearCrossEntropyLoss or "
+        "apply_liger_kernel_to_*(fused_linear_cross_entropy=True), or a chunked loss of "
+        "HF/torchtune. Compute the loss with rnb_kernels.integrations.fused_ce."
+        "fused_linear_cross_entropy(hidden, head.weight, targets, tracker=tracker) (or "
+        "tracker.fused_cross_entropy(hidden, targets)), which collects the statistics in its "
+        "own backward, or switch the fused loss off. (on_untracked='warn' turns this error into "
+        "a warning.)"
+    )
+    assert [str(w.message) for w in rec] == [msg]
+    if "MUTANT_UNDER_TEST" not in os.environ:  # mutmut's trampoline adds stack frames
+        assert rec[0].filename == __file__
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [msg]
+    assert tr.untracked_micro_batches == 1
+
+
+# ------------------------------------------------- id checks
+def test_eager_id_check_raises_and_deferred_masks_every_bad_id():
+    """id_check='eager' raises on the spot (also for CPU ids); 'deferred' masks ids below -1
+    or at/above m to -1 and adds their number up over micro-batches."""
+    net = _net()
+    eager = DomainGradientTracker(net, M, id_check="eager")
+    with pytest.raises(ValueError, match=r"num_domains"):
+        eager.validate_ids(torch.tensor([0, 3]))
+    tr = DomainGradientTracker(_net(), M, id_check="deferred")
+    ids = tr.validate_ids(torch.tensor([-2, -1, 0, 2, 3]))
+    assert ids.tolist() == [-1, -1, 0, 2, -1]
+    tr.validate_ids(torch.tensor([5, 1]))
+    assert int(tr._bad_ids) == 3
