@@ -59,24 +59,35 @@ def _per_domain(seen, bias: bool) -> torch.Tensor:
     return total
 
 
-def _gram_with_rows(g: torch.Tensor, heavy: torch.Tensor, seed: int) -> torch.Tensor:
+def _gram_with_rows(
+    g: torch.Tensor, heavy: torch.Tensor, seed: int, layer: int = 0
+) -> torch.Tensor:
     """The estimator's definition: exact Gram of the heavy rows plus the Gram of the projection
     of every other row."""
     rest = g.clone()
     rest[:, heavy] = 0
-    p_out = projection_matrix_ref(K_OUT, P, seed, 0, 0, PROJ_OUT)
+    p_out = projection_matrix_ref(K_OUT, P, seed, layer, 0, PROJ_OUT)
     proj = (p_out @ rest).reshape(M, -1)
     ex = g[:, heavy].reshape(M, -1)
     return proj @ proj.T + ex @ ex.T
 
 
+def _head_gram(slot) -> torch.Tensor:
+    """The head's share of the tracker's Gram, from its row blocks (float64)."""
+    return sum(part.double() @ part.double().T for part in slot.gram_parts("domain"))
+
+
 @pytest.mark.parametrize("bias", [False, True])
-def test_rows_are_the_previous_rounds_heaviest_and_the_gram_uses_them(bias):
+@pytest.mark.parametrize("modules", [["2"], ["0", "2"]], ids=["head", "two-layers"])
+def test_rows_are_the_previous_rounds_heaviest_and_the_gram_uses_them(bias, modules):
+    """With two tracked layers the head is slot 1, hashed with layer key 1: its exact rows'
+    share must be taken out of the projection under that key."""
     model = _model(bias=bias)
     tr = DomainGradientTracker(
-        model, M, modules="2", mode="projected", proj_dim=P, exact_rows=H, seed=3
+        model, M, modules=modules, mode="projected", proj_dim=P, exact_rows=H, seed=3
     )
-    slot = tr._slots[0]
+    slot = tr._slots[-1]
+    layer = slot.index
     batches = _batches(6)
     energy = torch.zeros(K_OUT, dtype=torch.float64)
     for r in range(3):
@@ -90,15 +101,17 @@ def test_rows_are_the_previous_rounds_heaviest_and_the_gram_uses_them(bias):
         if r == 0:
             # No energy measured yet: the plain projection's Gram.
             assert slot.heavy is None
-            p_out = projection_matrix_ref(K_OUT, P, seed, 0, 0, PROJ_OUT)
+            p_out = projection_matrix_ref(K_OUT, P, seed, layer, 0, PROJ_OUT)
             proj = (p_out @ g).reshape(M, -1)
             want = proj @ proj.T
         else:
-            want = _gram_with_rows(g, slot.heavy, seed)
-        assert_close(tr.gram(), want, torch.float32, f"round {r}")
+            want = _gram_with_rows(g, slot.heavy, seed, layer)
+        assert_close(_head_gram(slot), want, torch.float32, f"round {r}")
+        if len(modules) == 1:
+            assert_close(tr.gram(), want, torch.float32, f"round {r}, tracker")
         # The raw projection is still the projection of every row.
-        got_p = tr.domain_projections().view(M, P, -1)
-        want_p = projection_matrix_ref(K_OUT, P, seed, 0, 0, PROJ_OUT) @ g
+        got_p = slot.rows("domain").view(M, P, -1)
+        want_p = projection_matrix_ref(K_OUT, P, seed, layer, 0, PROJ_OUT) @ g
         assert_close(got_p, want_p, torch.float32, f"round {r} projection")
         expected_heavy = torch.sort(torch.topk(energy, H).indices).values
         tr.reset()
