@@ -684,6 +684,9 @@ def test_bypass_warning_in_full(caplog):
         assert rec[0].filename == __file__
     assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [msg]
     assert tr.untracked_micro_batches == 1
+    with pytest.warns(RuntimeWarning), tr.domains(torch.tensor([1, 2])):
+        net(torch.randn(2, 5)).sum().backward()
+    assert tr.untracked_micro_batches == 2
 
 
 # ------------------------------------------------- id checks
