@@ -702,3 +702,82 @@ def test_eager_id_check_raises_and_deferred_masks_every_bad_id():
     assert ids.tolist() == [-1, -1, 0, 2, -1]
     tr.validate_ids(torch.tensor([5, 1]))
     assert int(tr._bad_ids) == 3
+
+
+# ------------------------------------------------- constructor arguments
+BAD_ARGS = [
+    (dict(model="m"), TypeError, "model must be an nn.Module, got str"),
+    (dict(num_domains=2.0), TypeError, "num_domains must be an int, got float"),
+    (dict(num_domains=True), TypeError, "num_domains must be an int, got bool"),
+    (dict(num_domains=0), ValueError, "num_domains must be >= 1, got 0"),
+    (dict(mode="fast"), ValueError,
+     "mode must be 'auto' or one of ('exact', 'projected', 'sketch'), got 'fast'"),
+    (dict(mode=None), ValueError,
+     "mode must be 'auto' or one of ('exact', 'projected', 'sketch'), got None"),
+    (dict(sketch_dim=1.5), TypeError, "sketch_dim must be an int, got float"),
+    (dict(sketch_dim=0), ValueError, "sketch_dim must be >= 1, got 0"),
+    (dict(proj_dim=True), TypeError, "proj_dim must be an int, got bool"),
+    (dict(proj_dim=0), ValueError, "proj_dim must be >= 1, got 0"),
+    (dict(proj_in_dim="4"), TypeError, "proj_in_dim must be None or an int, got str"),
+    (dict(proj_in_dim=True), TypeError, "proj_in_dim must be None or an int, got bool"),
+    (dict(proj_in_dim=0), ValueError, "proj_in_dim must be >= 1, got 0"),
+    (dict(exact_rows=2.0), TypeError, "exact_rows must be an int, got float"),
+    (dict(exact_rows=False), TypeError, "exact_rows must be an int, got bool"),
+    (dict(exact_rows=-1), ValueError, "exact_rows must be >= 0, got -1"),
+    (dict(seed=1.0), TypeError, "seed must be an int, got float"),
+    (dict(seed=True), TypeError, "seed must be an int, got bool"),
+    (dict(seed=-1), ValueError, "seed must lie in [0, 2**32), got -1"),
+    (dict(seed=2**32), ValueError, "seed must lie in [0, 2**32), got 4294967296"),
+    (dict(reseed=1), TypeError, "reseed must be a bool, got int"),
+    (dict(bitwise_grad=0), TypeError, "bitwise_grad must be a bool, got int"),
+    (dict(skip_nonfinite="always"), ValueError,
+     "skip_nonfinite must be one of ('round', 'micro-batch') or True, got 'always'"),
+    (dict(skip_nonfinite=False), ValueError,
+     "skip_nonfinite must be one of ('round', 'micro-batch') or True, got False"),
+    (dict(id_check="lazy"), ValueError,
+     "id_check must be one of ('auto', 'eager', 'deferred'), got 'lazy'"),
+    (dict(on_untracked="maybe"), ValueError,
+     "on_untracked must be one of ('raise', 'warn', 'ignore'), got 'maybe'"),
+    (dict(dp_group=5), TypeError,
+     "dp_group must be None, a ProcessGroup or a 1-D DeviceMesh, got int"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "case", BAD_ARGS, ids=[f"{next(iter(c[0]))}={next(iter(c[0].values()))!r}" for c in BAD_ARGS]
+)
+def test_constructor_rejects_bad_arguments_by_exact_message(case):
+    """Every argument is checked before the model is touched: no forward is replaced."""
+    import re
+
+    override, exc, msg = case
+    net = _net()
+    kw = {"model": net, "num_domains": M, **override}
+    with pytest.raises(exc, match="^" + re.escape(msg) + "$"):
+        DomainGradientTracker(**kw)
+    assert all("forward" not in mod.__dict__ for mod in net.modules())
+
+
+def test_constructor_defaults_and_aliases(caplog):
+    net = _net()
+    tr = DomainGradientTracker(net, M)
+    assert (tr.sketch_dim, tr.proj_dim, tr.proj_in_dim, tr.exact_rows) == (8192, 128, None, 64)
+    assert (tr.seed, tr.reseed, tr.bitwise_grad, tr.backend) == (0, True, True, "auto")
+    assert (tr.skip_nonfinite, tr.id_check, tr.on_untracked) == ("round", "auto", "raise")
+    assert (tr.untracked_micro_batches, tr.nonfinite_skips, tr.nonfinite_rounds) == (0, 0, 0)
+    assert tr.requested_mode == "auto" and tr.dp_group is None
+    again = _net()
+    assert DomainGradientTracker(again, M, skip_nonfinite=True).skip_nonfinite == "micro-batch"
+    with pytest.raises(
+        ValueError, match=r"^modules: Linear\(in_features=7, out_features=11, bias=True\) is "
+        r"already tracked by another tracker$"
+    ):  # fmt: skip
+        DomainGradientTracker(net, M, modules=["2"])
+    frozen = _net()
+    frozen[0].weight.requires_grad_(False)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="rnb_kernels"):
+        DomainGradientTracker(frozen, M, modules=["0", "2"])
+    assert [r.getMessage() for r in caplog.records] == [
+        "0.weight does not require grad: nothing will be tracked"
+    ]
