@@ -1136,11 +1136,29 @@ def test_sharded_tracker_rounds_before_the_first_forward(one_rank_mesh):
     assert slot.buf == {} and slot.tensors("domain") == [] and slot.energy is None
     tracker.reset()
     assert slot.heavy is None and slot.buf == {}
+    # A read before the first forward sees zero statistics in the full layout.
+    assert torch.equal(tracker.gram(), torch.zeros(M, M, dtype=torch.float64))
+    assert tuple(slot.buf["domain"]["p"].shape) == (M, 4, 12)
     with tracker.domains(torch.tensor([0, 2])):
         out = model(torch.randn(2, 3, 6))
         out = out.full_tensor() if hasattr(out, "full_tensor") else out
         out.square().sum().backward()
     assert slot.sharded and tracker.gram().abs().sum() > 0
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
+def test_statistics_are_float32_whatever_the_default_dtype(mode):
+    """Buffers are fp32 by contract (memory formulas, all-reduce sizes), also when a user set
+    torch's default dtype to float64."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        tracker = DomainGradientTracker(MLP(bias=True), M, mode=mode, sketch_dim=16, proj_dim=4)
+    finally:
+        torch.set_default_dtype(old)
+    slot = tracker._slots[0]
+    assert {t.dtype for g in ("domain", "target") for t in slot.tensors(g)} == {torch.float32}
+    assert slot.energy is None or slot.energy.dtype == torch.float32
 
 
 def test_non_finite_row_energy_never_makes_a_row_heavy():
