@@ -781,3 +781,80 @@ def test_constructor_defaults_and_aliases(caplog):
     assert [r.getMessage() for r in caplog.records] == [
         "0.weight does not require grad: nothing will be tracked"
     ]
+
+
+BAD_MODULES = [
+    (lambda net: nn.Sequential(nn.Tanh()), None, ValueError,
+     "modules: model has no nn.Linear to track; pass modules=..."),
+    (lambda net: net, [], TypeError,
+     "modules must be None, an nn.Module, a name pattern or a non-empty list"),
+    (lambda net: net, 5, TypeError,
+     "modules must be None, an nn.Module, a name pattern or a non-empty list"),
+    (lambda net: net, [3], TypeError, "modules entries must be nn.Module or str, got int"),
+    (lambda net: net, ["1"], TypeError, "modules: only nn.Linear can be tracked, got Tanh"),
+    (lambda net: net, ["9"], ValueError, "modules: pattern '9' matches no submodule"),
+    (lambda net: net, [nn.Linear(2, 2)], ValueError,
+     "modules: Linear(in_features=2, out_features=2, bias=True) is not a submodule of model"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_MODULES, ids=[c[3][:40] for c in BAD_MODULES])
+def test_modules_argument_errors_by_exact_message(case):
+    import re
+
+    build, modules, exc, msg = case
+    with pytest.raises(exc, match="^" + re.escape(msg) + "$"):
+        DomainGradientTracker(build(_net()), M, modules=modules)
+
+
+def test_modules_given_as_module_objects():
+    net = _net()
+    tr = DomainGradientTracker(net, M, modules=[net[2], "0"])
+    assert tr.module_names == ["0", "2"]
+    assert DomainGradientTracker(_net(), M).module_names == ["2"]  # default: the last Linear
+
+
+def test_removed_tracker_refuses_by_exact_message():
+    tr = DomainGradientTracker(_net(), M)
+    tr.remove()
+    with pytest.raises(RuntimeError, match=r"^this tracker was removed; create a new one$"):
+        tr.reset()
+
+
+BAD_SCALES = [
+    (True, TypeError, "grad_scale must be a float or a GradScaler, got bool"),
+    ("2", TypeError, "grad_scale must be a float or a GradScaler, got str"),
+    (0, ValueError, "grad_scale must be finite and > 0, got 0"),
+    (-2.0, ValueError, "grad_scale must be finite and > 0, got -2.0"),
+    (math.inf, ValueError, "grad_scale must be finite and > 0, got inf"),
+    (math.nan, ValueError, "grad_scale must be finite and > 0, got nan"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_SCALES, ids=[repr(c[0]) for c in BAD_SCALES])
+def test_grad_scale_errors_by_exact_message(case):
+    import re
+
+    scale, exc, msg = case
+    tr = DomainGradientTracker(_net(), M)
+    with pytest.raises(exc, match="^" + re.escape(msg) + "$"):
+        with tr.domains(torch.tensor([0, 1]), grad_scale=scale):
+            pass
+
+
+def test_grad_scale_as_a_tensor_or_an_int():
+    """A tensor scale (what GradScaler keeps) is read as its float; an int is a float."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode="exact")
+    ref_net = _net()
+    ref = DomainGradientTracker(ref_net, M, mode="exact")
+    x = torch.randn(2, 5)
+    for model, tracker, scale in ((net, tr, torch.tensor(4.0)), (ref_net, ref, 4)):
+        with tracker.domains(torch.tensor([0, 1]), grad_scale=scale):
+            (4.0 * model(x).sum()).backward()
+    plain_net = _net()
+    plain = DomainGradientTracker(plain_net, M, mode="exact")
+    with plain.domains(torch.tensor([0, 1])):
+        plain_net(x).sum().backward()
+    assert torch.allclose(tr.gram(), plain.gram(), rtol=1e-6)
+    assert torch.equal(tr.gram(), ref.gram())
