@@ -858,3 +858,14 @@ def test_grad_scale_as_a_tensor_or_an_int():
         plain_net(x).sum().backward()
     assert torch.allclose(tr.gram(), plain.gram(), rtol=1e-6)
     assert torch.equal(tr.gram(), ref.gram())
+
+
+def test_meta_device_model_is_refused_by_exact_message():
+    with torch.device("meta"):
+        net = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 11))
+    with pytest.raises(
+        ValueError,
+        match=r"^modules: 2\.weight is on the meta device; build the tracker after the model is "
+        r"materialised \(to_empty\(\) / init\), so its buffers get a real device$",
+    ):
+        DomainGradientTracker(net, M)
