@@ -869,3 +869,38 @@ def test_meta_device_model_is_refused_by_exact_message():
         r"materialised \(to_empty\(\) / init\), so its buffers get a real device$",
     ):
         DomainGradientTracker(net, M)
+
+
+def test_constructor_boundaries_are_accepted():
+    """The smallest legal sizes and the largest seed build a working tracker."""
+    for kw in (dict(num_domains=1), dict(sketch_dim=1, mode="sketch"), dict(proj_dim=1),
+               dict(proj_in_dim=1, mode="projected"), dict(seed=2**32 - 1), dict(seed=64)):  # fmt: skip
+        net = _net()
+        tr = DomainGradientTracker(net, **{"num_domains": M, **kw})
+        with tr.domains(torch.zeros(2, dtype=torch.long)):
+            net(torch.randn(2, 5)).sum().backward()
+        assert tr.counts()[0] == 2.0
+
+
+def test_auto_mode_logs_its_choice(caplog):
+    with caplog.at_level(logging.INFO, logger="rnb_kernels"):
+        DomainGradientTracker(_net(), M)
+    assert (
+        "mode='auto' -> 'exact': m * P_tracked = 3 x 88 = 264 fp32 elements <= 16777216 "
+        "(AUTO_EXACT_MAX_ELEMENTS)"
+    ) in [r.getMessage() for r in caplog.records]
+    big = nn.Sequential(nn.Linear(4096, 4096, bias=False))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rnb_kernels"):
+        tr = DomainGradientTracker(big, 2)
+    assert tr.mode == "projected"
+    assert (
+        "mode='auto' -> 'projected': m * P_tracked = 2 x 16777216 = 33554432 fp32 elements > "
+        "16777216 (AUTO_EXACT_MAX_ELEMENTS)"
+    ) in [r.getMessage() for r in caplog.records]
+
+
+def test_counters_have_their_dtypes():
+    tr = DomainGradientTracker(_net(), M, id_check="deferred")
+    assert tr.counts().dtype == torch.float64 and tr._bad_ids.dtype == torch.int64
+    assert tr._target_count.dtype == torch.float64

@@ -1326,3 +1326,10 @@ def test_exact_rows_ignore_nonfinite_energy():
     slot.energy.copy_(torch.tensor([1.0, float("nan"), 5.0, float("inf"), 3.0]))
     slot.choose_heavy()
     assert slot.heavy.tolist() == [2, 4]
+
+
+def test_dp_group_given_as_a_device_mesh(one_rank_mesh):
+    """A 1-D DeviceMesh stands for its process group."""
+    tracker = DomainGradientTracker(MLP(), M, dp_group=one_rank_mesh)
+    assert tracker.dp_group is one_rank_mesh.get_group()
+    assert isinstance(tracker.dp_group, torch.distributed.ProcessGroup)
