@@ -536,63 +536,6 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.slot.xǁSlotǁensure_buffers__mutmut_5": (
         "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
     ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_6": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_10": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_28": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_19": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_40": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_62": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_15": (
-        "self.device is only used to allocate buffers (None = the CPU, as in every CPU test); only a CUDA layer can tell"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_5": (
-        "torch.full((n,), -1) without dtype infers int64 from the integer fill value: the same tensor"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_9": (
-        "torch.full((n,), -1) without dtype infers int64 from the integer fill value: the same tensor"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_17": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_19": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_20": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_25": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_26": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_22": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_24": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_25": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_30": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_31": (
-        "the temporary Context only serves .rows(), which reads its ids (and row cache), never its kind, scale or anchor_only"
-    ),
     "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_38": (
         "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
     ),
@@ -618,51 +561,6 @@ EQUIVALENT: dict[str, str] = {
         "torch.cat of a single part equals that part"
     ),
     "rnb_kernels.tracking.slot.xǁSlotǁrows__mutmut_24": ("out / 1.0 is out exactly"),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_34": (
-        "buf starts as None instead of {}: _allocate (or bind_sharded) assigns it before any read, and bind_sharded's `if self.buf` treats both as empty"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_66": (
-        "the initial scale of an untouched (not dirty) group: _prepare_scale replaces it without rescaling, and rows() of zero buffers is zero at any scale"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_67": (
-        "the initial scale of an untouched (not dirty) group: _prepare_scale replaces it without rescaling, and rows() of zero buffers is zero at any scale"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_69": (
-        "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_70": (
-        "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_44": (
-        "check_ids=None instead of False: the ops read it as a truth value"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_73": (
-        "check_ids=None instead of False: the ops read it as a truth value"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_112": (
-        "check_ids=None instead of False: the ops read it as a truth value"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ_accumulate_exact_rows__mutmut_35": (
-        "the torch shortcut (add_domain_products) versus the segmented_wgrad op on the torch backend: the op adds the same products (and also forms a dW nobody reads): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ_accumulate_exact_rows__mutmut_36": (
-        "the torch shortcut (add_domain_products) versus the segmented_wgrad op on the torch backend: the op adds the same products (and also forms a dW nobody reads): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁ_accumulate_exact_rows__mutmut_37": (
-        "the torch shortcut (add_domain_products) versus the segmented_wgrad op on the torch backend: the op adds the same products (and also forms a dW nobody reads): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_1": (
-        "Slot.wgrad's default lo is never used: its only caller, tracked_wgrad, always passes lo"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_11": (
-        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_13": (
-        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_12": (
-        "`lo != 1` changes the branch only for lo = 1 with n = -1 or n = len(x2), a chunk that cannot start at row 1 of its own rows (invalid input); for every valid chunk the n-condition takes the branch anyway"
-    ),
     "rnb_kernels.tracking.linear.x_is_tracked__mutmut_3": (
         "is_tracked() is only used as a condition, and None is falsy like False"
     ),
@@ -740,6 +638,159 @@ EQUIVALENT: dict[str, str] = {
     ),
     "rnb_kernels.mixing.dga.xǁDGADistributionǁdefault_bases__mutmut_43": (
         "astype(None) is astype(float64) in numpy"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_51": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbind_sharded__mutmut_35": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_19": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_6": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_10": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_16": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_22": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_28": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_34": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_15": (
+        "self.device is only used to allocate buffers (None = the CPU, as in every CPU test); only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_55": (
+        "the initial scale of an untouched (not dirty) group: _prepare_scale replaces it without rescaling, and rows() of all-zero buffers is zero whatever it divides by"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_56": (
+        "the initial scale of an untouched (not dirty) group: _prepare_scale replaces it without rescaling, and rows() of all-zero buffers is zero whatever it divides by"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_58": (
+        "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_59": (
+        "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_44": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_79": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_128": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_67": (
+        "heavy is None whenever exact_rows is 0 (rows are only chosen with exact_rows > 0, and bind_sharded zeroes exact_rows before any round), so the condition changes nothing"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁgram_parts__mutmut_41": (
+        "row_offset dropped (default 0): only a row-sharded slot has a non-zero offset, and bind_sharded sets its exact_rows to 0, so it never has exact rows to take out"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbind_sharded__mutmut_44": (
+        "get_group(None) / size(None) on a 1-D mesh are its only group / its size; bind_sharded refuses other meshes before these lines"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbind_sharded__mutmut_47": (
+        "get_group(None) / size(None) on a 1-D mesh are its only group / its size; bind_sharded refuses other meshes before these lines"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁchoose_heavy__mutmut_12": (
+        "nan=None or no nan= is nan_to_num's default, which maps NaN to 0.0 as well"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁchoose_heavy__mutmut_15": (
+        "nan=None or no nan= is nan_to_num's default, which maps NaN to 0.0 as well"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_5": (
+        "torch.full((n,), -1) without dtype infers int64 from the integer fill value: the same tensor"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_9": (
+        "torch.full((n,), -1) without dtype infers int64 from the integer fill value: the same tensor"
+    ),
+    "rnb_kernels.tracking.slot.x__finite__mutmut_9": (
+        "flags is empty only for empty x2 and dy2, and no tracked backward sees those: domain_ids must be non-empty (validate_domain_ids) and target blocks come from a real batch"
+    ),
+    "rnb_kernels.tracking.slot.x__finite__mutmut_12": (
+        "flags is empty only for empty x2 and dy2, and no tracked backward sees those: domain_ids must be non-empty (validate_domain_ids) and target blocks come from a real batch"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_1": (
+        "Slot.wgrad's default lo is never used: its only caller, tracked_wgrad, always passes lo"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_11": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_13": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_14": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_15": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_17": (
+        "the explicit-rows branch taken more often: for a whole input (lo = 0, n = its rows) it computes the same rows accumulate() would"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_12": (
+        "`lo != 1` changes the branch only for lo = 1 with n = -1 or n = len(x2), a chunk that cannot start at row 1 of its own rows (invalid input); for every valid chunk the n-condition takes the branch anyway"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_22": (
+        "n = 0 means an input of 0 rows, and then x2 has 0 rows too: the same n either way"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁwgrad__mutmut_23": (
+        "n = 0 means an input of 0 rows, and then x2 has 0 rows too: the same n either way"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁvalidate_ids__mutmut_36": (
+        "the count's device (None / none = the CPU) or non_blocking on a CPU-to-CPU copy: only a CUDA tracker can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁvalidate_ids__mutmut_38": (
+        "the count's device (None / none = the CPU) or non_blocking on a CPU-to-CPU copy: only a CUDA tracker can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁvalidate_ids__mutmut_39": (
+        "the count's device (None / none = the CPU) or non_blocking on a CPU-to-CPU copy: only a CUDA tracker can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁvalidate_ids__mutmut_40": (
+        "the count's device (None / none = the CPU) or non_blocking on a CPU-to-CPU copy: only a CUDA tracker can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_check_bypass__mutmut_37": (
+        "the warning's stacklevel: mutmut's trampoline adds stack frames, so the tests skip the caller-line assertion under mutmut; outside mutmut test_unreached_layer_after_a_reached_one_is_reported_at_the_callers_line and test_bypass_warning_in_full check it"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_check_bypass__mutmut_38": (
+        "the warning's stacklevel: mutmut's trampoline adds stack frames, so the tests skip the caller-line assertion under mutmut; outside mutmut test_unreached_layer_after_a_reached_one_is_reported_at_the_callers_line and test_bypass_warning_in_full check it"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_check_bypass__mutmut_73": (
+        "the warning's stacklevel: mutmut's trampoline adds stack frames, so the tests skip the caller-line assertion under mutmut; outside mutmut test_unreached_layer_after_a_reached_one_is_reported_at_the_callers_line and test_bypass_warning_in_full check it"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_check_bypass__mutmut_74": (
+        "the warning's stacklevel: mutmut's trampoline adds stack frames, so the tests skip the caller-line assertion under mutmut; outside mutmut test_unreached_layer_after_a_reached_one_is_reported_at_the_callers_line and test_bypass_warning_in_full check it"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_188": (
+        "self.device (None = the CPU) only places the counters; only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_193": (
+        "the counters' device (None / none = the CPU): only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_196": (
+        "the counters' device (None / none = the CPU): only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_200": (
+        "the counters' device (None / none = the CPU): only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_203": (
+        "the counters' device (None / none = the CPU): only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_207": (
+        "the counters' device (None / none = the CPU): only a CUDA model can tell"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_210": (
+        "the counters' device (None / none = the CPU): only a CUDA model can tell"
     ),
 }
 

@@ -904,3 +904,11 @@ def test_counters_have_their_dtypes():
     tr = DomainGradientTracker(_net(), M, id_check="deferred")
     assert tr.counts().dtype == torch.float64 and tr._bad_ids.dtype == torch.int64
     assert tr._target_count.dtype == torch.float64
+
+
+def test_construction_is_logged_at_debug(caplog):
+    with caplog.at_level(logging.DEBUG, logger="rnb_kernels"):
+        DomainGradientTracker(_net(), M, modules=["0", "2"], mode="exact")
+    assert "tracking ['0', '2'] in exact mode (m=3, P=130)" in [
+        r.getMessage() for r in caplog.records
+    ]
