@@ -792,6 +792,15 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_210": (
         "the counters' device (None / none = the CPU): only a CUDA model can tell"
     ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_218": (
+        "_synced = None instead of False at construction: it is only read as a condition, and None is falsy"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_220": (
+        "_removed = None instead of False: it is only read as a condition (_check_live), and None is falsy"
+    ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_scale_value__mutmut_23": (
+        "float('INF') is float('inf'): Python parses the name case-insensitively"
+    ),
 }
 
 
@@ -820,7 +829,8 @@ def _carry_over(
         if m and untested(m.group(1)):
             rows.append(f"| {m.group(1)} (earlier run) |{m.group(2)}| {m.group(3)} |")
         m = re.match(r"- `(rnb_kernels[\w.]*)`: ", line)
-        if m and untested(m.group(1)):
+        # Survivor lists are per module; per-mutant lines are equivalence arguments.
+        if m and module_of(m.group(1)) == m.group(1) and untested(m.group(1)):
             surv.append(line)
     return rows, surv
 
