@@ -128,6 +128,10 @@ def resolve_backend(op: str, backend: str, device: torch.device) -> str:
     return backend
 
 
+# Tensor types an op may hand to its implementation without the custom op (no subclass).
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager(*tensors: torch.Tensor) -> bool:
     """Whether a public op may call its implementation directly instead of its custom op: eager
     execution (not compiling, no dispatch mode such as a fake-tensor or tracing mode active)
@@ -137,9 +141,6 @@ def eager(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     return all(type(t) in _PLAIN for t in tensors)
-
-
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def get_impl(op: str, backend: str) -> Callable:

@@ -16,8 +16,8 @@ import torch
 
 from . import _validate as V
 from . import sketch_hash as H
-from ._dispatch import eager, get_impl, has_impl, resolve_backend
-from .segmented_wgrad import add_domain_products, domain_row_blocks
+from ._dispatch import eager, get_impl, resolve_backend
+from .segmented_wgrad import domain_row_blocks
 
 _U32 = 2**32
 
@@ -231,14 +231,10 @@ def _domain_projection_impl(
     dw = get_impl("domain_projection", backend)(*args)
     if exact is not None:
         # The projection kernels have no exact-rows path: the rows' shares go through the
-        # segmented op of the same backend (torch where it has none).
-        be = backend if has_impl("segmented_wgrad", backend) else "torch"
+        # segmented kernel of the same backend (its dW of these columns is not needed).
         xin = input_side(x, proj_in_dim, bias, seed, layer)
         dyh = dy.index_select(1, exact_index).float()
-        if be == "torch":
-            add_domain_products(xin, dyh, domain_ids, num_domains, exact)
-        else:
-            get_impl("segmented_wgrad", be)(xin, dyh, domain_ids, num_domains, exact)
+        get_impl("segmented_wgrad", backend)(xin, dyh, domain_ids, num_domains, exact)
     return dw
 
 

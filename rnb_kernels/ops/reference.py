@@ -81,12 +81,22 @@ def domain_sketch_ref(
     Returns:
         ``(dW, sketch)``: float64 ``[K_out, K_in]`` and float64 ``[m, sketch_dim]``.
     """
+    dw, per_domain = augmented_grads_ref(x, dy, domain_ids, num_domains, bias)
+    return dw, count_sketch_ref(per_domain, sketch_dim, seed, layer)
+
+
+def augmented_grads_ref(
+    x: torch.Tensor, dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, bias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dW, G)``: float64 ``dW`` ``[K_out, K_in]`` and each domain's gradient ``G``
+    ``[m, K_out, K_in']``, augmented with its bias gradient as column ``K_in`` when ``bias``
+    (the ones column every sketched or projected layer with a bias carries)."""
     dw, per_domain = segmented_wgrad_ref(x, dy, domain_ids, num_domains)
     if bias:
         per_domain = torch.cat(
             [per_domain, bias_grads_ref(dy, domain_ids, num_domains)[..., None]], -1
         )
-    return dw, count_sketch_ref(per_domain, sketch_dim, seed, layer)
+    return dw, per_domain
 
 
 def bias_grads_ref(dy: torch.Tensor, domain_ids: torch.Tensor, num_domains: int) -> torch.Tensor:
@@ -199,18 +209,17 @@ def domain_projection_ref(
         ``(dW, proj)``: float64 ``[K_out, K_in]`` and float64 ``[m, proj_dim, K_in']`` with
         ``K_in' = proj_in_dim`` or ``K_in + bias``.
     """
-    dw, per_domain = segmented_wgrad_ref(x, dy, domain_ids, num_domains)
-    per_domain = per_domain.cpu()
-    if bias:
-        per_domain = torch.cat(
-            [per_domain, bias_grads_ref(dy, domain_ids, num_domains).cpu()[..., None]], -1
-        )
+    dw, per_domain = augmented_grads_ref(x, dy, domain_ids, num_domains, bias)
     p_out = projection_matrix_ref(dy.shape[1], proj_dim, seed, layer, row_offset, PROJ_OUT)
-    proj = p_out @ per_domain
-    if proj_in_dim is not None:
-        p_in = projection_matrix_ref(per_domain.shape[-1], proj_in_dim, seed, layer, 0, PROJ_IN)
-        proj = proj @ p_in.T
+    proj = _input_projection(p_out @ per_domain.cpu(), proj_in_dim, seed, layer)
     return dw, proj.to(x.device)
+
+
+def _input_projection(t: torch.Tensor, proj_in_dim: int | None, seed: int, layer: int):
+    """``t P_inᵀ`` over ``t``'s last dim (the input features), or ``t`` without ``proj_in_dim``."""
+    if proj_in_dim is None:
+        return t
+    return t @ projection_matrix_ref(t.shape[-1], proj_in_dim, seed, layer, 0, PROJ_IN).T
 
 
 def domain_rows_ref(
@@ -228,14 +237,6 @@ def domain_rows_ref(
     ``[g_d | β_d]`` (``β_d`` only with ``bias``), times ``P_inᵀ`` with ``proj_in_dim`` -- what
     ``domain_projection(..., exact_index=index, exact=...)`` adds to ``exact``. ``P_in`` is
     the input projection of :func:`domain_projection_ref` (same seed and layer)."""
-    _, per_domain = segmented_wgrad_ref(x, dy, domain_ids, num_domains)
-    per_domain = per_domain.cpu()
-    if bias:
-        per_domain = torch.cat(
-            [per_domain, bias_grads_ref(dy, domain_ids, num_domains).cpu()[..., None]], -1
-        )
-    rows = per_domain[:, index.cpu()]
-    if proj_in_dim is not None:
-        p_in = projection_matrix_ref(per_domain.shape[-1], proj_in_dim, seed, layer, 0, PROJ_IN)
-        rows = rows @ p_in.T
-    return rows.to(x.device)
+    _, per_domain = augmented_grads_ref(x, dy, domain_ids, num_domains, bias)
+    rows = per_domain.cpu()[:, index.cpu()]
+    return _input_projection(rows, proj_in_dim, seed, layer).to(x.device)
