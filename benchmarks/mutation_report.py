@@ -588,20 +588,11 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.ops.reference.x_bias_grads_ref__mutmut_9": (
         "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
     ),
-    "rnb_kernels.ops.reference.x_domain_projection_ref__mutmut_61": (
-        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
-    ),
-    "rnb_kernels.ops.reference.x_domain_rows_ref__mutmut_46": (
-        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
-    ),
     "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_28": (
         "g / sign instead of g * sign: sign is exactly +1 or -1, so both are exact and equal"
     ),
     "rnb_kernels.ops.reference.x_count_sketch_ref__mutmut_29": (
         "g.to(None) keeps g's dtype, and g * sign is promoted to float64 by the float64 sign exactly as g.to(float64) * sign"
-    ),
-    "rnb_kernels.ops.reference.x_domain_projection_ref__mutmut_40": (
-        "side=PROJ_OUT dropped: it is projection_matrix_ref's default side (pinned by test_references_at_their_defaults_hash_like_the_op_at_its)"
     ),
     "rnb_kernels.mixing.dga.xǁDGAǁ_step__mutmut_19": (
         "warn=None instead of False: _skip reads warn as a truth value, and None is falsy"
@@ -800,6 +791,15 @@ EQUIVALENT: dict[str, str] = {
     ),
     "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_scale_value__mutmut_23": (
         "float('INF') is float('inf'): Python parses the name case-insensitively"
+    ),
+    "rnb_kernels.ops.reference.x_domain_projection_ref__mutmut_28": (
+        "side=PROJ_OUT dropped: it is projection_matrix_ref's default side (pinned by test_references_at_their_defaults_hash_like_the_op_at_its)"
+    ),
+    "rnb_kernels.ops.reference.x_domain_projection_ref__mutmut_39": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
+    ),
+    "rnb_kernels.ops.reference.x_domain_rows_ref__mutmut_16": (
+        "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
     ),
 }
 
