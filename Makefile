@@ -11,7 +11,7 @@ COV_ARGS := --cov --cov-report=term
 OUT ?= out/demo
 DEMO_ARGS ?=
 
-.PHONY: setup data test test-fast lint format bench demo mutation clean
+.PHONY: setup data test test-fast lint format bench demo mutation replant clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet --disable-pip-version-check "torch==$(TORCH_VERSION)"
@@ -65,8 +65,15 @@ MODULES ?= rnb_kernels.mixing.rnb.* rnb_kernels.mixing.dga.* rnb_kernels.mixing.
 	rnb_kernels.mixing.stratified.* rnb_kernels.ops.sketch_hash.* rnb_kernels.ops.reference.* \
 	rnb_kernels.tracking.ids.* rnb_kernels.sampling.* rnb_kernels.balancer.* \
 	rnb_kernels.tracking.linear.* rnb_kernels.tracking.slot.* rnb_kernels.tracking.tracker.*
-mutation: setup
+mutation: setup replant
 	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
 	rm -rf mutants
 	$(PY) -m mutmut run --max-children 2 $(foreach m,$(MODULES),'$(m)') || true
 	$(PY) benchmarks/mutation_report.py --out benchmarks/results/mutation.md
+
+# Planted faults (benchmarks/replant.py): faults an audit once planted unnoticed, and the mutmut
+# survivors only multi-process tests or a warning's line can kill; each must make its tests
+# fail (report: benchmarks/results/replant.md, which the mutation report reads). ~5 minutes on
+# 2 cores; CI runs it.
+replant: setup data
+	$(PY) benchmarks/replant.py

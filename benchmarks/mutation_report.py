@@ -789,6 +789,26 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_220": (
         "_removed = None instead of False: it is only read as a condition (_check_live), and None is falsy"
     ),
+    "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ__init____mutmut_219": (
+        "_synced = True at construction: with one process sync() returns early either way; with "
+        "several, the first _begin() (every domains() / record_target() block) divides the "
+        "still-zero buffers and counts by the group size and sets _synced = False, and a sync() "
+        "before any block would only all-reduce zeros"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_28": (
+        "local_rows = None at construction: _allocate() sets it (in __init__ for a plain "
+        "weight, in ensure_buffers()/bind_sharded() for a DTensor) before its only readers, "
+        "choose_heavy() (which returns first while energy is None, allocated by the same "
+        "_allocate) and load_state_dict() (which calls ensure_buffers() first)"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_32": (
+        "tp_size = None at construction: it is read only for sharded slots (tp_group set), and "
+        "bind_sharded() sets tp_size together with tp_group"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_33": (
+        "tp_size = 2 at construction: it is read only for sharded slots (tp_group set), and "
+        "bind_sharded() sets tp_size together with tp_group"
+    ),
     "rnb_kernels.tracking.tracker.xǁDomainGradientTrackerǁ_scale_value__mutmut_23": (
         "float('INF') is float('inf'): Python parses the name case-insensitively"
     ),
@@ -802,6 +822,20 @@ EQUIVALENT: dict[str, str] = {
         "device=None / no device / .to(None) keeps CPU tensors on the CPU, the inputs' device in every CPU test; only a CUDA model can tell"
     ),
 }
+
+
+def killed_by_replant(path: Path) -> dict[str, str]:
+    """Mutants that ``benchmarks/replant.py`` reproduced exactly and saw caught, from its report:
+    ``{mutant: "plant (caught by test)"}``. They survive mutmut only because the tests that
+    kill them run several processes or check a warning's line, outside mutmut's selection."""
+    if not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 6 and cells[2].startswith("`rnb_kernels.") and "caught by" in cells[4]:
+            out[cells[2].strip("`")] = f"{cells[0]} ({cells[4]})"
+    return out
 
 
 def module_of(name: str) -> str:
@@ -845,7 +879,13 @@ def main() -> int:
         help="an earlier report: its rows (and survivor lists) for modules of which this run "
         "tested no mutant are carried over, marked as from that run",
     )
+    ap.add_argument(
+        "--replant",
+        default=str(ROOT / "benchmarks" / "results" / "replant.md"),
+        help="replant.py's report: survivors it reproduced and saw caught count as killed",
+    )
     args = ap.parse_args()
+    outside = killed_by_replant(Path(args.replant))
     if args.results:
         text = Path(args.results).read_text()
     else:
@@ -856,6 +896,7 @@ def main() -> int:
     by_module: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     survivors: dict[str, list[str]] = collections.defaultdict(list)
     equivalents: list[str] = []
+    killed_outside: list[str] = []
     for line in text.splitlines():
         m = re.match(r"\s*(\S+): (.+)$", line)
         if not m:
@@ -865,6 +906,9 @@ def main() -> int:
         if status == "survived" and name in EQUIVALENT:
             status = "equivalent"
             equivalents.append(f"- `{name}`: {EQUIVALENT[name]}")
+        elif status == "survived" and name in outside:
+            status = "killed outside"
+            killed_outside.append(f"- `{name}`: {outside[name]}")
         by_module[mod][status] += 1
         if status in ("survived", "no tests"):
             survivors[mod].append(f"{name} ({status})")
@@ -878,20 +922,21 @@ def main() -> int:
     carried_rows, carried_surv = _carry_over(args.previous, by_module)
 
     def score(c: collections.Counter) -> str:
-        killed = c["killed"] + c["timeout"]
+        killed = c["killed"] + c["timeout"] + c["killed outside"]
         tested = killed + c["survived"] + c["no tests"] + c["suspicious"] + c["segfault"]
         return "-" if tested == 0 else f"{100.0 * killed / tested:.1f}%"
 
     lines = [
-        "| module | mutants | not checked | killed | timeout | survived | no tests | equivalent "
-        "| score |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| module | mutants | not checked | killed | killed by replant | timeout | survived "
+        "| no tests | equivalent | score |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for mod, c in rows:
         n = sum(c.values())
         lines.append(
-            f"| {mod} | {n} | {c['not checked']} | {c['killed']} | {c['timeout']} | {c['survived']} | "
-            f"{c['no tests']} | {c['equivalent']} | {score(c)} |"
+            f"| {mod} | {n} | {c['not checked']} | {c['killed']} | {c['killed outside']} | "
+            f"{c['timeout']} | {c['survived']} | {c['no tests']} | {c['equivalent']} | "
+            f"{score(c)} |"
         )
     if carried_rows:
         lines.append("")
@@ -910,6 +955,7 @@ def main() -> int:
     if carried_surv:
         surv += "\n\nFrom the earlier report (modules not re-run):\n\n" + "\n".join(carried_surv)
     equiv = "\n".join(sorted(equivalents)) or "none"
+    outside_md = "\n".join(sorted(killed_outside)) or "none"
     Path(args.out).write_text(
         "# Mutation testing of the core\n\n"
         "Produced by `make mutation` (mutmut 3.8.1, config in `pyproject.toml` "
@@ -918,6 +964,11 @@ def main() -> int:
         "not run and are left out of the score.\n\n"
         + (args.note + "\n\n" if args.note else "")
         + f"{body}\n\n## Surviving mutants\n\n{surv or 'none'}\n"
+        + "\n## Survivors killed outside mutmut (`benchmarks/replant.py`)\n\n"
+        + "Mutmut runs a selection of single-process tests. These mutants survive there and are "
+        + "reproduced exactly by a plant of `benchmarks/replant.py`, whose tests (several "
+        + "processes on gloo, or a warning's line) fail on them; they count as killed.\n\n"
+        + f"{outside_md}\n"
         + f"\n## Equivalent mutants (excluded from the score)\n\n{equiv}\n"
     )
     print(body)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch
 from torch.utils.data import Sampler
 
 from . import distributed as rdist
+from ._warnings import warn_at_caller
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class MixtureSampler(Sampler[int]):
             self._warned_empty = True
             empty = np.flatnonzero((w > 0) & (self._sizes == 0)).tolist()
             msg = f"domains {empty} have positive weight but no examples; they are never drawn"
-            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            warn_at_caller(msg)
             logger.warning(msg)
         total = p.sum()
         if not total > 0:

@@ -17,7 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from rnb_kernels import distributed as rdist
 from rnb_kernels.balancer import Balancer
-from rnb_kernels.mixing import RnB
+from rnb_kernels.mixing import RnB, Static
 from rnb_kernels.tracking import DomainGradientTracker
 
 WORLD, M, B, T, D = 2, 3, 4, 3, 6  # B samples per rank and micro-batch
@@ -57,6 +57,22 @@ def _stats(model, micro_batches, mode):
     )
     tracker.remove()
     return res
+
+
+def _scaled_stats(model, micro_batches, scale: float):
+    """Exact-mode Gram after both micro-batches, each backward run under loss scale ``scale``
+    (declared to the tracker, which stores the statistics unscaled)."""
+    tracker = DomainGradientTracker(model, M, modules=["0", "2"], mode="exact")
+    for x, ids in micro_batches:
+        with tracker.domains(ids, grad_scale=scale):
+            (scale * _loss(model(x))).backward()
+    out = tracker.gram()
+    tracker.remove()
+    return out
+
+
+def _per_sample(out: torch.Tensor) -> torch.Tensor:
+    return out.square().sum((1, 2))
 
 
 def _exact_rows_rounds(model, micro_batches, read_before_reset: bool, heavy=None):
@@ -114,6 +130,10 @@ def _work(rank: int, out_dir: str) -> None:
         res["probe"] = "no error"
     except RuntimeError as e:
         res["probe"] = str(e)
+    # Ranks under different loss scales (2 is a value a one-token mutant of `!= 1.0` can hit):
+    # the buffers are brought to true units before the sum.
+    res["scaled_gram"] = _scaled_stats(ddp, mine, (4.0, 2.0)[rank])
+    ddp.zero_grad()
     for read_before_reset in (True, False):
         res[f"rows{read_before_reset}"] = _exact_rows_rounds(ddp, mine, read_before_reset)
         ddp.zero_grad()
@@ -127,11 +147,21 @@ def _work(rank: int, out_dir: str) -> None:
     for _ in range(3):
         idx = [next(it) for _ in range(B)]
         drawn += idx
-        with bal.step(labels[idx]):
-            _loss(ddp(feats[idx])).backward()
+        with bal.step(labels[idx]) as s:
+            out = ddp(feats[idx])
+            s.record_loss(_per_sample(out).detach())
+            _loss(out).backward()
         bal.after_step()
     res["balancer_weights"] = [h["weights"] for h in bal.history]
+    res["balancer_losses"] = [h["loss"] for h in bal.history]
     res["drawn"] = drawn
+    # A Balancer whose ranks compute different weights must stop, on every rank.
+    bal = Balancer(model, Static([1.0 + rank, 1.0, 1.0]))
+    try:
+        bal.update()
+        res["divergent"] = "no error"
+    except RuntimeError as e:
+        res["divergent"] = str(e)
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -204,16 +234,33 @@ def test_balancer_under_ddp(ranks):
     bal = Balancer(model, RnB(M, eval_proportions=P_EVAL, lam=2.0, update_every=1))
     for step in range(3):
         idx = [i for r in ranks for i in r["drawn"][step * B : (step + 1) * B]]
-        with bal.step(labels[idx]):
-            _loss(model(feats[idx])).backward()
+        with bal.step(labels[idx]) as s:
+            out = model(feats[idx])
+            s.record_loss(_per_sample(out).detach())
+            _loss(out).backward()
         bal.after_step()
     single = [h["weights"] for h in bal.history]
+    # The per-domain losses of each round are the union's (record_loss sums all-reduced).
+    assert ranks[0]["balancer_losses"] == ranks[1]["balancer_losses"]
+    for got, want in zip(ranks[0]["balancer_losses"], [h["loss"] for h in bal.history]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-6, atol=0)
     for got, want in zip(w0, single):
         torch.testing.assert_close(
             torch.as_tensor(got), torch.as_tensor(want), rtol=1e-6, atol=1e-9
         )
     # The rounds moved the weights (a check that compares uniform with uniform proves nothing).
     assert max(abs(a - 1 / M) for a in torch.as_tensor(single[-1]).tolist()) > 1e-3
+
+
+def test_balancer_stops_ranks_with_different_weights(ranks):
+    for r in ranks:
+        assert r["divergent"].startswith("mixture weights differ across ranks"), r["divergent"]
+
+
+def test_ranks_under_different_loss_scales_sum_true_units(ranks):
+    assert torch.equal(ranks[0]["scaled_gram"], ranks[1]["scaled_gram"])
+    single = _stats(_model(), _data(), "exact")["gram1"]
+    assert_close(ranks[0]["scaled_gram"], single, torch.float32, "scaled gram")
 
 
 def test_helpers_are_no_ops_without_a_process_group():

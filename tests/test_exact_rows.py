@@ -196,6 +196,25 @@ def test_resume_keeps_rows_and_energy():
     assert torch.equal(tr2._slots[0].heavy, want_heavy)
 
 
+def test_row_energy_of_a_bf16_head_is_summed_in_fp32():
+    """The energy that picks the rows is ``Σ ‖dW_i‖²`` of each micro-batch's gradient, the norm
+    taken in fp32 even when the head (and so ``dW``) is bf16: a bf16 norm would be off by
+    ~1e-3 relative, enough to reorder rows of similar energy."""
+    model = _model().to(torch.bfloat16)
+    tr = DomainGradientTracker(model, M, modules="2", mode="projected", proj_dim=P, exact_rows=H)
+    want = torch.zeros(K_OUT, dtype=torch.float64)
+    for x, ids in _batches(3, seed=4):
+        out = model(x.to(torch.bfloat16))
+        with tr.domains(ids):
+            out.float().pow(2).sum().backward()
+        want += model[2].weight.grad.double().square().sum(1)
+        model.zero_grad()
+    got = tr._slots[0].energy
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+    tr.remove()
+
+
 def test_state_of_another_exact_rows_is_refused_without_changes():
     model = _model()
     tr = DomainGradientTracker(model, M, modules="2", mode="projected", proj_dim=P, exact_rows=H)
