@@ -795,6 +795,18 @@ EQUIVALENT: dict[str, str] = {
         "still-zero buffers and counts by the group size and sets _synced = False, and a sync() "
         "before any block would only all-reduce zeros"
     ),
+    "rnb_kernels.tracking.linear.x_rows_of__mutmut_18": (
+        "non_blocking only matters for a copy from pinned host memory to a GPU; rows_of's ids are moved to the layer's device and read at once, and on the CPU every variant is a synchronous copy (or no copy)"
+    ),
+    "rnb_kernels.tracking.linear.x_rows_of__mutmut_19": (
+        "non_blocking only matters for a copy from pinned host memory to a GPU; rows_of's ids are moved to the layer's device and read at once, and on the CPU every variant is a synchronous copy (or no copy)"
+    ),
+    "rnb_kernels.tracking.linear.x_rows_of__mutmut_29": (
+        "non_blocking only matters for a copy from pinned host memory to a GPU; rows_of's ids are moved to the layer's device and read at once, and on the CPU every variant is a synchronous copy (or no copy)"
+    ),
+    "rnb_kernels.tracking.linear.x_rows_of__mutmut_30": (
+        "non_blocking only matters for a copy from pinned host memory to a GPU; rows_of's ids are moved to the layer's device and read at once, and on the CPU every variant is a synchronous copy (or no copy)"
+    ),
     "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_28": (
         "local_rows = None at construction: _allocate() sets it (in __init__ for a plain "
         "weight, in ensure_buffers()/bind_sharded() for a DTensor) before its only readers, "
@@ -847,26 +859,51 @@ def module_of(name: str) -> str:
 
 
 def _carry_over(
-    previous: str | None, by_module: dict[str, collections.Counter]
-) -> tuple[list[str], list[str]]:
-    """Table rows and survivor lines of ``previous`` for modules this run tested nothing of."""
+    previous: str | None, by_module: dict[str, collections.Counter], outside: dict[str, str]
+) -> tuple[list[str], list[str], list[str]]:
+    """Table rows, survivor lines and replant-killed lines of ``previous`` for modules this run
+    tested nothing of. A carried survivor that ``outside`` (replant.py) kills moves from the
+    row's survivors to its killed-by-replant column."""
     if not previous:
-        return [], []
+        return [], [], []
 
     def untested(mod: str) -> bool:
         c = by_module.get(mod, collections.Counter())
         return sum(c.values()) == c["not checked"]
 
-    rows, surv = [], []
-    for line in Path(previous).read_text().splitlines():
-        m = re.match(r"\| (rnb_kernels[\w.]*)(?: \(earlier run\))? \|(.*)\| ([\d.]+%) \|$", line)
-        if m and untested(m.group(1)):
-            rows.append(f"| {m.group(1)} (earlier run) |{m.group(2)}| {m.group(3)} |")
+    text = Path(previous).read_text()
+    # Survivor lists are per module (``- `module`: `name (survived)`, ...``); per-mutant lines
+    # are equivalence arguments.
+    surv_lines: dict[str, str] = {}
+    for line in text.splitlines():
         m = re.match(r"- `(rnb_kernels[\w.]*)`: ", line)
-        # Survivor lists are per module; per-mutant lines are equivalence arguments.
         if m and module_of(m.group(1)) == m.group(1) and untested(m.group(1)):
-            surv.append(line)
-    return rows, surv
+            surv_lines[m.group(1)] = line
+    rows, surv, killed = [], [], []
+    for line in text.splitlines():
+        m = re.match(r"\| (rnb_kernels[\w.]*)(?: \(earlier run\))? \|(.*)\| [\d.]+% \|$", line)
+        if not (m and untested(m.group(1))):
+            continue
+        mod = m.group(1)
+        cells = [c.strip() for c in m.group(2).split("|")]
+        if len(cells) == 7:  # reports before the killed-by-replant column
+            cells.insert(3, "0")
+        names = re.findall(r"`(\S+) \(survived\)`", surv_lines.get(mod, ""))
+        moved = [n for n in names if n in outside]
+        c = collections.Counter(
+            dict(zip(["not checked", "killed", "killed outside", "timeout", "survived",
+                      "no tests", "equivalent"], map(int, cells[1:])))
+        )  # fmt: skip
+        if sum(c.values()) != int(cells[0]):
+            raise ValueError(f"--previous: the counts of {mod} do not add up to its mutants")
+        c["killed outside"] += len(moved)
+        c["survived"] -= len(moved)
+        killed += [f"- `{n}`: {outside[n]} (module carried from the earlier run)" for n in moved]
+        left = [n for n in names if n not in outside]
+        if left:
+            surv.append(f"- `{mod}`: " + ", ".join(f"`{n} (survived)`" for n in left))
+        rows.append((f"{mod} (earlier run)", c))
+    return rows, surv, killed
 
 
 def main() -> int:
@@ -916,10 +953,13 @@ def main() -> int:
     tot = collections.Counter()
     for mod in sorted(by_module):
         c = by_module[mod]
+        if sum(c.values()) == c["not checked"]:
+            continue  # not run here: carried from --previous below, or not run at all
         tot.update(c)
         rows.append((mod, c))
     rows.append(("**all**", tot))
-    carried_rows, carried_surv = _carry_over(args.previous, by_module)
+    carried_rows, carried_surv, carried_killed = _carry_over(args.previous, by_module, outside)
+    killed_outside += carried_killed
 
     def score(c: collections.Counter) -> str:
         killed = c["killed"] + c["timeout"] + c["killed outside"]
@@ -931,13 +971,15 @@ def main() -> int:
         "| no tests | equivalent | score |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for mod, c in rows:
-        n = sum(c.values())
-        lines.append(
-            f"| {mod} | {n} | {c['not checked']} | {c['killed']} | {c['killed outside']} | "
+
+    def row(mod: str, c: collections.Counter) -> str:
+        return (
+            f"| {mod} | {sum(c.values())} | {c['not checked']} | {c['killed']} | {c['killed outside']} | "
             f"{c['timeout']} | {c['survived']} | {c['no tests']} | {c['equivalent']} | "
             f"{score(c)} |"
         )
+
+    lines.extend(row(mod, c) for mod, c in rows)
     if carried_rows:
         lines.append("")
         lines.append(
@@ -946,7 +988,7 @@ def main() -> int:
         )
         lines.append("")
         lines.extend(lines[:2])
-        lines.extend(carried_rows)
+        lines.extend(row(mod, c) for mod, c in carried_rows)
     body = "\n".join(lines)
     surv = "\n".join(
         f"- `{mod}`: " + ", ".join(f"`{s}`" for s in sorted(v))
@@ -960,8 +1002,8 @@ def main() -> int:
         "# Mutation testing of the core\n\n"
         "Produced by `make mutation` (mutmut 3.8.1, config in `pyproject.toml` "
         "`[tool.mutmut]`; report by `benchmarks/mutation_report.py`). Score = (killed + "
-        "timeout) / (mutants tested), equivalent mutants excluded; `not checked` mutants were "
-        "not run and are left out of the score.\n\n"
+        "killed by replant + timeout) / (mutants tested), equivalent mutants excluded; "
+        "`not checked` mutants were not run and are left out of the score.\n\n"
         + (args.note + "\n\n" if args.note else "")
         + f"{body}\n\n## Surviving mutants\n\n{surv or 'none'}\n"
         + "\n## Survivors killed outside mutmut (`benchmarks/replant.py`)\n\n"

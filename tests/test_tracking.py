@@ -937,6 +937,33 @@ def test_canonical_name_strips_wrapper_prefixes(name, want):
     assert canonical_name(name) == want
 
 
+def test_rows_of_maps_ids_to_a_layers_rows_on_its_device():
+    """Per-sample ids broadcast over each sample's rows, per-token ids flattened, no ids (an
+    unmasked target) all 0; on the layer's device (meta here: a CPU run cannot tell a
+    dropped device otherwise); a layout the ids do not fit is named."""
+    from rnb_kernels.tracking.linear import DOMAIN, Context, rows_of
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    assert rows_of(None, 3, cpu).tolist() == [0, 0, 0]
+    assert rows_of(None, 3, cpu).dtype == torch.int64
+    assert rows_of(torch.tensor([2, -1]), 6, cpu).tolist() == [2, 2, 2, -1, -1, -1]
+    assert rows_of(torch.tensor([[1, 2], [3, -1]]), 4, cpu).tolist() == [1, 2, 3, -1]
+    for ids in (None, torch.tensor([2, -1]), torch.tensor([[1, 2], [3, -1]])):
+        out = rows_of(ids, 4, meta)
+        assert out.device == meta and out.shape == (4,)
+    ctx = Context(DOMAIN, torch.tensor([0, 1]), 1.0, anchor_only=False)
+    assert ctx.rows(4, meta).device == meta and ctx.rows(4, cpu).tolist() == [0, 0, 1, 1]
+    msg = (
+        r"^domain_ids has 4 samples but the tracked layer saw 6 rows \(not a multiple\); "
+        r"pass per-token ids \[batch, seq\] for this layout$"
+    )
+    with pytest.raises(ValueError, match=msg):
+        rows_of(torch.arange(4), 6, cpu)
+    msg = r"^domain_ids has shape \(2, 3\) \(6 tokens\) but the tracked layer saw 4 rows$"
+    with pytest.raises(ValueError, match=msg):
+        rows_of(torch.zeros(2, 3, dtype=torch.int64), 4, cpu)
+
+
 def test_forward_without_weight_gradient_is_the_plain_layer():
     """Under no_grad, or with a frozen weight, the tracked forward is the module's own
     forward (same output, nothing recorded)."""
