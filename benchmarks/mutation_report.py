@@ -536,24 +536,6 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.slot.xǁSlotǁensure_buffers__mutmut_5": (
         "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
     ),
-    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_38": (
-        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_41": (
-        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_42": (
-        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_46": (
-        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_66": (
-        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_49": (
-        "gw starts as '' instead of None but is replaced whenever need_w; need_w is False only for a frozen weight, whose forward never reaches the Function (make_forward returns the plain forward): unreachable"
-    ),
     "rnb_kernels.tracking.slot.xǁSlotǁrows__mutmut_14": (
         "torch.cat of a single part equals that part"
     ),
@@ -636,9 +618,6 @@ EQUIVALENT: dict[str, str] = {
     "rnb_kernels.tracking.slot.xǁSlotǁbind_sharded__mutmut_35": (
         "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
     ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_19": (
-        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
-    ),
     "rnb_kernels.tracking.slot.xǁSlotǁcontext_rows__mutmut_6": (
         "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
     ),
@@ -671,18 +650,6 @@ EQUIVALENT: dict[str, str] = {
     ),
     "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_59": (
         "dirty at construction: _prepare_scale then rescales buffers that are still all zero, which changes nothing"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_44": (
-        "check_ids=None instead of False: the ops read it as a truth value"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_79": (
-        "check_ids=None instead of False: the ops read it as a truth value"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_128": (
-        "check_ids=None instead of False: the ops read it as a truth value"
-    ),
-    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_67": (
-        "heavy is None whenever exact_rows is 0 (rows are only chosen with exact_rows > 0, and bind_sharded zeroes exact_rows before any round), so the condition changes nothing"
     ),
     "rnb_kernels.tracking.slot.xǁSlotǁgram_parts__mutmut_41": (
         "row_offset dropped (default 0): only a row-sharded slot has a non-zero offset, and bind_sharded sets its exact_rows to 0, so it never has exact rows to take out"
@@ -806,6 +773,30 @@ EQUIVALENT: dict[str, str] = {
     ),
     "rnb_kernels.tracking.linear.x_rows_of__mutmut_30": (
         "non_blocking only matters for a copy from pinned host memory to a GPU; rows_of's ids are moved to the layer's device and read at once, and on the CPU every variant is a synchronous copy (or no copy)"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_20": (
+        "the buffer's or rows' device: None or no device is the CPU, the device of every CPU test; only a CUDA layer can tell"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_45": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_81": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_132": (
+        "check_ids=None instead of False: the ops read it as a truth value"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_69": (
+        "heavy is None whenever exact_rows is 0 (rows are only chosen with exact_rows > 0, and bind_sharded zeroes exact_rows before any round), so the condition changes nothing"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_49": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_69": (
+        "a gradient computed for an input that needs none is dropped by autograd (and autograd.grad(..., [anchor]) runs only what the anchor needs): cost only"
+    ),
+    "rnb_kernels.tracking.slot.xǁSlotǁbackward__mutmut_52": (
+        "gw starts as '' instead of None but is replaced whenever need_w; need_w is False only for a frozen weight, whose forward never reaches the Function (make_forward returns the plain forward): unreachable"
     ),
     "rnb_kernels.tracking.slot.xǁSlotǁ__init____mutmut_28": (
         "local_rows = None at construction: _allocate() sets it (in __init__ for a plain "

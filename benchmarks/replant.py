@@ -49,7 +49,7 @@ class Plant:
     old: str = ""
     new: str = ""
     env: dict[str, str] = field(default_factory=dict)
-    # Extra set-up in the copy: "no-triton", "no-sklearn", "no-_C" shadow or remove a component.
+    # A component made unimportable: "triton", "sklearn" (shadowed) or "_C" (import refused).
     remove: str | None = None
     # Run pytest as the plain console script from this directory ("root" or "elsewhere")
     # instead of ``python -m pytest`` from the root; the check is that it *passes*.
@@ -218,16 +218,16 @@ PLANTS: list[Plant] = [
         "rnb_kernels/tracking/slot.py",
         "check_ids=False, row_offset=self.row_offset, exact_index=heavy,",
         "check_ids=False, exact_index=heavy,",
-        mutant="rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_94",
+        mutant="rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_97",
     ),
     Plant(
         "slot-row-offset-dropped-segmented",
         f"{MUTMUT}: the same in the sketch/exact modes' segmented op",
         ("tests/test_distributed_scale.py",),
         "rnb_kernels/tracking/slot.py",
-        "row_offset=self.row_offset, dw_from_domains=not tr.bitwise_grad,",
-        "dw_from_domains=not tr.bitwise_grad,",
-        mutant="rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_141",
+        "row_offset=self.row_offset, dw_from_domains=not (tr.bitwise_grad and need_dw),",
+        "dw_from_domains=not (tr.bitwise_grad and need_dw),",
+        mutant="rnb_kernels.tracking.slot.xǁSlotǁaccumulate__mutmut_145",
     ),
     Plant(
         "slot-shard-offset-wrong-axis",
@@ -320,13 +320,33 @@ def _shadow(dirpath: Path, module: str) -> None:
     (pkg / "__init__.py").write_text(f'raise ImportError("{module} hidden by replant.py")\n')
 
 
+_HIDE_EXTENSION = """import sys
+
+
+class _Hide:  # first on sys.meta_path: an editable install's finder would still find _C
+    def find_spec(self, name, path=None, target=None):
+        if name == "rnb_kernels._C":
+            raise ImportError("rnb_kernels._C hidden by replant.py")
+        return None
+
+
+sys.meta_path.insert(0, _Hide())
+"""
+
+
+def _hide_extension(dirpath: Path) -> None:
+    """A ``sitecustomize`` that makes ``import rnb_kernels._C`` fail, as if it was not built."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    (dirpath / "sitecustomize.py").write_text(_HIDE_EXTENSION)
+
+
 def _run(plant: Plant, copy: Path, shadow: Path, timeout: float) -> tuple[int, str, float]:
     env = dict(os.environ)
     env.pop("MUTANT_UNDER_TEST", None)
     env.pop("RNB_STRICT", None)
     env.update(plant.env)
     paths = [str(copy)]
-    if plant.remove in ("triton", "sklearn"):
+    if plant.remove is not None:
         paths.insert(0, str(shadow / plant.remove))
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     args = ["-q", "-x", "-p", "no:cacheprovider", "-rfE"]
@@ -382,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         _copy_tree(copy)
         for mod in ("triton", "sklearn"):
             _shadow(shadow / mod, mod)
+        _hide_extension(shadow / "_C")
         baseline = sorted({t for p in plants for t in p.tests})
         print(f"baseline: {' '.join(baseline)}", flush=True)
         rc, out, dt = _run(Plant("baseline", "", tuple(baseline)), copy, shadow, args.timeout * 4)
@@ -393,29 +414,20 @@ def main(argv: list[str] | None = None) -> int:
         for p in plants:
             target = copy / p.path if p.path else None
             original = target.read_text() if target else None
-            moved = None
             try:
                 if target is not None:
                     n = original.count(p.old)
                     if n != 1:
                         raise SystemExit(f"{p.name}: {p.old!r} occurs {n} times in {p.path}")
                     target.write_text(original.replace(p.old, p.new))
-                if p.remove == "_C":
-                    moved = [(so, so.with_suffix(".hidden")) for so in
-                             (copy / "rnb_kernels").glob("_C*.so")]  # fmt: skip
-                    if not moved and shutil.which("nvcc"):
-                        raise SystemExit(f"{p.name}: nvcc is here but rnb_kernels._C is not built")
-                    if not moved:  # no nvcc: the extension is legitimately absent
-                        print(f"--  {p.name:34s} not applicable (no nvcc, no _C)", flush=True)
-                        continue
-                    for a, b in moved:
-                        a.rename(b)
+                if p.remove == "_C" and not shutil.which("nvcc"):
+                    # No nvcc: the extension is legitimately absent, nothing to hide.
+                    print(f"--  {p.name:34s} not applicable (no nvcc)", flush=True)
+                    continue
                 rc, out, dt = _run(p, copy, shadow, args.timeout)
             finally:
                 if target is not None:
                     target.write_text(original)
-                for a, b in moved or []:
-                    b.rename(a)
             failed = _first_failure(out)
             if p.plain_from is not None:
                 caught = rc == 0

@@ -557,6 +557,35 @@ def test_custom_op_passes_opcheck():
             (x, dy, ids, 3, torch.zeros(3, 4, width), 1, 2, 7, q, bias, "torch", True, False,
              torch.tensor([2, 0]), torch.zeros(3, 2, width)),
         )  # fmt: skip
+        torch.library.opcheck(
+            _domain_projection_op,
+            (x, dy, ids, 3, torch.zeros(3, 4, width), 1, 2, 7, q, bias, "torch", True, False,
+             None, None, False),
+        )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [None, [3, 17]], ids=["plain", "exact-rows"])
+def test_op_without_dw_updates_the_same_state(rows, backend):
+    """``need_dw=False`` (a target gradient): no ``dW``, the same state bit for bit."""
+    g = torch.Generator().manual_seed(8)
+    x, dy = make_inputs(37, 33, 70, torch.float32, g)
+    ids = make_ids("mixed", 37, 4, g)
+    out = []
+    for need_dw in (True, False):
+        kw = {}
+        if rows is not None:
+            kw = {"exact_index": torch.tensor(rows, device=DEVICE),
+                  "exact": torch.zeros(4, len(rows), 34, device=DEVICE)}  # fmt: skip
+        dw, proj = domain_projection(x, dy, ids, 4, proj_dim=16, bias=True, backend=backend,
+                                     need_dw=need_dw, **kw)  # fmt: skip
+        out.append((dw, proj, kw.get("exact")))
+    assert torch.equal(out[0][0], dy.t().mm(x)) and out[1][0] is None
+    assert torch.equal(out[0][1], out[1][1])
+    if rows is not None:
+        assert torch.equal(out[0][2], out[1][2]) and out[1][2].abs().sum() > 0
+    with pytest.raises(TypeError, match=r"^need_dw must be a bool, got int$"):
+        domain_projection(x, dy, ids, 4, backend=backend, need_dw=1)
 
 
 def test_exported_from_ops():

@@ -122,6 +122,22 @@ def test_record_target_runs_no_input_gradient_of_the_last_tracked_layer():
 
 
 @pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
+def test_record_target_spends_no_gemm_on_the_discarded_weight_gradient(mode):
+    """A target pass needs the head's statistics only: one product over its 3 rows (the
+    target's share), not also the ``dyᵀ x`` a training backward returns as ``param.grad``."""
+    net = _net()
+    tr = DomainGradientTracker(net, M, mode=mode, sketch_dim=64, proj_dim=8)
+    x = torch.randn(3, 5)
+    with GemmShapes() as rec:
+        tr.record_target(net(x).square().sum())
+    assert rec.inner.count(3) == 1, rec.inner
+    if mode == "exact":  # the statistics are the target's gradient all the same
+        ref = _net()
+        want = _head_grad(ref, ref(x).square().sum())
+        torch.testing.assert_close(tr.target_grad().double(), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["exact", "projected", "sketch"])
 def test_target_alignment_undoes_both_loss_scales(mode):
     """Domain rows at grad_scale 4 and the target at 2 give the alignment of unscaled ones."""
     kw = {"mode": mode, "sketch_dim": 64, "proj_dim": 8, "exact_rows": 2, "reseed": False}

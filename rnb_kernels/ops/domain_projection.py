@@ -182,15 +182,13 @@ def domain_projection_torch(
     bias: bool,
     exact_index: torch.Tensor | None = None,
     exact: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Torch backend: ``dW = dy.t().mm(x)`` (autograd's GEMM, so ``param.grad`` is
-    bit-identical), then ``proj[d] += (dy_d P_outᵀ)ᵀ x_d`` per present domain, in fp32, and
-    with ``exact_index`` also ``exact[d] += dy_d[:, exact_index]ᵀ x_d``.
+) -> None:
+    """Torch backend: ``proj[d] += (dy_d P_outᵀ)ᵀ x_d`` per present domain, in fp32, and with
+    ``exact_index`` also ``exact[d] += dy_d[:, exact_index]ᵀ x_d`` (``dW`` is the caller's).
 
     ``dy`` is folded for every row (ignored rows included) before rows are grouped: the fold
     is the one pass over ``[N, K_out]`` (it also gathers the exact rows' columns), and grouping
     then moves only ``[N, proj_dim + h]``."""
-    dw = dy.t().mm(x)
     p = proj.shape[1]
     if exact_index is None:
         dyp = project_columns_torch(dy, p, seed, layer, row_offset, H.PROJ_OUT)
@@ -202,7 +200,6 @@ def domain_projection_torch(
             proj[d].addmm_(dys[:, :p].t(), xs)
             if exact is not None:
                 exact[d].addmm_(dys[:, p:].t(), xs)
-    return dw
 
 
 def _domain_projection_impl(
@@ -221,14 +218,19 @@ def _domain_projection_impl(
     check_finite: bool,
     exact_index: torch.Tensor | None = None,
     exact: torch.Tensor | None = None,
+    need_dw: bool = True,
 ) -> torch.Tensor:
     V.check_values(x, dy, domain_ids, num_domains, check_ids, check_finite)
     if check_ids and exact_index is not None:
         V.check_distinct_index(exact_index, "exact_index", dy.shape[1])
+    # Autograd's own GEMM, so param.grad is bit-identical to an untracked backward; skipped
+    # when only the statistics are wanted (a target gradient), where it is thrown away.
+    dw = dy.t().mm(x) if need_dw else x.new_empty(0, x.shape[1])
     args = (x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias)
     if backend == "torch":
-        return domain_projection_torch(*args, exact_index, exact)
-    dw = get_impl("domain_projection", backend)(*args)
+        domain_projection_torch(*args, exact_index, exact)
+        return dw
+    get_impl("domain_projection", backend)(*args)
     if exact is not None:
         # The projection kernels have no exact-rows path: the rows' shares go through the
         # segmented kernel of the same backend (its dW of these columns is not needed).
@@ -246,9 +248,9 @@ _domain_projection_op = torch.library.custom_op(
 @_domain_projection_op.register_fake
 def _(
     x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias, backend,
-    check_ids, check_finite, exact_index=None, exact=None,
+    check_ids, check_finite, exact_index=None, exact=None, need_dw=True,
 ):  # fmt: skip
-    return x.new_empty(dy.shape[1], x.shape[1])
+    return x.new_empty(dy.shape[1] if need_dw else 0, x.shape[1])
 
 
 def projection_width(k_in: int, bias: bool, proj_in_dim: int | None) -> int:
@@ -274,7 +276,8 @@ def domain_projection(
     check_finite: bool = False,
     exact_index: torch.Tensor | None = None,
     exact: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    need_dw: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Weight gradient of ``y = x Wᵀ`` plus a count-sketch projection of each domain's share.
 
     ``proj[d] += P_out [g_d | β_d] (P_inᵀ)`` where ``g_d = Σ_{n∈d} dy_nᵀ x_n``, ``β_d =
@@ -309,10 +312,13 @@ def domain_projection(
             place with ``exact[d] += [g_d | β_d][exact_index] (P_inᵀ)``, the rows the projection
             would mix with others. On the torch backend the one fold of ``dy`` also gathers
             these columns.
+        need_dw: ``False`` skips the ``dW`` GEMM (returned as ``None``) when only the state is
+            wanted, e.g. for a target set's gradient.
 
     Returns:
         ``(dW, proj)``: ``dW = dyᵀ x`` ``[K_out, K_in]`` in ``x.dtype`` (bit-identical to
-        ``dy.t().mm(x)`` on the torch backend) and the updated state.
+        ``dy.t().mm(x)`` on every backend; ``None`` with ``need_dw=False``) and the updated
+        state.
 
     Example:
         >>> x, dy = torch.randn(5, 4), torch.randn(5, 3)
@@ -355,9 +361,11 @@ def domain_projection(
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
     # Eagerly the implementation is called directly: the custom op is what the compiler needs,
     # and its dispatch alone costs about 0.25 ms per call on the CPU.
+    if not isinstance(need_dw, bool):
+        raise TypeError(f"need_dw must be a bool, got {type(need_dw).__name__}")
     op = _domain_projection_impl if eager(x, dy) else _domain_projection_op
     dw = op(
         x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias, be,
-        bool(check_ids), bool(check_finite), exact_index, exact,
+        bool(check_ids), bool(check_finite), exact_index, exact, need_dw,
     )  # fmt: skip
-    return dw, proj
+    return (dw if need_dw else None), proj

@@ -232,11 +232,15 @@ class Slot:
         dy2: torch.Tensor,
         ctx: Context,
         rows: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        need_dw: bool = True,
+    ) -> torch.Tensor | None:
         """Return ``dW = dy2ᵀ x2`` and add each domain's share (weight and bias) to the buffers.
 
         ``rows``: int64 ``[N]`` domain id of each row; ``None`` maps ``x2``'s rows to the
         context's ids (a caller feeding chunks of a larger input passes its slice).
+        ``need_dw=False`` (target contexts only, :meth:`DomainGradientTracker.record_target`):
+        ``dW`` is not wanted, so no GEMM is spent on it (``None`` or a by-product is returned;
+        the rows' energy, which reads ``dW``, is measured on domain contexts only).
         """
         tr = self.tracker
         if ctx.bad:
@@ -255,7 +259,7 @@ class Slot:
         if tr.mode == "exact":
             dw, _ = segmented_wgrad(
                 x2, dy2, rows, m, acc=b["w"], backend=self.backend, bias_acc=b.get("b"),
-                check_ids=False, dw_from_domains=not tr.bitwise_grad,
+                check_ids=False, dw_from_domains=not (tr.bitwise_grad and need_dw),
             )  # fmt: skip
         elif tr.mode == "projected":
             # This round's heavy rows go to ``e`` in the same op (one fold of dy2 for both).
@@ -264,7 +268,7 @@ class Slot:
                 x2, dy2, rows, m, proj=b["p"], seed=tr.hash_seed, layer=self.index,
                 backend=self.backend, bias=self.has_bias, proj_in_dim=tr.proj_in_dim,
                 check_ids=False, row_offset=self.row_offset, exact_index=heavy,
-                exact=None if heavy is None else b["e"],
+                exact=None if heavy is None else b["e"], need_dw=need_dw,
             )  # fmt: skip
             if self.exact_rows and group == DOMAIN and self.energy is not None:
                 # The rows' energy, for the next round's choice of heavy rows. No host sync.
@@ -273,7 +277,7 @@ class Slot:
             dw, _ = domain_sketch(
                 x2, dy2, rows, m, sketch=b["s"], seed=tr.hash_seed, layer=self.index,
                 backend=self.backend, bias=self.has_bias, check_ids=False,
-                row_offset=self.row_offset, dw_from_domains=not tr.bitwise_grad,
+                row_offset=self.row_offset, dw_from_domains=not (tr.bitwise_grad and need_dw),
             )  # fmt: skip
         self.dirty[group] = True
         ctx.seen = True
@@ -327,7 +331,7 @@ class Slot:
         if ctx is not None and ctx.anchor_only:
             # record_target(): only the statistics are wanted. grad_input is still needed when
             # a deeper tracked layer has to be reached.
-            self.accumulate(x2, dy2, ctx)
+            self.accumulate(x2, dy2, ctx, need_dw=False)
             gx = dy2.mm(weight).view(x.shape) if need_x and len(tr._slots) > 1 else None
             return gx, None, None, None, None
         gx = dy2.mm(weight).view(x.shape) if need_x else None

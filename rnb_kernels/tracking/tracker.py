@@ -582,7 +582,8 @@ class DomainGradientTracker:
         """Record ``d loss / d(tracked params)`` into the target row; no ``param.grad`` changes.
 
         Runs ``torch.autograd.grad`` only down to the tracked layers (through a private anchor
-        tensor), so the rest of the model's backward is skipped.
+        tensor), so the rest of the model's backward is skipped, and forms no weight gradient
+        for them either (no ``dyᵀ x`` GEMM: only the statistics are kept).
 
         Args:
             loss: scalar (or any tensor; ``sum()`` is differentiated) of the specific set.

@@ -155,8 +155,9 @@ def domain_projection_triton(
     row_offset: int,
     proj_in_dim: int | None,
     bias: bool,
-) -> torch.Tensor:
-    """Triton backend of :func:`rnb_kernels.ops.domain_projection` (inputs already validated).
+) -> None:
+    """Triton backend of :func:`rnb_kernels.ops.domain_projection` (inputs already validated;
+    ``dW`` is the caller's).
 
     Args:
         x: ``[N, K_in]`` float32 / float16 / bfloat16, any strides.
@@ -167,21 +168,17 @@ def domain_projection_triton(
             (P_inᵀ)`` in place.
         seed, layer, row_offset, proj_in_dim, bias: as in the public op.
 
-    Returns:
-        ``dW = dyᵀ x`` over all rows, ``[K_out, K_in]`` in ``x.dtype``.
-
     Example (CPU, ``TRITON_INTERPRET=1`` set before Triton is imported):
         >>> from rnb_kernels.ops.reference import domain_projection_ref
         >>> x, dy, ids = torch.randn(6, 5), torch.randn(6, 40), torch.tensor([0, 1, 1, -1, 0, 1])
         >>> p = torch.zeros(2, 8, 5)
-        >>> dw = domain_projection_triton(x, dy, ids, 2, p, 3, 1, 0, None, False)
+        >>> domain_projection_triton(x, dy, ids, 2, p, 3, 1, 0, None, False)
         >>> ref = domain_projection_ref(x, dy, ids, 2, 8, seed=3, layer=1)[1]
         >>> torch.allclose(p.double(), ref, atol=1e-4)
         True
     """
-    dw = dy.t().mm(x)
     if x.shape[0] == 0 or proj.numel() == 0:
-        return dw
+        return
     dyp = project_columns_triton(dy, proj.shape[1], seed, layer, row_offset, H.PROJ_OUT)
     if proj_in_dim is None:
         xin = x.float()
@@ -192,4 +189,3 @@ def domain_projection_triton(
         if bias:
             add_ones_column_projection(xin, x.shape[1], seed, layer)
     launch_segmented(xin, dyp, domain_ids, num_domains, proj, sketch=False)
-    return dw
