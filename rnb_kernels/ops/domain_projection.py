@@ -359,10 +359,10 @@ def domain_projection(
     be = resolve_backend("domain_projection", backend, x.device)
     if be != "torch" and x.dtype == torch.float64:
         raise TypeError(f"x: float64 inputs are supported by backend='torch' only, not {be!r}")
-    # Eagerly the implementation is called directly: the custom op is what the compiler needs,
-    # and its dispatch alone costs about 0.25 ms per call on the CPU.
     if not isinstance(need_dw, bool):
         raise TypeError(f"need_dw must be a bool, got {type(need_dw).__name__}")
+    # Eagerly the implementation is called directly: the custom op is what the compiler needs,
+    # and its dispatch alone costs about 0.25 ms per call on the CPU.
     op = _domain_projection_impl if eager(x, dy) else _domain_projection_op
     dw = op(
         x, dy, domain_ids, num_domains, proj, seed, layer, row_offset, proj_in_dim, bias, be,
