@@ -19,7 +19,7 @@ unplanted first and must pass. Results go to ``benchmarks/results/replant.md``.
 
 Usage::
 
-    python benchmarks/replant.py            # all plants, ~4 minutes on 2 cores
+    python benchmarks/replant.py            # all plants, ~5 minutes on 2 cores
     python benchmarks/replant.py -k gram    # plants whose name contains "gram"
     python benchmarks/replant.py --list
 """
@@ -175,41 +175,33 @@ PLANTS: list[Plant] = [
         "rdist.all_reduce_sum_(None)",
         mutant="rnb_kernels.balancer.xǁBalancerǁ_gather__mutmut_3",
     ),
-    Plant(
-        "balancer-check-nothing",
-        f"{MUTMUT}: the ranks' weights are not compared",
-        ("tests/test_distributed.py",),
-        "rnb_kernels/balancer.py",
-        'rdist.check_consistent(weights, "mixture weights")',
-        'rdist.check_consistent(None, "mixture weights")',
-        mutant="rnb_kernels.balancer.xǁBalancerǁupdate__mutmut_8",
-    ),
-    Plant(
-        "balancer-check-unnamed",
-        f"{MUTMUT}: the divergence error names nothing",
-        ("tests/test_distributed.py",),
-        "rnb_kernels/balancer.py",
-        'rdist.check_consistent(weights, "mixture weights")',
-        "rdist.check_consistent(weights, None)",
-        mutant="rnb_kernels.balancer.xǁBalancerǁupdate__mutmut_9",
-    ),
-    Plant(
-        "balancer-check-misnamed",
-        f"{MUTMUT}: the divergence error names `XXmixture weightsXX`",
-        ("tests/test_distributed.py",),
-        "rnb_kernels/balancer.py",
-        'rdist.check_consistent(weights, "mixture weights")',
-        'rdist.check_consistent(weights, "XXmixture weightsXX")',
-        mutant="rnb_kernels.balancer.xǁBalancerǁupdate__mutmut_12",
-    ),
-    Plant(
-        "balancer-check-upper-case",
-        f"{MUTMUT}: the divergence error names `MIXTURE WEIGHTS`",
-        ("tests/test_distributed.py",),
-        "rnb_kernels/balancer.py",
-        'rdist.check_consistent(weights, "mixture weights")',
-        'rdist.check_consistent(weights, "MIXTURE WEIGHTS")',
-        mutant="rnb_kernels.balancer.xǁBalancerǁupdate__mutmut_13",
+    # Balancer.update's rank check: its argument or its name mutated (update mutants 8-13).
+    *(
+        Plant(
+            f"balancer-check-{name}",
+            f"{MUTMUT}: {why}",
+            ("tests/test_distributed.py",),
+            "rnb_kernels/balancer.py",
+            'rdist.check_consistent(weights, "mixture weights")',
+            f"rdist.check_consistent({args})",
+            mutant=f"rnb_kernels.balancer.xǁBalancerǁupdate__mutmut_{n}",
+        )
+        for name, why, args, n in [
+            ("nothing", "the ranks' weights are not compared", 'None, "mixture weights"', 8),
+            ("unnamed", "the divergence error names nothing", "weights, None", 9),
+            (
+                "misnamed",
+                "the divergence error names `XXmixture weightsXX`",
+                'weights, "XXmixture weightsXX"',
+                12,
+            ),
+            (
+                "upper-case",
+                "the divergence error names `MIXTURE WEIGHTS`",
+                'weights, "MIXTURE WEIGHTS"',
+                13,
+            ),
+        ]  # fmt: skip
     ),
     Plant(
         "slot-row-offset-dropped",
