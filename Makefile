@@ -55,7 +55,7 @@ bench: setup
 	$(PY) benchmarks/bench_kernels.py --quick
 
 clean:
-	rm -rf build *.egg-info $(STAMP) rnb_kernels/_C*.so .pytest_cache .ruff_cache
+	rm -rf build *.egg-info $(STAMP) rnb_kernels/_C*.so rnb_kernels/_cpu*.so .pytest_cache .ruff_cache
 
 # Mutation testing of the core (not part of CI: hours on 2 cores for every module). mutmut runs,
 # per mutant, only the selected tests that reach the mutated code ([tool.mutmut] in

@@ -1,11 +1,16 @@
-"""Build rnb_kernels, compiling the CUDA extension rnb_kernels._C when nvcc is available.
+"""Build rnb_kernels, compiling its two extensions.
 
-The extension is framework-free CUDA C++ (csrc/) plus a pybind11 binding (python/), compiled
-with nvcc and the host C++ compiler through a generated ninja file, and linked against the
-static CUDA runtime so it imports on machines without a GPU. torch is never needed to build.
+* ``rnb_kernels._cpu``: the CPU folds of the torch backend (csrc/cpu/), host C++ only. Built
+  whenever a C++ compiler is found; without it the torch backend uses ``index_add_``.
+* ``rnb_kernels._C``: the CUDA kernels (csrc/*.cu), built when nvcc is available, linked
+  against the static CUDA runtime so it imports on machines without a GPU.
+
+Both are framework-free C++ plus a pybind11 binding (python/), compiled through a generated
+ninja file. torch is never needed to build.
 
 Environment:
-    RNB_SKIP_CUDA_BUILD=1   install the pure-Python package only
+    RNB_SKIP_CPU_BUILD=1    do not build rnb_kernels._cpu
+    RNB_SKIP_CUDA_BUILD=1   do not build rnb_kernels._C
     RNB_CUDA_ARCHS="80;90"  SM architectures (default 80 and 90; "90a" enables Hopper-only code)
     CUDA_HOME / CUDA_PATH   toolkit location (else the nvcc found on PATH)
     MAX_JOBS=N              parallel compile jobs (default: CPU count)
@@ -78,19 +83,85 @@ def gencode_flags(archs: list[str]) -> list[str]:
     return flags
 
 
+CPU_EXT = "rnb_kernels._cpu"
+CUDA_EXT = "rnb_kernels._C"
+
+
+def find_cxx() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def run_ninja(build_dir: Path, lines: list[str], what: str) -> None:
+    (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+    ninja = shutil.which("ninja")
+    if ninja is None:
+        try:
+            import ninja as ninja_pkg
+
+            ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
+        except ImportError as e:
+            raise RuntimeError("building rnb_kernels needs ninja: pip install ninja") from e
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    _say(f"building {what} ({jobs} jobs)")
+    subprocess.run([ninja, "-f", str(build_dir / "build.ninja"), "-j", jobs], check=True)
+
+
 class NinjaCudaBuild(build_ext):
-    """Compiles CUDA/C++ sources of an extension with nvcc + the host compiler via ninja."""
+    """Compiles an extension's CUDA/C++ sources with nvcc and the host compiler via ninja."""
 
     def build_extension(self, ext: Extension) -> None:
+        if ext.name == CPU_EXT:
+            self.build_cpu(ext)
+        else:
+            self.build_cuda(ext)
+
+    def _paths(self, ext: Extension, tag: str) -> tuple[Path, Path]:
+        build_dir = Path(self.build_temp).resolve() / tag
+        build_dir.mkdir(parents=True, exist_ok=True)
+        out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        return build_dir, out_path
+
+    def build_cpu(self, ext: Extension) -> None:
+        import pybind11
+
+        build_dir, out_path = self._paths(ext, "rnb_cpu")
+        includes = [
+            f"-I{ROOT / 'csrc'}",
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+        ]
+        # No -march: AVX2 code paths carry their own target attribute and are picked at run
+        # time, so the library runs on any x86-64 (and builds on other architectures).
+        flags = ["-O3", "-std=c++17", "-fPIC", "-Wall", "-fvisibility=hidden", *includes]
+        lines = [
+            "ninja_required_version = 1.3",
+            f"builddir = {build_dir}",
+            f"cxx = {find_cxx()}",
+            f"cxx_flags = {' '.join(flags)}",
+            "rule cxx",
+            "  command = $cxx $cxx_flags -c $in -o $out",
+            "  description = c++ $in",
+            "rule link",
+            "  command = $cxx -shared $in -o $out",
+            "  description = link $out",
+        ]
+        objects = []
+        for src in ext.sources:
+            src_path = (ROOT / src).resolve()
+            obj = build_dir / (src_path.name + ".o")
+            lines.append(f"build {obj}: cxx {src_path}")
+            objects.append(str(obj))
+        lines.append(f"build {out_path}: link {' '.join(objects)}")
+        run_ninja(build_dir, lines, f"{CPU_EXT} with {find_cxx()}")
+
+    def build_cuda(self, ext: Extension) -> None:
         nvcc = find_nvcc()
         cuda_home = find_cuda_home(nvcc)
         archs = parse_archs(os.environ.get("RNB_CUDA_ARCHS", DEFAULT_ARCHS))
         import pybind11
 
-        build_dir = Path(self.build_temp).resolve() / "rnb_C"
-        build_dir.mkdir(parents=True, exist_ok=True)
-        out_path = Path(self.get_ext_fullpath(ext.name)).resolve()
-        out_path.parent.mkdir(parents=True, exist_ok=True)
+        build_dir, out_path = self._paths(ext, "rnb_C")
 
         # Comma-separated: a ';' would end the shell command that ninja runs.
         arch_define = f'-DRNB_CUDA_ARCHS=\\"{",".join(archs)}\\"'
@@ -143,35 +214,33 @@ class NinjaCudaBuild(build_ext):
             lines.append(f"build {obj}: {rule} {src_path}")
             objects.append(str(obj))
         lines.append(f"build {out_path}: link {' '.join(objects)}")
-        (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
+        run_ninja(build_dir, lines, f"{CUDA_EXT} with {nvcc} for sm {','.join(archs)}")
 
-        ninja = shutil.which("ninja")
-        if ninja is None:
-            try:
-                import ninja as ninja_pkg
 
-                ninja = str(Path(ninja_pkg.BIN_DIR) / "ninja")
-            except ImportError as e:
-                raise RuntimeError("building rnb_kernels._C needs ninja: pip install ninja") from e
-        jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
-        _say(f"building rnb_kernels._C with {nvcc} for sm {','.join(archs)} ({jobs} jobs)")
-        subprocess.run([ninja, "-f", str(build_dir / "build.ninja"), "-j", jobs], check=True)
+def _skipped(var: str) -> bool:
+    return os.environ.get(var, "0") not in ("", "0")
 
 
 def extensions() -> list[Extension]:
-    if os.environ.get("RNB_SKIP_CUDA_BUILD", "0") not in ("", "0"):
+    exts = []
+    if _skipped("RNB_SKIP_CPU_BUILD"):
         _say(
-            "RNB_SKIP_CUDA_BUILD is set: installing the pure-Python package without rnb_kernels._C"
+            f"RNB_SKIP_CPU_BUILD is set: not building {CPU_EXT} (the torch backend folds with index_add_)"
         )
-        return []
-    if find_nvcc() is None:
-        _say(
-            "nvcc not found (set CUDA_HOME): installing the pure-Python package without rnb_kernels._C"
-        )
-        return []
-    sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
-    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "python").glob("*.cpp"))
-    return [Extension("rnb_kernels._C", sources=sources)]
+    elif find_cxx() is None:
+        _say(f"no C++ compiler found (set CXX): not building {CPU_EXT}")
+    else:
+        sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "cpu").glob("*.cpp"))
+        exts.append(Extension(CPU_EXT, sources=[*sources, "python/cpu_bindings.cpp"]))
+    if _skipped("RNB_SKIP_CUDA_BUILD"):
+        _say(f"RNB_SKIP_CUDA_BUILD is set: not building {CUDA_EXT}")
+    elif find_nvcc() is None:
+        _say(f"nvcc not found (set CUDA_HOME): not building {CUDA_EXT}")
+    else:
+        sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.cu"))
+        sources += ["python/bindings.cpp"]
+        exts.append(Extension(CUDA_EXT, sources=sources))
+    return exts
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": NinjaCudaBuild})

@@ -17,6 +17,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import eager, get_impl, resolve_backend
+from .cpu_fold import fold_columns
 from .segmented_wgrad import domain_row_blocks
 
 _U32 = 2**32
@@ -31,6 +32,14 @@ def _signed_index(
     ``dy * sign`` pass, which costs a full write of ``dy``) and a subtraction finishes it."""
     bucket, sign = H.projection_hash(k, proj_dim, seed, layer, offset, side, device)
     return bucket + proj_dim * (sign < 0).to(torch.int64)
+
+
+@functools.lru_cache(maxsize=64)
+def _signed_index32(
+    k: int, proj_dim: int, seed: int, layer: int, offset: int, side: int, device: torch.device
+) -> torch.Tensor:
+    """:func:`_signed_index` as int32, the index the compiled CPU fold reads."""
+    return _signed_index(k, proj_dim, seed, layer, offset, side, device).to(torch.int32)
 
 
 @functools.lru_cache(maxsize=64)
@@ -49,20 +58,21 @@ def project_columns_torch(
         t: ``[N, K]`` float tensor (any strides); column ``c`` is feature ``offset + c``.
         proj_dim, seed, layer, side: as in :func:`rnb_kernels.ops.sketch_hash.projection_hash`.
 
-    Measured on the 2-core CPU at ``N=1024, K=8192, proj_dim=128`` (fp32), ``index_add_`` along
-    columns into ``[N, 2·proj_dim]`` beat a dense ``t @ Pᵀ`` (~2x), ``t * sign`` followed by a
-    signed ``index_add_`` or ``scatter_add_`` (~2x), a CSR sparse matmul, a bucket-sorted gather
-    with ``segment_reduce`` or a padded reshape-sum (3-5x), at about twice the cost of one read of
-    ``t`` (``t.sum(1)``).
+    The fold is :func:`~rnb_kernels.ops.cpu_fold.fold_columns` (compiled on CPU tensors, else
+    ``index_add_`` along columns into ``[N, 2·proj_dim]``). Measured on the 2-core CPU at
+    ``N=1024, K=8192, proj_dim=128`` (fp32), ``index_add_`` beat a dense ``t @ Pᵀ`` (~2x),
+    ``t * sign`` followed by a signed ``index_add_`` or ``scatter_add_`` (~2x), a CSR sparse
+    matmul, a bucket-sorted gather with ``segment_reduce`` or a padded reshape-sum (3-5x); the
+    compiled fold takes half of ``index_add_``'s time (1.6 against 3.3 ms), under twice one
+    read of ``t``.
 
     Example:
         >>> y = project_columns_torch(torch.ones(2, 5), 4, seed=0, layer=0, offset=0, side=0)
         >>> y.shape, y.dtype
         (torch.Size([2, 4]), torch.float32)
     """
-    idx = _signed_index(t.shape[1], proj_dim, seed, layer, offset, side, t.device)
-    out = torch.zeros(t.shape[0], 2 * proj_dim, dtype=torch.float32, device=t.device)
-    out.index_add_(1, idx, t if t.dtype == torch.float32 else t.float())
+    key = (t.shape[1], proj_dim, seed, layer, offset, side, t.device)
+    out = fold_columns(t, _signed_index(*key), _signed_index32(*key), 2 * proj_dim)
     return out[:, :proj_dim] - out[:, proj_dim:]
 
 
@@ -98,8 +108,7 @@ def project_columns_keeping(
     h = index.shape[0]
     route = signed.clone()
     route[index] = torch.arange(2 * proj_dim, 2 * proj_dim + h, device=t.device)
-    folded = torch.zeros(t.shape[0], 2 * proj_dim + h, dtype=torch.float32, device=t.device)
-    folded.index_add_(1, route, t if t.dtype == torch.float32 else t.float())
+    folded = fold_columns(t, route, route.to(torch.int32), 2 * proj_dim + h)
     kept = folded[:, 2 * proj_dim :]
     folded[:, : 2 * proj_dim].index_add_(1, signed.index_select(0, index), kept)
     out = torch.empty(t.shape[0], proj_dim + h, dtype=torch.float32, device=t.device)

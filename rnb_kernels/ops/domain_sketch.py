@@ -10,6 +10,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import eager, get_impl, resolve_backend
+from .cpu_fold import fold_flat
 from .segmented_wgrad import domain_bias_sums, domain_tiles, wgrad_from_domains
 
 _U32_MAX = 2**32 - 1
@@ -41,6 +42,22 @@ def _signed_flat_hash(
     return (bucket + sketch_dim * (sign < 0).to(torch.int64)).reshape(-1)
 
 
+@functools.lru_cache(maxsize=8)
+def _signed_flat_hash32(
+    k_out: int,
+    k_in: int,
+    sketch_dim: int,
+    seed: int,
+    layer: int,
+    device: torch.device,
+    row_offset: int = 0,
+) -> torch.Tensor:
+    """:func:`_signed_flat_hash` as int32, the index the compiled CPU fold reads."""
+    return _signed_flat_hash(k_out, k_in, sketch_dim, seed, layer, device, row_offset).to(
+        torch.int32
+    )
+
+
 @functools.lru_cache(maxsize=32)
 def _bias_hash(
     k_out: int,
@@ -65,22 +82,17 @@ def domain_sketch_torch(
     row_offset: int = 0,
     dw_from_domains: bool = False,
 ) -> torch.Tensor:
-    """Torch backend: one fp32 tile per present domain, folded into ``sketch`` by index_add.
+    """Torch backend: one fp32 tile per present domain, folded into ``sketch`` (compiled on
+    CPU tensors, else ``index_add_``: :func:`~rnb_kernels.ops.cpu_fold.fold_flat`).
 
     ``dW`` is ``dyᵀ x`` (bit-identical to autograd's), or with ``dw_from_domains`` (not for
     float64) the sum of the tiles, which saves one GEMM (see :func:`wgrad_from_domains`)."""
     k = sketch.shape[1]
-    signed: torch.Tensor | None = None
-    both: torch.Tensor | None = None
+    key = (dy.shape[1], x.shape[1], k, seed, layer, x.device, row_offset)
 
     def fold(d: int, tile: torch.Tensor) -> None:
-        nonlocal signed, both
-        if signed is None:  # hashed and allocated only when a domain is present
-            signed = _signed_flat_hash(
-                dy.shape[1], x.shape[1], k, seed, layer, x.device, row_offset
-            )
-            both = torch.empty(2 * k, dtype=torch.float32, device=x.device)
-        both.zero_().index_add_(0, signed, tile.reshape(-1))
+        # Hashed only when a domain is present (cached across calls).
+        both = fold_flat(tile, _signed_flat_hash(*key), _signed_flat_hash32(*key), 2 * k)
         sketch[d] += both[:k] - both[k:]
 
     if dw_from_domains and x.dtype != torch.float64:

@@ -1,0 +1,43 @@
+// pybind11 module rnb_kernels._cpu: the CPU folds of csrc/cpu/, built with the host C++
+// compiler only (no CUDA toolkit). Tensors cross as integer host pointers plus shapes; the
+// Python wrappers in rnb_kernels/ops/cpu_fold.py check dtypes, strides and sizes first. The
+// GIL is released while a fold runs.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/fold.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cpu, mod) {
+  mod.doc() = "rnb_kernels CPU folds (count-sketch index folds of the torch backend)";
+  mod.def(
+      "fold_columns",
+      [](std::uintptr_t src, std::int64_t rows, std::int64_t k, std::int64_t ld,
+         std::uintptr_t idx, std::uintptr_t out, std::int64_t width) {
+        py::gil_scoped_release nogil;
+        rnb_cpu::fold_columns(ptr<const float>(src), rows, k, ld, ptr<const std::int32_t>(idx),
+                              ptr<float>(out), width);
+      },
+      py::arg("src"), py::arg("rows"), py::arg("k"), py::arg("ld"), py::arg("idx"),
+      py::arg("out"), py::arg("width"));
+  mod.def(
+      "fold_flat",
+      [](std::uintptr_t src, std::int64_t n, std::uintptr_t idx, std::uintptr_t out,
+         std::int64_t width) {
+        py::gil_scoped_release nogil;
+        rnb_cpu::fold_flat(ptr<const float>(src), n, ptr<const std::int32_t>(idx),
+                           ptr<float>(out), width);
+      },
+      py::arg("src"), py::arg("n"), py::arg("idx"), py::arg("out"), py::arg("width"));
+}
