@@ -49,7 +49,8 @@ class Plant:
     old: str = ""
     new: str = ""
     env: dict[str, str] = field(default_factory=dict)
-    # A component made unimportable: "triton", "sklearn" (shadowed) or "_C" (import refused).
+    # A component made unimportable: "triton", "sklearn" (shadowed) or "_C" / "_cpu" (import
+    # refused).
     remove: str | None = None
     # Run pytest as the plain console script from this directory ("root" or "elsewhere")
     # instead of ``python -m pytest`` from the root; the check is that it *passes*.
@@ -162,6 +163,13 @@ PLANTS: list[Plant] = [
         f"{AUDIT}: `_C` not built while nvcc is present must fail (strict mode or not)",
         ("tests/test_op_dispatch.py",),
         remove="_C",
+    ),
+    Plant(
+        "strict-missing-_cpu",
+        "`_cpu` (the compiled CPU folds) not built while a C++ compiler is present must fail "
+        "(strict mode or not); the ops alone would fall back to `index_add_` unnoticed",
+        ("tests/test_cpu_fold.py",),
+        remove="_cpu",
     ),
     # ----------------------------------------------------------- mutmut survivors
     # Each reproduces mutmut's mutant (named in `mutant`) exactly; the mutation report counts
@@ -301,8 +309,9 @@ def _copy_tree(dst: Path) -> None:
         if src.is_file():
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dst / rel)
-    for so in (ROOT / "rnb_kernels").glob("_C*.so"):  # the built extension is not tracked
-        shutil.copy2(so, dst / "rnb_kernels" / so.name)
+    for ext in EXTENSIONS:  # the built extensions are not tracked
+        for so in (ROOT / "rnb_kernels").glob(f"{ext}.*.so"):
+            shutil.copy2(so, dst / "rnb_kernels" / so.name)
 
 
 def _shadow(dirpath: Path, module: str) -> None:
@@ -312,13 +321,15 @@ def _shadow(dirpath: Path, module: str) -> None:
     (pkg / "__init__.py").write_text(f'raise ImportError("{module} hidden by replant.py")\n')
 
 
+EXTENSIONS = ("_C", "_cpu")
+
 _HIDE_EXTENSION = """import sys
 
 
-class _Hide:  # first on sys.meta_path: an editable install's finder would still find _C
+class _Hide:  # first on sys.meta_path: an editable install's finder would still find it
     def find_spec(self, name, path=None, target=None):
-        if name == "rnb_kernels._C":
-            raise ImportError("rnb_kernels._C hidden by replant.py")
+        if name == "rnb_kernels.{ext}":
+            raise ImportError("rnb_kernels.{ext} hidden by replant.py")
         return None
 
 
@@ -326,10 +337,10 @@ sys.meta_path.insert(0, _Hide())
 """
 
 
-def _hide_extension(dirpath: Path) -> None:
-    """A ``sitecustomize`` that makes ``import rnb_kernels._C`` fail, as if it was not built."""
+def _hide_extension(dirpath: Path, ext: str) -> None:
+    """A ``sitecustomize`` that makes ``import rnb_kernels.<ext>`` fail, as if not built."""
     dirpath.mkdir(parents=True, exist_ok=True)
-    (dirpath / "sitecustomize.py").write_text(_HIDE_EXTENSION)
+    (dirpath / "sitecustomize.py").write_text(_HIDE_EXTENSION.format(ext=ext))
 
 
 def _run(plant: Plant, copy: Path, shadow: Path, timeout: float) -> tuple[int, str, float]:
@@ -394,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
         _copy_tree(copy)
         for mod in ("triton", "sklearn"):
             _shadow(shadow / mod, mod)
-        _hide_extension(shadow / "_C")
+        for ext in EXTENSIONS:
+            _hide_extension(shadow / ext, ext)
         baseline = sorted({t for p in plants for t in p.tests})
         print(f"baseline: {' '.join(baseline)}", flush=True)
         rc, out, dt = _run(Plant("baseline", "", tuple(baseline)), copy, shadow, args.timeout * 4)
@@ -415,6 +427,9 @@ def main(argv: list[str] | None = None) -> int:
                 if p.remove == "_C" and not shutil.which("nvcc"):
                     # No nvcc: the extension is legitimately absent, nothing to hide.
                     print(f"--  {p.name:34s} not applicable (no nvcc)", flush=True)
+                    continue
+                if p.remove == "_cpu" and not shutil.which(os.environ.get("CXX", "c++")):
+                    print(f"--  {p.name:34s} not applicable (no C++ compiler)", flush=True)
                     continue
                 rc, out, dt = _run(p, copy, shadow, args.timeout)
             finally:

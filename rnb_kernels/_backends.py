@@ -39,7 +39,14 @@ def triton_interpreter() -> bool:
 def backend_status(name: str) -> BackendStatus:
     """Status of one backend: ``"torch"``, ``"triton"`` or ``"cuda"``."""
     if name == "torch":
-        return BackendStatus(True, "pure PyTorch; runs on every device")
+        from .ops.cpu_fold import compiled_folds
+
+        folds = (
+            "CPU folds compiled (rnb_kernels._cpu)"
+            if compiled_folds()
+            else "CPU folds by index_add_ (rnb_kernels._cpu not built, or RNB_CPU_FOLDS=0)"
+        )
+        return BackendStatus(True, f"PyTorch ops; runs on every device; {folds}")
     if name == "triton":
         try:
             import triton  # noqa: F401

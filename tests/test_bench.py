@@ -109,10 +109,14 @@ def test_environment_columns(monkeypatch):
     env = environment("cpu")
     assert list(env) == ["timestamp", "device", "hardware", "threads", "torch", "triton",
                          "cuda", "python", "git_sha", "git_dirty", "load_avg_1min",
-                         "malloc_tunables"]  # fmt: skip
+                         "malloc_tunables", "cpu_folds"]  # fmt: skip
     assert env["device"] == "cpu" and env["hardware"] and env["threads"] >= 1
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=1")
     assert environment("cpu")["malloc_tunables"] == "glibc.malloc.mmap_threshold=1"
+    from rnb_kernels.ops import cpu_fold
+
+    monkeypatch.setattr(cpu_fold, "_extension", lambda: None)
+    assert environment("cpu")["cpu_folds"] == "index_add_"
 
 
 def test_time_interleaved_runs_round_robin():
