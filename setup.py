@@ -91,6 +91,49 @@ def find_cxx() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
 
 
+def ninja_lines(
+    build_dir: Path,
+    out_path: Path,
+    sources: list[str],
+    cxx_flags: list[str],
+    ldflags: list[str] | None = None,
+    nvcc: str | None = None,
+    nvcc_flags: list[str] | None = None,
+) -> list[str]:
+    """A ninja file compiling ``sources`` (``.cu`` with nvcc, the rest with the C++ compiler)
+    and linking them into the shared library ``out_path``."""
+    lines = [
+        "ninja_required_version = 1.3",
+        f"builddir = {build_dir}",  # keeps .ninja_log out of the source tree
+        f"cxx = {find_cxx() or 'c++'}",
+        f"cxx_flags = {' '.join(cxx_flags)}",
+        f"ldflags = {' '.join(ldflags or [])}",
+        "rule cxx",
+        "  command = $cxx $cxx_flags -c $in -o $out",
+        "  description = c++ $in",
+        "rule link",
+        "  command = $cxx -shared $in -o $out $ldflags",
+        "  description = link $out",
+    ]
+    if nvcc is not None:
+        lines += [
+            f"nvcc = {nvcc}",
+            f"nvcc_flags = {' '.join(nvcc_flags or [])}",
+            "rule nvcc",
+            "  command = $nvcc $nvcc_flags -c $in -o $out",
+            "  description = nvcc $in",
+        ]
+    objects = []
+    for src in sources:
+        src_path = (ROOT / src).resolve()
+        obj = build_dir / (src_path.name + ".o")
+        rule = "nvcc" if src_path.suffix == ".cu" else "cxx"
+        lines.append(f"build {obj}: {rule} {src_path}")
+        objects.append(str(obj))
+    lines.append(f"build {out_path}: link {' '.join(objects)}")
+    return lines
+
+
 def run_ninja(build_dir: Path, lines: list[str], what: str) -> None:
     (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
     ninja = shutil.which("ninja")
@@ -134,25 +177,7 @@ class NinjaCudaBuild(build_ext):
         # No -march: AVX2 code paths carry their own target attribute and are picked at run
         # time, so the library runs on any x86-64 (and builds on other architectures).
         flags = ["-O3", "-std=c++17", "-fPIC", "-Wall", "-fvisibility=hidden", *includes]
-        lines = [
-            "ninja_required_version = 1.3",
-            f"builddir = {build_dir}",
-            f"cxx = {find_cxx()}",
-            f"cxx_flags = {' '.join(flags)}",
-            "rule cxx",
-            "  command = $cxx $cxx_flags -c $in -o $out",
-            "  description = c++ $in",
-            "rule link",
-            "  command = $cxx -shared $in -o $out",
-            "  description = link $out",
-        ]
-        objects = []
-        for src in ext.sources:
-            src_path = (ROOT / src).resolve()
-            obj = build_dir / (src_path.name + ".o")
-            lines.append(f"build {obj}: cxx {src_path}")
-            objects.append(str(obj))
-        lines.append(f"build {out_path}: link {' '.join(objects)}")
+        lines = ninja_lines(build_dir, out_path, ext.sources, flags)
         run_ninja(build_dir, lines, f"{CPU_EXT} with {find_cxx()}")
 
     def build_cuda(self, ext: Extension) -> None:
@@ -171,7 +196,6 @@ class NinjaCudaBuild(build_ext):
             f"-I{pybind11.get_include()}",
             f"-I{sysconfig.get_paths()['include']}",
         ]
-        cxx = os.environ.get("CXX", "c++")
         nvcc_flags = [
             "-O3",
             "-std=c++17",
@@ -188,32 +212,15 @@ class NinjaCudaBuild(build_ext):
             lib_dir = cuda_home / "lib"
         ldflags = [f"-L{lib_dir}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
 
-        lines = [
-            "ninja_required_version = 1.3",
-            f"builddir = {build_dir}",  # keeps .ninja_log out of the source tree
-            f"nvcc = {nvcc}",
-            f"cxx = {cxx}",
-            f"nvcc_flags = {' '.join(nvcc_flags)} {' '.join(includes)}",
-            f"cxx_flags = {' '.join(cxx_flags)} {' '.join(includes)}",
-            f"ldflags = {' '.join(ldflags)}",
-            "rule nvcc",
-            "  command = $nvcc $nvcc_flags -c $in -o $out",
-            "  description = nvcc $in",
-            "rule cxx",
-            "  command = $cxx $cxx_flags -c $in -o $out",
-            "  description = c++ $in",
-            "rule link",
-            "  command = $cxx -shared $in -o $out $ldflags",
-            "  description = link $out",
-        ]
-        objects = []
-        for src in ext.sources:
-            src_path = (ROOT / src).resolve()
-            obj = build_dir / (src_path.name + ".o")
-            rule = "nvcc" if src_path.suffix == ".cu" else "cxx"
-            lines.append(f"build {obj}: {rule} {src_path}")
-            objects.append(str(obj))
-        lines.append(f"build {out_path}: link {' '.join(objects)}")
+        lines = ninja_lines(
+            build_dir,
+            out_path,
+            ext.sources,
+            [*cxx_flags, *includes],
+            ldflags,
+            nvcc,
+            [*nvcc_flags, *includes],
+        )
         run_ninja(build_dir, lines, f"{CUDA_EXT} with {nvcc} for sm {','.join(archs)}")
 
 

@@ -32,30 +32,16 @@ def _signed_flat_hash(
     layer: int,
     device: torch.device,
     row_offset: int = 0,
-) -> torch.Tensor:
-    """Cached int64 ``[K_out*K_in]``: ``bucket + sketch_dim * (sign < 0)``. Negative elements
-    land in a second block of buckets, so one unsigned ``index_add_`` does the signed fold with
-    no ``tile * sign`` pass, and a subtraction finishes it."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cached ``[K_out*K_in]`` ``bucket + sketch_dim * (sign < 0)``, as int64 and as int32 (the
+    index the compiled CPU fold reads). Negative elements land in a second block of buckets, so
+    one unsigned fold does the signed one with no ``tile * sign`` pass, and a subtraction
+    finishes it."""
     bucket, sign = H.sketch_hash(
         k_out, k_in, sketch_dim, seed, layer, device, torch.float32, row_offset=row_offset
     )
-    return (bucket + sketch_dim * (sign < 0).to(torch.int64)).reshape(-1)
-
-
-@functools.lru_cache(maxsize=8)
-def _signed_flat_hash32(
-    k_out: int,
-    k_in: int,
-    sketch_dim: int,
-    seed: int,
-    layer: int,
-    device: torch.device,
-    row_offset: int = 0,
-) -> torch.Tensor:
-    """:func:`_signed_flat_hash` as int32, the index the compiled CPU fold reads."""
-    return _signed_flat_hash(k_out, k_in, sketch_dim, seed, layer, device, row_offset).to(
-        torch.int32
-    )
+    signed = (bucket + sketch_dim * (sign < 0).to(torch.int64)).reshape(-1)
+    return signed, signed.to(torch.int32)
 
 
 @functools.lru_cache(maxsize=32)
@@ -92,7 +78,7 @@ def domain_sketch_torch(
 
     def fold(d: int, tile: torch.Tensor) -> None:
         # Hashed only when a domain is present (cached across calls).
-        both = fold_flat(tile, _signed_flat_hash(*key), _signed_flat_hash32(*key), 2 * k)
+        both = fold_flat(tile, *_signed_flat_hash(*key), 2 * k)
         sketch[d] += both[:k] - both[k:]
 
     if dw_from_domains and x.dtype != torch.float64:
