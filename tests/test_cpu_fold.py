@@ -79,6 +79,12 @@ def test_fold_columns_other_layouts_take_index_add(compiled):
     h = torch.randn(9, 40).bfloat16()
     got = cpu_fold.fold_columns(h, index, index.int(), 5)
     torch.testing.assert_close(got.double(), _fold64(h.float(), index, 5), rtol=0, atol=1e-4)
+    # An int32 index the loops cannot read as is (strided, or of the wrong length or dtype).
+    f = torch.randn(9, 40)
+    want = _fold64(f, index, 5)
+    for index32 in (index.int().repeat(2)[::2], index.int()[:-1], index):
+        got = cpu_fold.fold_columns(f, index, index32, 5)
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 1000, 1 << 16])

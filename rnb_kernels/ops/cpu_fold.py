@@ -35,11 +35,15 @@ def compiled_folds() -> bool:
     return _extension() is not None
 
 
-def _compiled_ok(t: torch.Tensor, width: int) -> bool:
+def _compiled_ok(t: torch.Tensor, index32: torch.Tensor, n_index: int, width: int) -> bool:
+    # O(1) checks only: the loops read n_index contiguous int32 values and float32 rows.
     return (
         t.device.type == "cpu"
         and t.dtype == torch.float32
         and t.numel() > 0
+        and index32.dtype == torch.int32
+        and index32.is_contiguous()
+        and index32.numel() == n_index
         and width < 2**31
         and compiled_folds()
     )
@@ -63,7 +67,7 @@ def fold_columns(
         [[1.0, 2.0], [1.0, 2.0]]
     """
     n, k = t.shape
-    if _compiled_ok(t, width) and t.stride(1) == 1 and t.stride(0) >= k:
+    if _compiled_ok(t, index32, k, width) and t.stride(1) == 1 and t.stride(0) >= k:
         out = torch.empty(n, width, dtype=torch.float32)
         _extension().fold_columns(t.data_ptr(), n, k, t.stride(0), index32.data_ptr(),
                                   out.data_ptr(), width)  # fmt: skip
@@ -88,7 +92,7 @@ def fold_flat(
         >>> fold_flat(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), idx, idx.int(), 3).tolist()
         [2.0, 0.0, 8.0]
     """
-    if _compiled_ok(t, width) and t.is_contiguous():
+    if _compiled_ok(t, index32, t.numel(), width) and t.is_contiguous():
         out = torch.empty(width, dtype=torch.float32)
         _extension().fold_flat(t.data_ptr(), t.numel(), index32.data_ptr(), out.data_ptr(), width)
         return out
