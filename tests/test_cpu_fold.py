@@ -87,6 +87,18 @@ def test_fold_columns_other_layouts_take_index_add(compiled):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
 
 
+def test_folds_allocate_on_the_inputs_device(compiled):
+    # A process-wide default device must not move the compiled folds' outputs off the CPU.
+    t, index = torch.randn(16, 9), torch.randint(0, 4, (9,))
+    want = _fold64(t, index, 4)
+    with torch.device("meta"):
+        got = cpu_fold.fold_columns(t, index, index.int(), 4)
+        flat = cpu_fold.fold_flat(t, index.repeat(16), index.repeat(16).int(), 4)
+    assert got.device.type == "cpu" and flat.device.type == "cpu"
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(flat.double(), want.sum(0), rtol=0, atol=1e-4)
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 1000, 1 << 16])
 @pytest.mark.parametrize("width", [1, 5, 16384])
 def test_fold_flat_matches_float64(compiled, poisoned, n, width):

@@ -68,7 +68,7 @@ def fold_columns(
     """
     n, k = t.shape
     if _compiled_ok(t, index32, k, width) and t.stride(1) == 1 and t.stride(0) >= k:
-        out = torch.empty(n, width, dtype=torch.float32)
+        out = torch.empty(n, width, dtype=torch.float32, device=t.device)
         _extension().fold_columns(t.data_ptr(), n, k, t.stride(0), index32.data_ptr(),
                                   out.data_ptr(), width)  # fmt: skip
         return out
@@ -93,7 +93,7 @@ def fold_flat(
         [2.0, 0.0, 8.0]
     """
     if _compiled_ok(t, index32, t.numel(), width) and t.is_contiguous():
-        out = torch.empty(width, dtype=torch.float32)
+        out = torch.empty(width, dtype=torch.float32, device=t.device)
         _extension().fold_flat(t.data_ptr(), t.numel(), index32.data_ptr(), out.data_ptr(), width)
         return out
     out = torch.zeros(width, dtype=torch.float32, device=t.device)
