@@ -70,8 +70,9 @@ def test_fold_columns_strided_rows_and_collisions(compiled, poisoned):
     torch.testing.assert_close(got.double(), _fold64(t, index, 2), rtol=0, atol=_tol(t, 64))
 
 
-def test_fold_columns_other_layouts_take_index_add(compiled):
-    # Transposed (column stride != 1) and half-precision inputs go through index_add_.
+def test_fold_columns_other_layouts_and_dtypes(compiled):
+    # Transposed inputs (column stride != 1) go through index_add_; bfloat16 is folded in
+    # float32.
     t = torch.randn(40, 12)
     index = torch.randint(0, 5, (40,))
     got = cpu_fold.fold_columns(t.t(), index, index.int(), 5)
@@ -136,6 +137,8 @@ def test_ops_use_the_compiled_folds(compiled, monkeypatch):
     domain_projection(x, dy, ids, 3, proj_dim=8, exact_index=torch.tensor([1, 5]),
                       exact=torch.zeros(3, 2, 6))  # fmt: skip
     assert calls["fold_columns"] == 2
+    domain_projection(x.bfloat16(), dy.bfloat16(), ids, 3, proj_dim=8)  # folded in float32
+    assert calls["fold_columns"] == 3
     domain_sketch(x, dy, ids, 3, sketch_dim=64)
     assert calls["fold_flat"] == int(ids.unique().numel())
 

@@ -5,8 +5,9 @@ A fold adds every column (projected mode) or every element (sketch mode) of a fl
 into the bucket its hash names; it is the one extra pass over ``dy`` that tracking costs. The
 compiled loops (``csrc/cpu/fold.cpp``) are 2x faster than ``index_add_`` on the 2-core CPU of
 ``benchmarks/results/overhead_cpu.md`` (``[1024, 8192] -> 256`` buckets: 1.6 against 3.3 ms;
-a 2M-element sketch tile: 1.7 against 3.0 ms). They are used for float32 CPU tensors with
-unit column stride; set ``RNB_CPU_FOLDS=0`` to use ``index_add_`` everywhere.
+a 2M-element sketch tile: 1.7 against 3.0 ms). They serve CPU tensors with unit column
+stride (other float dtypes are converted to float32 first, as ``index_add_`` needs too); set
+``RNB_CPU_FOLDS=0`` to use ``index_add_`` everywhere.
 """
 
 from __future__ import annotations
@@ -67,13 +68,14 @@ def fold_columns(
         [[1.0, 2.0], [1.0, 2.0]]
     """
     n, k = t.shape
+    t = t if t.dtype == torch.float32 else t.float()  # both paths sum in float32
     if _compiled_ok(t, index32, k, width) and t.stride(1) == 1 and t.stride(0) >= k:
         out = torch.empty(n, width, dtype=torch.float32, device=t.device)
         _extension().fold_columns(t.data_ptr(), n, k, t.stride(0), index32.data_ptr(),
                                   out.data_ptr(), width)  # fmt: skip
         return out
     out = torch.zeros(n, width, dtype=torch.float32, device=t.device)
-    return out.index_add_(1, index, t if t.dtype == torch.float32 else t.float())
+    return out.index_add_(1, index, t)
 
 
 def fold_flat(
@@ -92,9 +94,10 @@ def fold_flat(
         >>> fold_flat(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), idx, idx.int(), 3).tolist()
         [2.0, 0.0, 8.0]
     """
+    t = t if t.dtype == torch.float32 else t.float()  # both paths sum in float32
     if _compiled_ok(t, index32, t.numel(), width) and t.is_contiguous():
         out = torch.empty(width, dtype=torch.float32, device=t.device)
         _extension().fold_flat(t.data_ptr(), t.numel(), index32.data_ptr(), out.data_ptr(), width)
         return out
     out = torch.zeros(width, dtype=torch.float32, device=t.device)
-    return out.index_add_(0, index, t.reshape(-1).float())
+    return out.index_add_(0, index, t.reshape(-1))
