@@ -1,4 +1,5 @@
-"""Kernel benchmark: segmented_wgrad (exact), domain_sketch and gram against their anchors.
+"""Kernel benchmark: segmented_wgrad (exact), domain_sketch, domain_projection and gram against
+their anchors.
 
 Providers, all timed in the same run on the same tensors:
 
@@ -6,6 +7,9 @@ Providers, all timed in the same run on the same tensors:
   ``cuda`` when ``rnb.backends()["cuda"]`` is available and the op has a CUDA kernel,
   ``triton`` on a GPU or under ``TRITON_INTERPRET=1``, whose timings are not performance).
 * ``torch`` — the public op with ``backend="torch"`` (the reference backend).
+* ``torch-index_add`` — the same on CPU tensors with the folds forced through ``index_add_``
+  (``rnb_kernels.ops.cpu_fold.index_add_folds``): the A/B of the compiled CPU folds, for the
+  sketch and projected ops, where ``rnb_kernels._cpu`` is built.
 * ``cublas`` — plain ``dy.T @ x``: the untracked weight gradient, **the floor** (on the CPU
   this is torch's CPU BLAS, kept under the same name so CSVs line up). For ``gram`` it is
   ``a @ a.T`` in the input dtype; the gram floor is the copy-bandwidth time instead.
@@ -14,11 +18,11 @@ Providers, all timed in the same run on the same tensors:
 Reported per row: median ms, TFLOP/s, GB/s (minimal traffic), ``ratio_to_floor`` and the
 performance target for that shape as ``target_ms`` / ``target_ratio``. The targets: the exact
 op may cost 15% over the plain GEMM plus the unavoidable read-modify-write of the touched
-accumulators, the sketch 10% over the plain GEMM, and the Gram product must stream ``A`` at
-80% of the measured copy bandwidth:
+accumulators, the sketch and the projection 10% over the plain GEMM, and the Gram product must
+stream ``A`` at 80% of the measured copy bandwidth:
 
 * exact: ``1.15 x (floor + accumulator read-modify-write bytes / copy bandwidth)``;
-* sketch: ``1.10 x floor``;
+* sketch, projected (``proj_dim = 128``): ``1.10 x floor``;
 * gram: ``(bytes of A read once) / (0.8 x copy bandwidth)``, with the copy-bandwidth time as
   its floor.
 
@@ -54,6 +58,7 @@ from rnb_kernels.experiments.harness import (
     results_csv,
 )
 from rnb_kernels.ops._dispatch import has_impl
+from rnb_kernels.ops.cpu_fold import compiled_folds, index_add_folds
 from rnb_kernels.ops.sketch_hash import sketch_hash
 
 # (K_in, K_out) of a tracked linear layer y = x Wᵀ.
@@ -62,14 +67,20 @@ LAYERS = {
     "llama-2048x8192": (2048, 8192),  # LLaMA-style MLP up-projection
     "llama-4096x4096": (4096, 4096),  # LLaMA-7B-style attention projection
 }
-LAYERS_QUICK = {"mini-head": (128, 4096), "mini-mlp": (256, 1024)}
+# cpu-head: the LM head of `rnb bench overhead --preset cpu` (the CPU target configuration).
+LAYERS_QUICK = {"mini-head": (128, 4096), "mini-mlp": (256, 1024), "cpu-head": (256, 8192)}
 TOKENS, TOKENS_QUICK = [2048, 16384, 65536], [512, 2048]
 DOMAINS, DOMAINS_QUICK = [4, 16, 64, 256], [4, 16, 64]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-OPS = ["exact", "sketch", "gram"]
-PROVIDERS = ["triton", "cuda", "torch", "cublas", "loop"]
-_OP_NAME = {"exact": "segmented_wgrad", "sketch": "domain_sketch", "gram": "gram"}
-TARGET = {"exact": 1.15, "sketch": 1.10, "gram": 1 / 0.8}
+OPS = ["exact", "sketch", "projected", "gram"]
+WGRAD_OPS = ("exact", "sketch", "projected")
+PROVIDERS = ["triton", "cuda", "torch", "torch-index_add", "cublas", "loop"]
+_OP_NAME = {
+    "exact": "segmented_wgrad", "sketch": "domain_sketch", "projected": "domain_projection",
+    "gram": "gram",
+}  # fmt: skip
+TARGET = {"exact": 1.15, "sketch": 1.10, "projected": 1.10, "gram": 1 / 0.8}
+PROJ_DIM = 128  # domain_projection's default
 IGNORED_SHARE = 0.05  # tokens with id -1 (padding, prompts)
 
 
@@ -82,7 +93,11 @@ def available_providers(op: str, device: torch.device, wanted: list[str]) -> lis
                 continue
             if p == "cuda" and device.type != "cuda":
                 continue
-        if p == "loop" and op == "gram":
+        if p == "torch-index_add" and not (
+            device.type == "cpu" and op in ("sketch", "projected") and compiled_folds()
+        ):
+            continue
+        if p == "loop" and op in ("gram", "projected"):
             continue
         out.append(p)
     return out
@@ -101,7 +116,13 @@ def wgrad_fns(op, x, dy, ids, m, state, sketch_dim) -> dict[str, Callable[[], ob
     def public(backend):
         if op == "exact":
             return lambda: rnb.ops.segmented_wgrad(x, dy, ids, m, state, backend=backend)
+        if op == "projected":
+            return lambda: rnb.ops.domain_projection(x, dy, ids, m, state, backend=backend)
         return lambda: rnb.ops.domain_sketch(x, dy, ids, m, state, backend=backend)
+
+    def index_add():
+        with index_add_folds():
+            return public("torch")()
 
     def loop():
         dw = dy.T @ x
@@ -123,6 +144,7 @@ def wgrad_fns(op, x, dy, ids, m, state, sketch_dim) -> dict[str, Callable[[], ob
         "triton": public("triton"),
         "cuda": public("cuda"),
         "torch": public("torch"),
+        "torch-index_add": index_add,
         "cublas": lambda: dy.T @ x,
         "loop": loop,
     }
@@ -144,9 +166,13 @@ def bench_wgrad(args, device, copy_bw, env) -> list[dict]:
                 for m in args.m or (DOMAINS_QUICK if args.quick else DOMAINS):
                     ids = make_ids(n, m, device)
                     present = int(torch.unique(ids[ids >= 0]).numel())
-                    for op in [o for o in args.ops if o != "gram"]:
-                        shape = (m, k_out, k_in) if op == "exact" else (m, args.sketch_dim)
-                        state_bytes = 4 * m * (k_out * k_in if op == "exact" else args.sketch_dim)
+                    for op in [o for o in args.ops if o in WGRAD_OPS]:
+                        shape = {
+                            "exact": (m, k_out, k_in),
+                            "sketch": (m, args.sketch_dim),
+                            "projected": (m, PROJ_DIM, k_in),
+                        }[op]
+                        state_bytes = 4 * torch.Size(shape).numel()
                         if state_bytes > args.max_state_gb * 2**30:
                             print(f"skip {op} {layer} m={m}: state {state_bytes / 2**30:.1f} GiB")
                             continue
@@ -279,7 +305,7 @@ def main(argv=None) -> int:
     )
     print(f"{where}: copy bandwidth {copy_bw / 1e9:.1f} GB/s", flush=True)
     rows = []
-    if {"exact", "sketch"} & set(args.ops):
+    if set(WGRAD_OPS) & set(args.ops):
         rows += bench_wgrad(args, device, copy_bw, env)
     if "gram" in args.ops:
         rows += bench_gram(args, device, copy_bw, env)

@@ -1,12 +1,12 @@
 """Plot kernel benchmark CSVs: time as a ratio to the floor, per provider, against the target.
 
 One figure per CSV (``benchmarks/results/kernels_gpu.csv`` -> ``kernels_gpu.png``), one panel
-per op (exact, sketch, gram), one group of bars per benchmarked shape, one bar per provider;
-the floor is 1 (``dy.T @ x`` for exact/sketch, the copy-bandwidth read of ``A`` for gram) and
-a black tick marks the performance target for that shape (see ``bench_kernels.py``). Only the
-latest run in each CSV (by timestamp and hardware) is drawn. Reads rows written before the
-shared harness too (their ``hardware`` carries the thread count; newer rows have a
-``threads`` column).
+per op (exact, sketch, projected, gram), one group of bars per benchmarked shape, one bar per
+provider; the floor is 1 (``dy.T @ x`` for exact/sketch/projected, the copy-bandwidth read of
+``A`` for gram) and a black tick marks the performance target for that shape (see
+``bench_kernels.py``). Only the latest run in each CSV (by timestamp and hardware) is drawn.
+Reads rows written before the shared harness too (their ``hardware`` carries the thread count;
+newer rows have a ``threads`` column).
 
 Usage::
 
@@ -23,8 +23,8 @@ from pathlib import Path
 from rnb_kernels.experiments.harness import results_dir
 from rnb_kernels.experiments.plots import pyplot
 
-PROVIDER_ORDER = ["triton", "cuda", "torch", "cublas", "loop"]
-OPS = ["exact", "sketch", "gram"]
+PROVIDER_ORDER = ["triton", "cuda", "torch", "torch-index_add", "cublas", "loop"]
+OPS = ["exact", "sketch", "projected", "gram"]
 
 
 def latest_run(rows: list[dict[str, str]]) -> list[dict[str, str]]:

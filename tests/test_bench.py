@@ -178,3 +178,26 @@ def test_plot_reads_committed_and_new_kernel_rows(tmp_path):
     csv_path = append_csv(tmp_path / "kernels_cpu.csv", [{**environment("cpu"), **row}])
     assert plot.main(["--results", str(tmp_path)]) == 0
     assert csv_path.with_suffix(".png").stat().st_size > 0
+
+
+def test_kernel_benchmark_times_projected_and_the_fold_ab():
+    """bench_kernels times the projected op, and on the CPU the same ops with the folds forced
+    through index_add_ (the compiled folds' A/B), against the same floor."""
+    import torch
+
+    from rnb_kernels.ops.cpu_fold import compiled_folds
+
+    bench = _script("bench_kernels")
+    args = bench.parse_args(["--quick", "--device", "cpu", "--ops", "projected", "sketch",
+                             "--layers", "mini-mlp", "--tokens", "512", "--m", "4",
+                             "--dtypes", "fp32", "--rep-ms", "2", "--no-save",
+                             "--providers", "torch", "torch-index_add", "loop"])  # fmt: skip
+    env = {"hardware": "test"}
+    rows = bench.bench_wgrad(args, torch.device("cpu"), 1e10, env)
+    got = {(r["op"], r["provider"]) for r in rows}
+    want = {("projected", "torch"), ("sketch", "torch"), ("sketch", "loop")}
+    if compiled_folds():
+        want |= {("projected", "torch-index_add"), ("sketch", "torch-index_add")}
+    assert got == want
+    for r in rows:
+        assert r["ms"] > 0 and r["floor_ms"] > 0 and r["target_ratio"] == pytest.approx(1.10)

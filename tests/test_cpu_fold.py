@@ -141,6 +141,12 @@ def test_ops_use_the_compiled_folds(compiled, monkeypatch):
     assert calls["fold_columns"] == 3
     domain_sketch(x, dy, ids, 3, sketch_dim=64)
     assert calls["fold_flat"] == int(ids.unique().numel())
+    with cpu_fold.index_add_folds():  # the A/B switch of benchmarks/bench_kernels.py
+        assert not cpu_fold.compiled_folds()
+        domain_projection(x, dy, ids, 3, proj_dim=8)
+        domain_sketch(x, dy, ids, 3, sketch_dim=64)
+    assert calls == {"fold_columns": 3, "fold_flat": int(ids.unique().numel())}
+    assert cpu_fold.compiled_folds()
 
 
 @pytest.mark.parametrize("mode", ["projected", "sketch"])

@@ -12,13 +12,17 @@ stride (other float dtypes are converted to float32 first, as ``index_add_`` nee
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["compiled_folds", "fold_columns", "fold_flat"]
+__all__ = ["compiled_folds", "fold_columns", "fold_flat", "index_add_folds"]
+
+_forced_index_add = False
 
 
 @functools.lru_cache(maxsize=1)
@@ -32,8 +36,26 @@ def _extension():
 
 
 def compiled_folds() -> bool:
-    """Whether the folds run through ``rnb_kernels._cpu`` in this process."""
-    return _extension() is not None
+    """Whether the folds run through ``rnb_kernels._cpu`` here (built, not disabled by
+    ``RNB_CPU_FOLDS=0``, not inside :func:`index_add_folds`)."""
+    return not _forced_index_add and _extension() is not None
+
+
+@contextlib.contextmanager
+def index_add_folds() -> Iterator[None]:
+    """Within the block every fold goes through ``index_add_`` (A/B timing, debugging).
+
+    Example:
+        >>> with index_add_folds():
+        ...     compiled_folds()
+        False
+    """
+    global _forced_index_add
+    before, _forced_index_add = _forced_index_add, True
+    try:
+        yield
+    finally:
+        _forced_index_add = before
 
 
 def _compiled_ok(t: torch.Tensor, index32: torch.Tensor, n_index: int, width: int) -> bool:
