@@ -61,6 +61,23 @@ class Plant:
 
 AUDIT = "audit"  # a weakness the audit proved
 MUTMUT = "mutmut"  # a mutmut survivor killed outside mutmut's selection
+STRICT = {"RNB_STRICT": "1"}
+
+# A component made unimportable: (name suffix, what is hidden, test, environment, why).
+# fmt: off
+_MISSING = (
+    ("triton", "triton", "tests/test_op_segmented_wgrad.py", STRICT,
+     f"{AUDIT}: Triton missing must fail strict mode, not `importorskip`"),
+    ("extra", "sklearn", "tests/test_regroup.py", STRICT,
+     f"{AUDIT}: a missing extra (scikit-learn, `regroup`) must fail strict mode"),
+    ("_C", "_C", "tests/test_op_dispatch.py", {},
+     f"{AUDIT}: `_C` not built while nvcc is present must fail (strict mode or not)"),
+    ("_cpu", "_cpu", "tests/test_cpu_fold.py", {},
+     "`_cpu` (the compiled CPU folds) not built while a C++ compiler is present must "
+     "fail (strict mode or not); the ops alone would fall back to `index_add_` "
+     "unnoticed"),
+)
+# fmt: on
 
 PLANTS: list[Plant] = [
     # ----------------------------------------------------------- the audit's planted faults
@@ -144,32 +161,9 @@ PLANTS: list[Plant] = [
         ("tests/test_datasets.py",),
         env={"RNB_STRICT": "1", "RNB_FORTUNES_DIR": "/nonexistent/fortunes"},
     ),
-    Plant(
-        "strict-missing-triton",
-        f"{AUDIT}: Triton missing must fail strict mode, not `importorskip`",
-        ("tests/test_op_segmented_wgrad.py",),
-        env={"RNB_STRICT": "1"},
-        remove="triton",
-    ),
-    Plant(
-        "strict-missing-extra",
-        f"{AUDIT}: a missing extra (scikit-learn, `regroup`) must fail strict mode",
-        ("tests/test_regroup.py",),
-        env={"RNB_STRICT": "1"},
-        remove="sklearn",
-    ),
-    Plant(
-        "strict-missing-_C",
-        f"{AUDIT}: `_C` not built while nvcc is present must fail (strict mode or not)",
-        ("tests/test_op_dispatch.py",),
-        remove="_C",
-    ),
-    Plant(
-        "strict-missing-_cpu",
-        "`_cpu` (the compiled CPU folds) not built while a C++ compiler is present must fail "
-        "(strict mode or not); the ops alone would fall back to `index_add_` unnoticed",
-        ("tests/test_cpu_fold.py",),
-        remove="_cpu",
+    *(
+        Plant(f"strict-missing-{what}", why, (test,), env=env, remove=remove)
+        for what, remove, test, env, why in _MISSING
     ),
     # ----------------------------------------------------------- mutmut survivors
     # Each reproduces mutmut's mutant (named in `mutant`) exactly; the mutation report counts
