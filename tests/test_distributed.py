@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import gc
 import os
-import socket
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from _spawn import free_port, spawn_ranks
 from _tol import assert_close
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -165,18 +165,12 @@ def _work(rank: int, out_dir: str) -> None:
     torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available in this build")
     out = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    spawn_ranks(_worker, (free_port(), str(out)), WORLD)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
@@ -269,3 +263,14 @@ def test_helpers_are_no_ops_without_a_process_group():
     rdist.check_consistent(t, "t")
     assert t.tolist() == [1.0, 1.0, 1.0]
     assert rdist.world_size() == 1 and rdist.rank() == 0
+
+
+def _hang(rank: int) -> None:
+    time.sleep(600)
+
+
+def test_spawn_ranks_fails_hung_ranks_at_its_deadline():
+    start = time.monotonic()
+    with pytest.raises(pytest.fail.Exception, match="2 ranks still running after 3 s"):
+        spawn_ranks(_hang, (), 2, deadline_s=3)
+    assert time.monotonic() - start < 60
