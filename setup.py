@@ -1,7 +1,8 @@
 """Build rnb_kernels, compiling its two extensions.
 
 * ``rnb_kernels._cpu``: the CPU folds of the torch backend (csrc/cpu/), host C++ only. Built
-  whenever a C++ compiler is found; without it the torch backend uses ``index_add_``.
+  whenever a C++ compiler is found (with ``-fopenmp`` when it takes it); without it the torch
+  backend uses ``index_add_``.
 * ``rnb_kernels._C``: the CUDA kernels (csrc/*.cu), built when nvcc is available, linked
   against the static CUDA runtime so it imports on machines without a GPU.
 
@@ -25,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -89,6 +91,20 @@ CUDA_EXT = "rnb_kernels._C"
 
 def find_cxx() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++"))
+
+
+def cxx_accepts(flag: str) -> bool:
+    """Whether the C++ compiler compiles and links an empty program with ``flag``."""
+    cxx = find_cxx()
+    if cxx is None:
+        return False
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cpp"
+        src.write_text("int main() { return 0; }\n")
+        done = subprocess.run(
+            [cxx, flag, str(src), "-o", str(Path(tmp) / "probe")], capture_output=True
+        )
+    return done.returncode == 0
 
 
 def ninja_lines(
@@ -177,7 +193,13 @@ class NinjaCudaBuild(build_ext):
         # No -march: AVX2 code paths carry their own target attribute and are picked at run
         # time, so the library runs on any x86-64 (and builds on other architectures).
         flags = ["-O3", "-std=c++17", "-fPIC", "-Wall", "-fvisibility=hidden", *includes]
-        lines = ninja_lines(build_dir, out_path, ext.sources, flags)
+        # OpenMP lets the column fold run on PyTorch's own workers: linking libgomp.so.1, the
+        # module shares the runtime torch already loaded (rnb_kernels/ops/cpu_fold.py checks
+        # that before asking for threads). Without it the folds are single-threaded.
+        omp = ["-fopenmp"] if cxx_accepts("-fopenmp") else []
+        if not omp:
+            _say(f"{find_cxx()} does not accept -fopenmp: {CPU_EXT}'s folds are single-threaded")
+        lines = ninja_lines(build_dir, out_path, ext.sources, [*flags, *omp], omp)
         run_ninja(build_dir, lines, f"{CPU_EXT} with {find_cxx()}")
 
     def build_cuda(self, ext: Extension) -> None:

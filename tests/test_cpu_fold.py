@@ -38,9 +38,16 @@ def compiled(monkeypatch):
     clear()
 
 
-def _fold64(t: torch.Tensor, index: torch.Tensor, width: int) -> torch.Tensor:
-    out = torch.zeros(t.shape[0], width, dtype=torch.float64)
-    return out.index_add_(1, index, t.double())
+def _fold64(
+    t: torch.Tensor,
+    index: torch.Tensor,
+    width: int,
+    sign: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
+    t64 = t.double() if sign is None else t.double() * sign.double()
+    out = torch.zeros(t.shape[0], width, dtype=torch.float64).index_add_(1, index, t64)
+    return out if keep is None else torch.cat([out, t.double()[:, keep]], 1)
 
 
 def _tol(t: torch.Tensor, n_terms: int) -> float:
@@ -48,16 +55,54 @@ def _tol(t: torch.Tensor, n_terms: int) -> float:
     return 4 * n_terms * torch.finfo(torch.float32).eps * float(t.abs().max()) + 1e-30
 
 
+def _hash(k: int, width: int, signed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    index = torch.randint(0, width, (k,))
+    sign = torch.randint(0, 2, (k,)).float() * 2 - 1 if signed else None
+    return index, sign
+
+
 @pytest.mark.parametrize("rows", [1, 7, 8, 9, 17, 64])
 @pytest.mark.parametrize("k", [1, 7, 8, 9, 31, 1000])
 @pytest.mark.parametrize("width", [1, 3, 8, 13, 256])
-def test_fold_columns_matches_float64(compiled, poisoned, rows, k, width):
+@pytest.mark.parametrize("signed", [False, True])
+def test_fold_columns_matches_float64(compiled, poisoned, rows, k, width, signed):
     t = torch.randn(rows, k) * torch.rand(1, k) * 10
-    index = torch.randint(0, width, (k,))
-    got = cpu_fold.fold_columns(t, index, index.int(), width)
+    index, sign = _hash(k, width, signed)
+    got = cpu_fold.fold_columns(t, cpu_fold.ColumnHash.make(index, sign, width))
     assert got.dtype == torch.float32 and got.shape == (rows, width)
     assert not got.isnan().any()  # every element written (torch.empty is poisoned)
-    torch.testing.assert_close(got.double(), _fold64(t, index, width), rtol=0, atol=_tol(t, k))
+    want = _fold64(t, index, width, sign)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=_tol(t, k))
+
+
+@pytest.mark.parametrize("rows", [1, 9, 64])
+@pytest.mark.parametrize(
+    ("k", "kept"), [(1, [0]), (9, [8, 0, 3]), (1000, list(range(0, 1000, 37)))]
+)
+@pytest.mark.parametrize("signed", [False, True])
+def test_fold_columns_keeps_columns(compiled, poisoned, rows, k, kept, signed):
+    # Kept columns are copied out exactly and still folded into their buckets.
+    t = torch.randn(rows, k)
+    index, sign = _hash(k, 13, signed)
+    keep = torch.tensor(kept)
+    got = cpu_fold.fold_columns(t, cpu_fold.ColumnHash.make(index, sign, 13), keep=keep)
+    assert got.shape == (rows, 13 + len(kept)) and not got.isnan().any()
+    assert torch.equal(got[:, 13:], t[:, keep])
+    want = _fold64(t, index, 13, sign)
+    torch.testing.assert_close(got[:, :13].double(), want, rtol=0, atol=_tol(t, k))
+
+
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("kept", [None, [0, 40, 7]])
+def test_index_add_fold_matches_float64(signed, kept):
+    # The path of GPU tensors, other layouts and builds without rnb_kernels._cpu.
+    t = torch.randn(21, 41)
+    index, sign = _hash(41, 6, signed)
+    keep = None if kept is None else torch.tensor(kept)
+    with cpu_fold.index_add_folds():
+        got = cpu_fold.fold_columns(t, cpu_fold.ColumnHash.make(index, sign, 6), keep)
+    want = _fold64(t, index, 6, sign, keep)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=_tol(t, 41))
 
 
 def test_fold_columns_strided_rows_and_collisions(compiled, poisoned):
@@ -66,34 +111,99 @@ def test_fold_columns_strided_rows_and_collisions(compiled, poisoned):
     big = torch.randn(23, 77)
     t = big[:, 5:69]
     index = torch.arange(64) % 2
-    got = cpu_fold.fold_columns(t, index, index.int(), 2)
-    torch.testing.assert_close(got.double(), _fold64(t, index, 2), rtol=0, atol=_tol(t, 64))
+    sign = torch.where(torch.arange(64) % 3 == 0, -1.0, 1.0)
+    for s in (None, sign):
+        got = cpu_fold.fold_columns(t, cpu_fold.ColumnHash.make(index, s, 2), torch.tensor([63]))
+        want = _fold64(t, index, 2, s, torch.tensor([63]))
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=_tol(t, 64))
 
 
 def test_fold_columns_other_layouts_and_dtypes(compiled):
     # Transposed inputs (column stride != 1) go through index_add_; bfloat16 is folded in
     # float32.
     t = torch.randn(40, 12)
-    index = torch.randint(0, 5, (40,))
-    got = cpu_fold.fold_columns(t.t(), index, index.int(), 5)
-    torch.testing.assert_close(got.double(), _fold64(t.t(), index, 5), rtol=0, atol=1e-5)
-    h = torch.randn(9, 40).bfloat16()
-    got = cpu_fold.fold_columns(h, index, index.int(), 5)
-    torch.testing.assert_close(got.double(), _fold64(h.float(), index, 5), rtol=0, atol=1e-4)
+    index, sign = _hash(40, 5, True)
+    h = cpu_fold.ColumnHash.make(index, sign, 5)
+    keep = torch.tensor([3, 39])
+    got = cpu_fold.fold_columns(t.t(), h, keep)
+    torch.testing.assert_close(
+        got.double(), _fold64(t.t(), index, 5, sign, keep), rtol=0, atol=1e-5
+    )
+    b = torch.randn(9, 40).bfloat16()
+    got = cpu_fold.fold_columns(b, h)
+    torch.testing.assert_close(got.double(), _fold64(b.float(), index, 5, sign), rtol=0, atol=1e-4)
     # An int32 index the loops cannot read as is (strided, or of the wrong length or dtype).
     f = torch.randn(9, 40)
-    want = _fold64(f, index, 5)
+    want = _fold64(f, index, 5, sign)
     for index32 in (index.int().repeat(2)[::2], index.int()[:-1], index):
-        got = cpu_fold.fold_columns(f, index, index32, 5)
+        got = cpu_fold.fold_columns(f, h._replace(bucket32=index32))
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_column_fold_does_not_depend_on_the_thread_count(compiled):
+    # Rows are split among threads in blocks, never a bucket's sum: equal bit for bit.
+    t = torch.randn(1029, 700)
+    index, sign = _hash(700, 61, True)
+    h = cpu_fold.ColumnHash.make(index, sign, 61)
+    keep = torch.tensor([5, 699], dtype=torch.int32)
+
+    def run(threads: int) -> torch.Tensor:
+        out = torch.full((1029, 63), float("nan"))
+        compiled.fold_columns(t.data_ptr(), 1029, 700, 700, h.bucket32.data_ptr(),
+                              h.sign.data_ptr(), 61, keep.data_ptr(), 2, out.data_ptr(), 63,
+                              threads)  # fmt: skip
+        return out
+
+    one = run(1)
+    assert not one.isnan().any()
+    for threads in (2, 3, 8):
+        assert torch.equal(run(threads), one)
+    torch.testing.assert_close(one.double(), _fold64(t, index, 61, sign, keep.long()),
+                               rtol=0, atol=_tol(t, 700))  # fmt: skip
+
+
+def _torch_openmp_library() -> str | None:
+    """File name of the OpenMP runtime PyTorch's CPU library resolves, or None."""
+    import ctypes
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p),
+                    ("sname", ctypes.c_char_p), ("saddr", ctypes.c_void_p)]  # fmt: skip
+
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        fn = ctypes.CDLL(lib).omp_get_max_threads
+    except (OSError, AttributeError):
+        return None
+    info = DlInfo()
+    dladdr = ctypes.CDLL(None).dladdr
+    dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+    if not dladdr(ctypes.cast(fn, ctypes.c_void_p), ctypes.byref(info)):
+        return None
+    return os.path.basename(info.fname.decode())
+
+
+def test_column_fold_runs_on_torchs_threads_when_it_shares_the_runtime(compiled, monkeypatch):
+    if _torch_openmp_library() != "libgomp.so.1":
+        pytest.skip(f"PyTorch's OpenMP runtime here is {_torch_openmp_library()}, not libgomp")
+    # setup.py links the module to libgomp.so.1 when the compiler takes -fopenmp; the loader
+    # then hands it the runtime torch loaded, and the fold uses torch's thread count.
+    assert compiled.openmp_symbol() != 0
+    cpu_fold._shares_torch_openmp.cache_clear()
+    assert cpu_fold.fold_threads() == torch.get_num_threads()
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 5)
+    assert cpu_fold.fold_threads() == 5
+    monkeypatch.setattr(cpu_fold, "_shares_torch_openmp", lambda: False)
+    assert cpu_fold.fold_threads() == 1  # another runtime's threads would fight torch's
 
 
 def test_folds_allocate_on_the_inputs_device(compiled):
     # A process-wide default device must not move the compiled folds' outputs off the CPU.
     t, index = torch.randn(16, 9), torch.randint(0, 4, (9,))
     want = _fold64(t, index, 4)
+    h = cpu_fold.ColumnHash.make(index, None, 4)
     with torch.device("meta"):
-        got = cpu_fold.fold_columns(t, index, index.int(), 4)
+        got = cpu_fold.fold_columns(t, h)
         flat = cpu_fold.fold_flat(t, index.repeat(16), index.repeat(16).int(), 4)
     assert got.device.type == "cpu" and flat.device.type == "cpu"
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)

@@ -5,27 +5,40 @@
 // it with index_add_, a scalar scatter whose store-to-load chains and per-element int64 index
 // reads cost a few cycles per element. These loops do the same sums in fewer:
 //   fold_columns: 8 rows at a time; 8 x 8 tiles are transposed in AVX2 registers so that one
-//                 column of the 8 rows is a single vector add into a bucket-major scratch
-//                 (a scalar loop on CPUs without AVX2, chosen at run time);
-//   fold_flat:    a scalar loop over int32 indices.
-// Both are single-threaded on purpose: threads of our own would compete with PyTorch's
-// OpenMP workers, which keep spinning after each parallel op (measured: two threads of ours
-// gained nothing right after a torch GEMM).
+//                 column of the 8 rows is a single vector add (or multiply-add by its sign)
+//                 into a bucket-major scratch (a scalar loop on CPUs without AVX2, chosen at
+//                 run time). Blocks of rows are shared among `threads` OpenMP threads.
+//   fold_flat:    a scalar loop over int32 indices, single-threaded (its buckets are shared by
+//                 every element, so threads would need private copies and a reduction).
+// fold_columns only uses threads when the caller asks for them: the Python side does so when
+// this library's OpenMP runtime is PyTorch's own (the loader shares one libgomp.so.1), so the
+// work goes to PyTorch's workers, which spin between parallel ops. Threads of a second
+// runtime would compete with those spinning workers for the cores (measured: two threads of
+// ours gained nothing right after a torch GEMM).
 #pragma once
 
 #include <cstdint>
 
 namespace rnb_cpu {
 
-// out[r, idx[j]] += src[r * ld + j] for r < rows, j < k; out is [rows, width] contiguous and
-// is overwritten. idx values must lie in [0, width); ld >= k. Each output element is summed
-// in column order.
+// For r < rows, with out's rows out_ld floats apart (out_ld >= width + n_keep):
+//   out[r, idx[j]] += s_j * src[r * ld + j]   for j < k, s_j = sign[j] (1 when sign is null);
+//   out[r, width + q] = src[r * ld + keep[q]] for q < n_keep (columns kept as they are).
+// out's first width + n_keep columns are overwritten. idx values in [0, width), keep values
+// in [0, k), ld >= k. Each bucket is summed in column order, whatever the thread count, so the
+// result does not depend on `threads`.
 void fold_columns(const float* src, std::int64_t rows, std::int64_t k, std::int64_t ld,
-                  const std::int32_t* idx, float* out, std::int64_t width);
+                  const std::int32_t* idx, const float* sign, std::int64_t width,
+                  const std::int32_t* keep, std::int64_t n_keep, float* out,
+                  std::int64_t out_ld, int threads);
 
 // out[idx[i]] += src[i] for i < n, in order; out is [width], overwritten. idx values in
 // [0, width).
 void fold_flat(const float* src, std::int64_t n, const std::int32_t* idx, float* out,
                std::int64_t width);
+
+// Address of omp_get_max_threads in the OpenMP runtime this library was linked to (0 when
+// built without OpenMP): equal to the one PyTorch resolves iff both share one runtime.
+std::uintptr_t openmp_symbol();
 
 }  // namespace rnb_cpu

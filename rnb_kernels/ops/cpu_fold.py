@@ -3,24 +3,38 @@ is built, else through ``index_add_`` (same sums, another summation order).
 
 A fold adds every column (projected mode) or every element (sketch mode) of a float32 tensor
 into the bucket its hash names; it is the one extra pass over ``dy`` that tracking costs. The
-compiled loops (``csrc/cpu/fold.cpp``) are 2x faster than ``index_add_`` on the 2-core CPU of
-``benchmarks/results/overhead_cpu.md`` (``[1024, 8192] -> 256`` buckets: 1.6 against 3.3 ms;
-a 2M-element sketch tile: 1.7 against 3.0 ms). They serve CPU tensors with unit column
-stride (other float dtypes are converted to float32 first, as ``index_add_`` needs too); set
-``RNB_CPU_FOLDS=0`` to use ``index_add_`` everywhere.
+compiled loops (``csrc/cpu/fold.cpp``) serve CPU tensors with unit column stride (other float
+dtypes are converted to float32 first, as ``index_add_`` needs too); set ``RNB_CPU_FOLDS=0``
+to use ``index_add_`` everywhere. Measured on the 2-core CPU of
+``benchmarks/results/overhead_cpu.md`` (``[1024, 8192]`` into 128 signed buckets and 64 kept
+columns, right after a torch GEMM): ``index_add_`` and its fix-ups 3.5 ms, the compiled fold on
+one thread 1.8 ms, on PyTorch's two OpenMP workers 1.0 ms.
+
+The column fold uses PyTorch's intra-op threads (``torch.get_num_threads()``) when the module
+shares PyTorch's OpenMP runtime, which :func:`fold_threads` checks once; otherwise, and for the
+element fold, one thread.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib
 import os
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["compiled_folds", "fold_columns", "fold_flat", "index_add_folds"]
+__all__ = [
+    "ColumnHash",
+    "compiled_folds",
+    "fold_columns",
+    "fold_flat",
+    "fold_threads",
+    "index_add_folds",
+]
 
 _forced_index_add = False
 
@@ -41,6 +55,29 @@ def compiled_folds() -> bool:
     return not _forced_index_add and _extension() is not None
 
 
+@functools.lru_cache(maxsize=1)
+def _shares_torch_openmp() -> bool:
+    ext = _extension()
+    ours = ext.openmp_symbol() if ext is not None else 0
+    if not ours:
+        return False
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        # dlsym through libtorch_cpu's handle resolves in its own dependencies: the OpenMP
+        # runtime PyTorch's parallel ops use. Loaded already, so this only takes a reference.
+        theirs = ctypes.cast(ctypes.CDLL(lib).omp_get_max_threads, ctypes.c_void_p).value
+    except (OSError, AttributeError):  # another platform, or PyTorch built without OpenMP
+        return False
+    return theirs == ours
+
+
+def fold_threads() -> int:
+    """Threads the compiled column fold runs on: ``torch.get_num_threads()`` when
+    ``rnb_kernels._cpu`` shares PyTorch's OpenMP runtime (its workers then take the blocks of
+    rows), else 1. A second runtime's threads would fight PyTorch's spinning workers."""
+    return torch.get_num_threads() if _shares_torch_openmp() else 1
+
+
 @contextlib.contextmanager
 def index_add_folds() -> Iterator[None]:
     """Within the block every fold goes through ``index_add_`` (A/B timing, debugging).
@@ -58,6 +95,42 @@ def index_add_folds() -> Iterator[None]:
         _forced_index_add = before
 
 
+class ColumnHash(NamedTuple):
+    """A (signed) count-sketch of ``K`` columns into ``width`` buckets, in the forms the two
+    fold paths read; build it once per hash with :meth:`make` and cache it.
+
+    Attributes:
+        width: buckets.
+        bucket32: int32 ``[K]`` bucket of each column, in ``[0, width)`` (compiled loops).
+        sign: float32 ``[K]`` of ``±1``, or ``None`` for an unsigned fold.
+        route: int64 ``[K]`` (``index_add_``): the bucket, or with ``sign`` ``bucket + width ·
+            [sign < 0]``, a second block of buckets for the negative columns (subtracted after
+            one unsigned ``index_add_``, which is cheaper than a ``t * sign`` pass).
+    """
+
+    width: int
+    bucket32: torch.Tensor
+    sign: torch.Tensor | None
+    route: torch.Tensor
+
+    @classmethod
+    def make(cls, bucket: torch.Tensor, sign: torch.Tensor | None, width: int) -> ColumnHash:
+        """From int64 ``bucket`` ``[K]`` in ``[0, width)`` and optional ``±1`` ``sign``
+        ``[K]``, on the device of the tensors to fold.
+
+        Example:
+            >>> h = ColumnHash.make(torch.tensor([1, 0, 1]), torch.tensor([1.0, -1.0, -1.0]), 2)
+            >>> h.route.tolist()
+            [1, 2, 3]
+        """
+        bucket = bucket.to(torch.int64)
+        if sign is None:
+            return cls(width, bucket.to(torch.int32), None, bucket)
+        sign = sign.to(torch.float32).contiguous()
+        route = bucket + width * (sign < 0).to(torch.int64)
+        return cls(width, bucket.to(torch.int32), sign, route)
+
+
 def _compiled_ok(t: torch.Tensor, index32: torch.Tensor, n_index: int, width: int) -> bool:
     # O(1) checks only: the loops read n_index contiguous int32 values and float32 rows.
     return (
@@ -72,32 +145,64 @@ def _compiled_ok(t: torch.Tensor, index32: torch.Tensor, n_index: int, width: in
     )
 
 
-def fold_columns(
-    t: torch.Tensor, index: torch.Tensor, index32: torch.Tensor, width: int
-) -> torch.Tensor:
-    """float32 ``[N, width]``: ``out[:, index[c]] += t[:, c]`` for every column ``c``.
+def _fold_index_add(t: torch.Tensor, h: ColumnHash, keep: torch.Tensor | None) -> torch.Tensor:
+    n, w = t.shape[0], h.width
+    blocks = w if h.sign is None else 2 * w
+    if keep is None:
+        folded = torch.zeros(n, blocks, dtype=torch.float32, device=t.device)
+        folded.index_add_(1, h.route, t)
+    else:
+        # The kept columns are folded into columns of their own (one index_add_ also gathers
+        # them), then added to their buckets from that small copy.
+        q = keep.shape[0]
+        route = h.route.clone()
+        route[keep] = torch.arange(blocks, blocks + q, device=t.device)
+        folded = torch.zeros(n, blocks + q, dtype=torch.float32, device=t.device)
+        folded.index_add_(1, route, t)
+        folded[:, :blocks].index_add_(1, h.route.index_select(0, keep), folded[:, blocks:])
+    if h.sign is None:
+        return folded
+    out = torch.empty(n, w + folded.shape[1] - blocks, dtype=torch.float32, device=t.device)
+    torch.sub(folded[:, :w], folded[:, w:blocks], out=out[:, :w])
+    out[:, w:] = folded[:, blocks:]
+    return out
+
+
+def fold_columns(t: torch.Tensor, h: ColumnHash, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 ``[N, width + q]``: ``out[:, bucket[c]] += sign[c] · t[:, c]`` for every column
+    ``c`` (``sign = 1`` for an unsigned hash), beside the ``q`` columns ``t[:, keep]`` as they
+    are.
 
     Args:
         t: ``[N, K]`` float tensor, any device and strides.
-        index: int64 ``[K]`` in ``[0, width)`` on ``t``'s device (the ``index_add_`` path).
-        index32: the same values as int32 (the compiled path reads 4 bytes per column). Not
-            range-checked here: callers pass the tracker's cached hash indices.
-        width: buckets.
+        h: the hash of ``t``'s ``K`` columns, on ``t``'s device (not range-checked here:
+            callers pass the tracker's cached hashes).
+        keep: int64 ``[q]`` distinct columns of ``t`` to copy out as well (projected mode's
+            exact rows), on ``t``'s device.
+
+    Compiled (CPU tensors with unit column stride): one pass over ``t`` does it all, on
+    :func:`fold_threads` threads, with a result that does not depend on their number. Else
+    ``index_add_``.
 
     Example:
-        >>> idx = torch.tensor([1, 0, 1])
-        >>> fold_columns(torch.ones(2, 3), idx, idx.int(), 2).tolist()
-        [[1.0, 2.0], [1.0, 2.0]]
+        >>> h = ColumnHash.make(torch.tensor([1, 0, 1]), torch.tensor([1.0, 1.0, -1.0]), 2)
+        >>> fold_columns(torch.tensor([[1.0, 2.0, 4.0]]), h, keep=torch.tensor([2])).tolist()
+        [[2.0, -3.0, 4.0]]
     """
     n, k = t.shape
     t = t if t.dtype == torch.float32 else t.float()  # both paths sum in float32
-    if _compiled_ok(t, index32, k, width) and t.stride(1) == 1 and t.stride(0) >= k:
-        out = torch.empty(n, width, dtype=torch.float32, device=t.device)
-        _extension().fold_columns(t.data_ptr(), n, k, t.stride(0), index32.data_ptr(),
-                                  out.data_ptr(), width)  # fmt: skip
+    q = 0 if keep is None else keep.shape[0]
+    if _compiled_ok(t, h.bucket32, k, h.width + q) and t.stride(1) == 1 and t.stride(0) >= k:
+        out = torch.empty(n, h.width + q, dtype=torch.float32, device=t.device)
+        keep32 = None if keep is None else keep.to(torch.int32).contiguous()
+        _extension().fold_columns(
+            t.data_ptr(), n, k, t.stride(0), h.bucket32.data_ptr(),
+            0 if h.sign is None else h.sign.data_ptr(), h.width,
+            0 if keep32 is None else keep32.data_ptr(), q, out.data_ptr(), out.stride(0),
+            fold_threads(),
+        )  # fmt: skip
         return out
-    out = torch.zeros(n, width, dtype=torch.float32, device=t.device)
-    return out.index_add_(1, index, t)
+    return _fold_index_add(t, h, keep)
 
 
 def fold_flat(
@@ -107,8 +212,8 @@ def fold_flat(
 
     Args:
         t: float tensor of ``numel == index.numel()``, any device.
-        index, index32: int64 and int32 ``[numel]`` in ``[0, width)``, as in
-            :func:`fold_columns`.
+        index: int64 ``[numel]`` in ``[0, width)`` on ``t``'s device (the ``index_add_`` path).
+        index32: the same values as int32 (the compiled loop; not range-checked here).
         width: buckets.
 
     Example:

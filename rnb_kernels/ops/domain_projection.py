@@ -17,29 +17,19 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import eager, get_impl, resolve_backend
-from .cpu_fold import fold_columns
+from .cpu_fold import ColumnHash, fold_columns
 from .segmented_wgrad import domain_row_blocks
 
 _U32 = 2**32
 
 
 @functools.lru_cache(maxsize=64)
-def _signed_index(
+def _column_hash(
     k: int, proj_dim: int, seed: int, layer: int, offset: int, side: int, device: torch.device
-) -> torch.Tensor:
-    """int64 ``[k]``: ``bucket + proj_dim * (sign < 0)``. Negative features land in a second
-    block of ``proj_dim`` columns, so one unsigned ``index_add_`` does the signed fold (no
-    ``dy * sign`` pass, which costs a full write of ``dy``) and a subtraction finishes it."""
+) -> ColumnHash:
+    """The count-sketch of ``k`` features as the folds read it (built once per layer)."""
     bucket, sign = H.projection_hash(k, proj_dim, seed, layer, offset, side, device)
-    return bucket + proj_dim * (sign < 0).to(torch.int64)
-
-
-@functools.lru_cache(maxsize=64)
-def _signed_index32(
-    k: int, proj_dim: int, seed: int, layer: int, offset: int, side: int, device: torch.device
-) -> torch.Tensor:
-    """:func:`_signed_index` as int32, the index the compiled CPU fold reads."""
-    return _signed_index(k, proj_dim, seed, layer, offset, side, device).to(torch.int32)
+    return ColumnHash.make(bucket, sign, proj_dim)
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,17 +53,14 @@ def project_columns_torch(
     ``N=1024, K=8192, proj_dim=128`` (fp32), ``index_add_`` beat a dense ``t @ Pᵀ`` (~2x),
     ``t * sign`` followed by a signed ``index_add_`` or ``scatter_add_`` (~2x), a CSR sparse
     matmul, a bucket-sorted gather with ``segment_reduce`` or a padded reshape-sum (3-5x); the
-    compiled fold takes half of ``index_add_``'s time (1.6 against 3.3 ms), under twice one
-    read of ``t``.
+    compiled fold takes a fraction of ``index_add_``'s time (see :mod:`.cpu_fold`).
 
     Example:
         >>> y = project_columns_torch(torch.ones(2, 5), 4, seed=0, layer=0, offset=0, side=0)
         >>> y.shape, y.dtype
         (torch.Size([2, 4]), torch.float32)
     """
-    key = (t.shape[1], proj_dim, seed, layer, offset, side, t.device)
-    out = fold_columns(t, _signed_index(*key), _signed_index32(*key), 2 * proj_dim)
-    return out[:, :proj_dim] - out[:, proj_dim:]
+    return fold_columns(t, _column_hash(t.shape[1], proj_dim, seed, layer, offset, side, t.device))
 
 
 def project_columns_keeping(
@@ -86,11 +73,8 @@ def project_columns_keeping(
     side: int,
 ) -> torch.Tensor:
     """float32 ``[N, proj_dim + h]``: ``t Pᵀ`` (every column projected, as
-    :func:`project_columns_torch`) beside the ``h`` columns ``t[:, index]`` kept as they are.
-
-    One pass over ``t``: the kept columns are folded into ``h`` columns of their own instead of
-    their buckets (so one ``index_add_`` also gathers them) and then added to their buckets from
-    that small copy, which is cheaper than a separate ``index_select`` of strided columns.
+    :func:`project_columns_torch`) beside the ``h`` columns ``t[:, index]`` kept as they are,
+    from one pass over ``t`` (:func:`~rnb_kernels.ops.cpu_fold.fold_columns` with ``keep``).
 
     Args:
         t: ``[N, K]`` float tensor; column ``c`` is feature ``offset + c``.
@@ -104,17 +88,8 @@ def project_columns_keeping(
         >>> torch.allclose(both[:, :4], full, atol=1e-6), torch.equal(both[:, 4:], t[:, idx])
         (True, True)
     """
-    signed = _signed_index(t.shape[1], proj_dim, seed, layer, offset, side, t.device)
-    h = index.shape[0]
-    route = signed.clone()
-    route[index] = torch.arange(2 * proj_dim, 2 * proj_dim + h, device=t.device)
-    folded = fold_columns(t, route, route.to(torch.int32), 2 * proj_dim + h)
-    kept = folded[:, 2 * proj_dim :]
-    folded[:, : 2 * proj_dim].index_add_(1, signed.index_select(0, index), kept)
-    out = torch.empty(t.shape[0], proj_dim + h, dtype=torch.float32, device=t.device)
-    torch.sub(folded[:, :proj_dim], folded[:, proj_dim : 2 * proj_dim], out=out[:, :proj_dim])
-    out[:, proj_dim:] = kept
-    return out
+    h = _column_hash(t.shape[1], proj_dim, seed, layer, offset, side, t.device)
+    return fold_columns(t, h, keep=index)
 
 
 def project_rows(
@@ -148,8 +123,8 @@ def project_rows(
         >>> torch.allclose(project_rows(g[:, idx], idx, 6, 4, 0, 0)[0], rest.t(), atol=1e-6)
         True
     """
-    signed = _signed_index(k_out, proj_dim, seed, layer, row_offset, H.PROJ_OUT, rows.device)
-    s = signed.index_select(0, index)
+    route = _column_hash(k_out, proj_dim, seed, layer, row_offset, H.PROJ_OUT, rows.device).route
+    s = route.index_select(0, index)
     out = torch.zeros(rows.shape[0], 2 * proj_dim, rows.shape[2], dtype=torch.float32,
                       device=rows.device)  # fmt: skip
     out.index_add_(1, s, rows.float())
