@@ -37,12 +37,13 @@ PYBIND11_MODULE(_cpu, mod) {
   mod.def(
       "fold_flat",
       [](std::uintptr_t src, std::int64_t n, std::uintptr_t idx, std::uintptr_t out,
-         std::int64_t width) {
+         std::int64_t width, int threads) {
         py::gil_scoped_release nogil;
         rnb_cpu::fold_flat(ptr<const float>(src), n, ptr<const std::int32_t>(idx),
-                           ptr<float>(out), width);
+                           ptr<float>(out), width, threads);
       },
-      py::arg("src"), py::arg("n"), py::arg("idx"), py::arg("out"), py::arg("width"));
+      py::arg("src"), py::arg("n"), py::arg("idx"), py::arg("out"), py::arg("width"),
+      py::arg("threads"));
   mod.def("openmp_symbol", &rnb_cpu::openmp_symbol,
           "address of omp_get_max_threads in this module's OpenMP runtime (0: built without)");
 }

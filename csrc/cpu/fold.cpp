@@ -1,5 +1,6 @@
 #include "fold.h"
 
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -22,6 +23,11 @@ constexpr std::int64_t kRowBlock = 8;
 // Below this many input floats a parallel region costs more than it saves (a wake-up of the
 // workers is tens of microseconds when they sleep).
 constexpr std::int64_t kMinParallelElems = std::int64_t{1} << 18;
+
+// fold_flat's chunks (see there): few enough that their partial sums stay small and are added
+// in a blink.
+constexpr std::int64_t kMaxFlatChunks = 8;
+constexpr std::int64_t kMaxFlatPartialBytes = std::int64_t{8} << 20;
 
 struct Fold {
   const float* src;
@@ -180,9 +186,48 @@ void fold_columns(const float* src, std::int64_t rows, std::int64_t k, std::int6
 }
 
 void fold_flat(const float* src, std::int64_t n, const std::int32_t* idx, float* out,
-               std::int64_t width) {
-  if (width > 0) std::memset(out, 0, sizeof(float) * static_cast<std::size_t>(width));
-  for (std::int64_t i = 0; i < n; ++i) out[idx[i]] += src[i];
+               std::int64_t width, int threads) {
+  if (width <= 0) return;
+  // Chunks of at least kMinParallelElems elements, at most kMaxFlatChunks of them, and their
+  // partial sums within kMaxFlatPartialBytes: a function of n and width alone.
+  std::int64_t chunks = std::min<std::int64_t>(n / kMinParallelElems, kMaxFlatChunks);
+  chunks = std::min<std::int64_t>(
+      chunks, kMaxFlatPartialBytes / (width * static_cast<std::int64_t>(sizeof(float))));
+  if (chunks <= 1) {
+    std::memset(out, 0, sizeof(float) * static_cast<std::size_t>(width));
+    for (std::int64_t i = 0; i < n; ++i) out[idx[i]] += src[i];
+    return;
+  }
+  std::vector<float> part(static_cast<std::size_t>(chunks * width));
+  auto fold_chunk = [&](std::int64_t c) {
+    float* p = part.data() + c * width;
+    std::memset(p, 0, sizeof(float) * static_cast<std::size_t>(width));
+    const std::int64_t lo = n * c / chunks, hi = n * (c + 1) / chunks;
+    for (std::int64_t i = lo; i < hi; ++i) p[idx[i]] += src[i];
+  };
+  auto add_chunks = [&](std::int64_t b0, std::int64_t b1) {
+    for (std::int64_t b = b0; b < b1; ++b) {
+      float v = part[static_cast<std::size_t>(b)];
+      for (std::int64_t c = 1; c < chunks; ++c) v += part[static_cast<std::size_t>(c * width + b)];
+      out[b] = v;
+    }
+  };
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+      for (std::int64_t c = 0; c < chunks; ++c) fold_chunk(c);
+      const std::int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+      add_chunks(width * t / nt, width * (t + 1) / nt);  // after the loop's implicit barrier
+    }
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  for (std::int64_t c = 0; c < chunks; ++c) fold_chunk(c);
+  add_chunks(0, width);
 }
 
 std::uintptr_t openmp_symbol() {

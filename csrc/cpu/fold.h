@@ -8,9 +8,9 @@
 //                 column of the 8 rows is a single vector add (or multiply-add by its sign)
 //                 into a bucket-major scratch (a scalar loop on CPUs without AVX2, chosen at
 //                 run time). Blocks of rows are shared among `threads` OpenMP threads.
-//   fold_flat:    a scalar loop over int32 indices, single-threaded (its buckets are shared by
-//                 every element, so threads would need private copies and a reduction).
-// fold_columns only uses threads when the caller asks for them: the Python side does so when
+//   fold_flat:    a scalar loop over int32 indices; large inputs are cut into a few chunks
+//                 folded into partial sums of their own (on `threads` threads), then added.
+// Both only use threads when the caller asks for them: the Python side does so when
 // this library's OpenMP runtime is PyTorch's own (the loader shares one libgomp.so.1), so the
 // work goes to PyTorch's workers, which spin between parallel ops. Threads of a second
 // runtime would compete with those spinning workers for the cores (measured: two threads of
@@ -32,10 +32,13 @@ void fold_columns(const float* src, std::int64_t rows, std::int64_t k, std::int6
                   const std::int32_t* keep, std::int64_t n_keep, float* out,
                   std::int64_t out_ld, int threads);
 
-// out[idx[i]] += src[i] for i < n, in order; out is [width], overwritten. idx values in
-// [0, width).
+// out[idx[i]] += src[i] for i < n; out is [width], overwritten. idx values in [0, width).
+// Below 2^19 elements (or when the partial sums would be large) in element order; above, the
+// elements are cut into 2-8 equal chunks, each summed in order, and the chunks' sums added in
+// chunk order. The chunks depend on n and width only, so the result does not depend on
+// `threads`.
 void fold_flat(const float* src, std::int64_t n, const std::int32_t* idx, float* out,
-               std::int64_t width);
+               std::int64_t width, int threads);
 
 // Address of omp_get_max_threads in the OpenMP runtime this library was linked to (0 when
 // built without OpenMP): equal to the one PyTorch resolves iff both share one runtime.

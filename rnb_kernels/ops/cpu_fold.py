@@ -10,9 +10,9 @@ to use ``index_add_`` everywhere. Measured on the 2-core CPU of
 columns, right after a torch GEMM): ``index_add_`` and its fix-ups 3.5 ms, the compiled fold on
 one thread 1.8 ms, on PyTorch's two OpenMP workers 1.0 ms.
 
-The column fold uses PyTorch's intra-op threads (``torch.get_num_threads()``) when the module
-shares PyTorch's OpenMP runtime, which :func:`fold_threads` checks once; otherwise, and for the
-element fold, one thread.
+Both folds use PyTorch's intra-op threads (``torch.get_num_threads()``) when the module shares
+PyTorch's OpenMP runtime, which :func:`fold_threads` checks once; otherwise one thread. Their
+results do not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ def _shares_torch_openmp() -> bool:
 
 
 def fold_threads() -> int:
-    """Threads the compiled column fold runs on: ``torch.get_num_threads()`` when
+    """Threads the compiled folds run on: ``torch.get_num_threads()`` when
     ``rnb_kernels._cpu`` shares PyTorch's OpenMP runtime (its workers then take the blocks of
     rows), else 1. A second runtime's threads would fight PyTorch's spinning workers."""
     return torch.get_num_threads() if _shares_torch_openmp() else 1
@@ -224,7 +224,8 @@ def fold_flat(
     t = t if t.dtype == torch.float32 else t.float()  # both paths sum in float32
     if _compiled_ok(t, index32, t.numel(), width) and t.is_contiguous():
         out = torch.empty(width, dtype=torch.float32, device=t.device)
-        _extension().fold_flat(t.data_ptr(), t.numel(), index32.data_ptr(), out.data_ptr(), width)
+        _extension().fold_flat(t.data_ptr(), t.numel(), index32.data_ptr(), out.data_ptr(), width,
+                               fold_threads())  # fmt: skip
         return out
     out = torch.zeros(width, dtype=torch.float32, device=t.device)
     return out.index_add_(0, index, t.reshape(-1))
