@@ -39,10 +39,10 @@ def triton_interpreter() -> bool:
 def backend_status(name: str) -> BackendStatus:
     """Status of one backend: ``"torch"``, ``"triton"`` or ``"cuda"``."""
     if name == "torch":
-        from .ops.cpu_fold import compiled_folds
+        from .ops.cpu_fold import compiled_folds, fold_threads
 
         folds = (
-            "CPU folds compiled (rnb_kernels._cpu)"
+            f"CPU folds compiled (rnb_kernels._cpu, threads={fold_threads()})"
             if compiled_folds()
             else "CPU folds by index_add_ (rnb_kernels._cpu not built, or RNB_CPU_FOLDS=0)"
         )

@@ -104,6 +104,8 @@ def test_results_dir_order(tmp_path, monkeypatch):
 
 
 def test_environment_columns(monkeypatch):
+    import torch
+
     from rnb_kernels.experiments.harness import environment
 
     env = environment("cpu")
@@ -115,6 +117,12 @@ def test_environment_columns(monkeypatch):
     assert environment("cpu")["malloc_tunables"] == "glibc.malloc.mmap_threshold=1"
     from rnb_kernels.ops import cpu_fold
 
+    monkeypatch.setattr(cpu_fold, "_extension", lambda: object())
+    monkeypatch.setattr(cpu_fold, "_shares_torch_openmp", lambda: False)
+    assert environment("cpu")["cpu_folds"] == "compiled, threads=1"
+    monkeypatch.setattr(cpu_fold, "_shares_torch_openmp", lambda: True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    assert environment("cpu")["cpu_folds"] == "compiled, threads=3"
     monkeypatch.setattr(cpu_fold, "_extension", lambda: None)
     assert environment("cpu")["cpu_folds"] == "index_add_"
 

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..ops.cpu_fold import compiled_folds
+from ..ops.cpu_fold import compiled_folds, fold_threads
 
 __all__ = [
     "Summary",
@@ -140,8 +140,9 @@ def environment(device: str | torch.device = "cpu") -> dict[str, Any]:
         # CPU preset step went from ~210 to ~175 ms when large temporaries stopped being
         # mmapped and page-faulted in on every step), so a row says which it ran under.
         "malloc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-        # The torch backend's folds on CPU tensors: compiled (rnb_kernels._cpu) or index_add_.
-        "cpu_folds": "compiled" if compiled_folds() else "index_add_",
+        # The torch backend's folds on CPU tensors: compiled (rnb_kernels._cpu, on how many
+        # threads) or index_add_.
+        "cpu_folds": f"compiled, threads={fold_threads()}" if compiled_folds() else "index_add_",
     }
 
 
