@@ -7,8 +7,8 @@ compiled loops (``csrc/cpu/fold.cpp``) serve CPU tensors with unit column stride
 dtypes are converted to float32 first, as ``index_add_`` needs too); set ``RNB_CPU_FOLDS=0``
 to use ``index_add_`` everywhere. Measured on the 2-core CPU of
 ``benchmarks/results/overhead_cpu.md`` (``[1024, 8192]`` into 128 signed buckets and 64 kept
-columns, right after a torch GEMM): ``index_add_`` and its fix-ups 3.5 ms, the compiled fold on
-one thread 1.8 ms, on PyTorch's two OpenMP workers 1.0 ms.
+columns, right after a torch GEMM): ``index_add_`` and its fix-ups ~3.5 ms, the compiled fold
+on one thread 2.2 ms, on PyTorch's two OpenMP workers 1.4-1.6 ms.
 
 Both folds use PyTorch's intra-op threads (``torch.get_num_threads()``) when the module shares
 PyTorch's OpenMP runtime, which :func:`fold_threads` checks once; otherwise one thread. Their
@@ -29,6 +29,7 @@ import torch
 
 __all__ = [
     "ColumnHash",
+    "signed_route",
     "compiled_folds",
     "fold_columns",
     "fold_flat",
@@ -95,6 +96,18 @@ def index_add_folds() -> Iterator[None]:
         _forced_index_add = before
 
 
+def signed_route(bucket: torch.Tensor, sign: torch.Tensor, width: int) -> torch.Tensor:
+    """int64 ``bucket + width · [sign < 0]``: a signed hash as an unsigned one over ``2 · width``
+    buckets, negative items in the second block (one unsigned fold, then a subtraction of the
+    two blocks, instead of a ``t * sign`` pass).
+
+    Example:
+        >>> signed_route(torch.tensor([1, 0]), torch.tensor([1.0, -1.0]), 2).tolist()
+        [1, 2]
+    """
+    return bucket.to(torch.int64) + width * (sign < 0).to(torch.int64)
+
+
 class ColumnHash(NamedTuple):
     """A (signed) count-sketch of ``K`` columns into ``width`` buckets, in the forms the two
     fold paths read; build it once per hash with :meth:`make` and cache it.
@@ -103,9 +116,8 @@ class ColumnHash(NamedTuple):
         width: buckets.
         bucket32: int32 ``[K]`` bucket of each column, in ``[0, width)`` (compiled loops).
         sign: float32 ``[K]`` of ``±1``, or ``None`` for an unsigned fold.
-        route: int64 ``[K]`` (``index_add_``): the bucket, or with ``sign`` ``bucket + width ·
-            [sign < 0]``, a second block of buckets for the negative columns (subtracted after
-            one unsigned ``index_add_``, which is cheaper than a ``t * sign`` pass).
+        route: int64 ``[K]`` (``index_add_``): the bucket, or with ``sign`` its
+            :func:`signed_route`.
     """
 
     width: int
@@ -127,8 +139,7 @@ class ColumnHash(NamedTuple):
         if sign is None:
             return cls(width, bucket.to(torch.int32), None, bucket)
         sign = sign.to(torch.float32).contiguous()
-        route = bucket + width * (sign < 0).to(torch.int64)
-        return cls(width, bucket.to(torch.int32), sign, route)
+        return cls(width, bucket.to(torch.int32), sign, signed_route(bucket, sign, width))
 
 
 def _compiled_ok(t: torch.Tensor, index32: torch.Tensor, n_index: int, width: int) -> bool:

@@ -10,7 +10,7 @@ import torch
 from . import _validate as V
 from . import sketch_hash as H
 from ._dispatch import eager, get_impl, resolve_backend
-from .cpu_fold import fold_flat
+from .cpu_fold import fold_flat, signed_route
 from .segmented_wgrad import domain_bias_sums, domain_tiles, wgrad_from_domains
 
 _U32_MAX = 2**32 - 1
@@ -33,14 +33,12 @@ def _signed_flat_hash(
     device: torch.device,
     row_offset: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cached ``[K_out*K_in]`` ``bucket + sketch_dim * (sign < 0)``, as int64 and as int32 (the
-    index the compiled CPU fold reads). Negative elements land in a second block of buckets, so
-    one unsigned fold does the signed one with no ``tile * sign`` pass, and a subtraction
-    finishes it."""
+    """Cached ``[K_out*K_in]`` :func:`~rnb_kernels.ops.cpu_fold.signed_route` of every element,
+    as int64 and as int32 (the index the compiled CPU fold reads)."""
     bucket, sign = H.sketch_hash(
         k_out, k_in, sketch_dim, seed, layer, device, torch.float32, row_offset=row_offset
     )
-    signed = (bucket + sketch_dim * (sign < 0).to(torch.int64)).reshape(-1)
+    signed = signed_route(bucket, sign, sketch_dim).reshape(-1)
     return signed, signed.to(torch.int32)
 
 
