@@ -7,7 +7,8 @@ hyper-parameters, evaluation off) for ``--steps`` steps, and the variants take t
 rotated every repetition, so drift and load hit all of them alike. Each variant's time is the
 training loop only (mixing, tracking, target batches and extra passes included; model build and
 evaluation excluded), in CPU time of the process and in wall time; the ratio to stratified is
-the median over repetitions with a bootstrap interval paired by repetition.
+the median over repetitions of the variant's time over stratified's in the same repetition,
+with a bootstrap interval (``harness.ratio_ci``).
 
 Usage::
 

@@ -1,15 +1,19 @@
 """``rnb bench overhead``: end-to-end training-step cost of per-domain gradient tracking.
 
 Every variant trains its own copy of the same model (same init, batch and domain ids), and
-the variants are timed interleaved, one mixing round each in turn (A B C, B C A, ...;
-:func:`~rnb_kernels.experiments.harness.time_interleaved`), so load from other processes and
-clock drift hit every variant alike. A timed unit is one mixing round: ``update_every``
-optimizer steps, including the round's ``gram()`` + ``reset()`` for tracked variants, so the
-per-round cost a mixer pays is amortised into the per-step time and not dropped as an
-outlier. Each variant is reported as a ratio to the untracked step with a bootstrap CI paired
-by round:
+the variants are timed interleaved, one mixing round each per round of the benchmark, in a
+fresh random order every time (:func:`~rnb_kernels.experiments.harness.time_interleaved`), so
+load from other processes and clock drift hit every variant alike. A timed unit is one mixing
+round: ``update_every`` optimizer steps, including the round's ``gram()`` + ``reset()`` for
+tracked variants, so the per-round cost a mixer pays is amortised into the per-step time and
+not dropped as an outlier. Each variant is reported as the median over rounds of its time over
+the untracked time of the same round, with a bootstrap CI
+(:func:`~rnb_kernels.experiments.harness.ratio_ci`):
 
 * ``untracked`` — forward, backward, optimizer step.
+* ``untracked-copy`` — a second untracked copy, timed like every other variant: an A/A test.
+  Its ratio is what the benchmark reads when there is no difference, so its distance from 1
+  and its interval show how small an overhead this machine can resolve.
 * ``exact/<backend>``, ``sketch/<backend>`` — the same step under
   :class:`~rnb_kernels.DomainGradientTracker` on the LM head.
 * ``anchor/extra-backward`` — the step, then one extra backward per domain present in the
@@ -244,15 +248,19 @@ def run_overhead(
     *,
     modes: tuple[str, ...] = DEFAULT_MODES,
     anchors: bool = True,
+    control: bool = True,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Time every variant interleaved in one process; return one row per variant.
 
+    ``control`` adds ``untracked-copy``, a second untracked copy (the A/A test).
+
     Returns:
         rows with ``variant``; ``ms_per_step`` (median over rounds) with ``ms_q25`` /
-        ``ms_q75`` and its bootstrap CI ``ms_ci_low`` / ``ms_ci_high``; ``ratio`` to the
-        untracked median with ``ratio_ci_low`` / ``ratio_ci_high`` (paired by round);
-        ``overhead_pct``; the config and the environment columns.
+        ``ms_q75`` and its bootstrap CI ``ms_ci_low`` / ``ms_ci_high``; ``ratio``, the median
+        over rounds of the variant's time over untracked's in the same round, with
+        ``ratio_ci_low`` / ``ratio_ci_high``; ``overhead_pct``; the config and the environment
+        columns.
     """
     dev = torch.device(cfg.device)
     usable, skipped = _usable_backends(dev)
@@ -278,6 +286,8 @@ def run_overhead(
         return _Variant(base, cfg, x, y, ids, amp)
 
     variants: dict[str, _Variant] = {"untracked": new()}
+    if control:
+        variants["untracked-copy"] = new()
     try:
         for mode in modes:
             for be in usable:
@@ -290,7 +300,11 @@ def run_overhead(
             variants["anchor/torch.func"] = _torch_func(new())
         sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else None
         times = time_interleaved(
-            {name: v.round for name, v in variants.items()}, cfg.rounds, cfg.warmup, sync
+            {name: v.round for name, v in variants.items()},
+            cfg.rounds,
+            cfg.warmup,
+            sync,
+            seed=seed,
         )
     finally:
         for v in variants.values():
@@ -321,7 +335,8 @@ def run_overhead(
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    """The printed table: variant, ms/step with its IQR, ratio to untracked with its 95% CI."""
+    """The printed table: variant, ms/step (median) with its IQR, ratio to untracked (median
+    of the per-round ratios) with its 95% CI."""
     lines = [f"{'variant':24s} {'ms/step':>10s} {'IQR':>19s} {'ratio':>7s} {'95% CI':>15s}"]
     for r in rows:
         lines.append(
@@ -347,6 +362,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "bitwise_grad=False)",
     )
     p.add_argument("--no-anchors", action="store_true", help="skip the two anchor variants")
+    p.add_argument(
+        "--no-control",
+        action="store_true",
+        help="skip untracked-copy, the second untracked copy (the A/A test of the benchmark)",
+    )
     p.add_argument("--out", default=None, help="results directory (default benchmarks/results)")
     p.add_argument("--csv", default=None, help="append rows to this file instead")
     p.add_argument("--no-save", action="store_true", help="print only; append no CSV rows")
@@ -366,7 +386,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"preset {args.preset!r} needs a CUDA device and none is available here")
         return 2
     modes = tuple(m for m in args.modes.split(",") if m)
-    rows = run_overhead(cfg, modes=modes, anchors=not args.no_anchors, seed=args.seed)
+    rows = run_overhead(
+        cfg, modes=modes, anchors=not args.no_anchors, control=not args.no_control, seed=args.seed
+    )
     for r in rows:
         r["preset"] = args.preset
     e = rows[0]
@@ -377,7 +399,8 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"model: V={cfg.vocab_size} d={cfg.n_embd} L={cfg.n_layer} T={cfg.context} "
         f"B={cfg.batch_size} m={cfg.num_domains} (LM head tracked, tied); "
-        f"{cfg.rounds} rounds of {cfg.update_every} steps per variant, interleaved"
+        f"{cfg.rounds} rounds of {cfg.update_every} steps per variant, interleaved; ratio = "
+        "median over rounds of the variant's time / untracked's in the same round"
     )
     print(format_rows(rows))
     if not args.no_save:
