@@ -3,10 +3,10 @@
 The demo's own table divides each method's training-loop time by stratified's in the same
 seed, runs one after the other; on a shared machine that ratio drifts with the load. Here every
 variant trains the demo's model on the demo's data (``rnb demo``'s corpus, model, batch and
-hyper-parameters, evaluation off) for ``--steps`` steps, and the variants take turns, the order
-rotated every repetition, so drift and load hit all of them alike. Each variant's time is the
-training loop only (mixing, tracking, target batches and extra passes included; model build and
-evaluation excluded), in CPU time of the process and in wall time; the ratio to stratified is
+hyper-parameters, evaluation off) for ``--steps`` steps, and the variants take turns, in a
+fresh random order every repetition (``harness.round_orders``), so drift and load hit all of
+them alike. Each variant's time is the training loop only (mixing, tracking, target batches
+and extra passes included; model build and evaluation excluded), in CPU time of the process and in wall time; the ratio to stratified is
 the median over repetitions of the variant's time over stratified's in the same repetition,
 with a bootstrap interval (``harness.ratio_ci``).
 
@@ -34,6 +34,7 @@ from rnb_kernels.experiments.harness import (
     markdown_table,
     ratio_ci,
     results_dir,
+    round_orders,
     write_csv,
 )
 from rnb_kernels.experiments.methods import resolve_methods
@@ -61,13 +62,17 @@ def main(argv=None) -> None:
         tracked = method.name.startswith(("rnb", "dga"))
         for mode in args.modes.split(",") if tracked else ["-"]:
             variants.append((method, mode))
-    cpu: dict[str, list[float]] = {}
-    wall: dict[str, list[float]] = {}
+
+    def label(method, mode: str) -> str:
+        return method.name if mode == "-" else f"{method.name} ({mode})"
+
+    # Keyed in the methods' order, so the table keeps it whatever order the variants ran in.
+    cpu: dict[str, list[float]] = {label(*v): [] for v in variants}
+    wall: dict[str, list[float]] = {label(*v): [] for v in variants}
     t0 = time.perf_counter()
-    for rep in range(reps):
-        k = rep % len(variants)
-        for method, mode in variants[k:] + variants[:k]:
-            name = method.name if mode == "-" else f"{method.name} ({mode})"
+    for rep, order in enumerate(round_orders(variants, reps)):
+        for method, mode in order:
+            name = label(method, mode)
             tcfg = replace(
                 cfg.train,
                 steps=steps,
@@ -79,8 +84,8 @@ def main(argv=None) -> None:
                       target=prep.split("target", method.domains), seed=rep,
                       hparams=cfg.hparams, num_domains=m, num_groups=prep.num_original,
                       name=method.name, progress=False)  # fmt: skip
-            cpu.setdefault(name, []).append(r.train_cpu_s)
-            wall.setdefault(name, []).append(r.train_s)
+            cpu[name].append(r.train_cpu_s)
+            wall[name].append(r.train_s)
     env = environment("cpu")
     rows = []
     for name in cpu:
@@ -126,11 +131,11 @@ def main(argv=None) -> None:
         f"{env['load_avg_1min']} at the end\n"
         f"- the demo's setting (Natural Instructions target shift, GPT-Neo 2 x 64, batch 16 x 64"
         f" tokens, the default hyper-parameters), {steps} steps per run, evaluation off; "
-        f"{reps} repetitions (model seed = repetition), variants in turn, the order rotated "
-        "every repetition\n"
+        f"{reps} repetitions (model seed = repetition), variants in turn, in a fresh random "
+        "order every repetition\n"
         "- time: the training loop (tracking, statistics, mixer updates, target batches "
-        "included); ratio: median over repetitions / stratified's, 95% bootstrap interval "
-        "paired by repetition\n\n" + table + "\n"
+        "included); ratio: median over repetitions of the variant's time / stratified's in the "
+        "same repetition, 95% bootstrap interval over repetitions\n\n" + table + "\n"
     )
 
 

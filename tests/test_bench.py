@@ -139,7 +139,7 @@ def test_overhead_ratio_is_the_median_of_per_round_ratios(monkeypatch):
     planted = {"untracked": drift, "untracked-copy": [0.99 * d for d in drift],
                "auto/torch": [1.5, 1.02, 1.02, 2.04, 2.04]}  # fmt: skip
 
-    def fake(fns, repeats, warmup=1, sync=None, seed=0):
+    def fake(fns, repeats, warmup=1, sync=None, seed=0, progress=None):
         assert set(fns) <= set(planted) and repeats == 5
         return {k: list(planted[k]) for k in fns}
 
@@ -149,6 +149,7 @@ def test_overhead_ratio_is_the_median_of_per_round_ratios(monkeypatch):
     rows = {r["variant"]: r for r in overhead.run_overhead(cfg, modes=("auto",), anchors=False)}
     assert rows["auto/torch"]["ratio"] == pytest.approx(1.02)
     assert rows["auto/torch"]["overhead_pct"] == pytest.approx(2.0)
+    assert rows["auto/torch"]["ratio_stat"] == "median of per-round ratios"
     assert rows["untracked-copy"]["ratio"] == pytest.approx(0.99)
     assert rows["untracked"]["ratio"] == 1.0
     assert rows["auto/torch"]["ms_per_step"] == pytest.approx(
@@ -184,6 +185,15 @@ def test_time_interleaved_shuffles_every_round():
         time_interleaved(fns, repeats=0)
     with pytest.raises(ValueError, match="empty"):
         time_interleaved({}, repeats=1)
+
+
+def test_time_interleaved_progress_bar(capsys):
+    from rnb_kernels.experiments.harness import time_interleaved
+
+    times = time_interleaved({"a": lambda: None}, repeats=4, warmup=2, progress="rounds")
+    assert len(times["a"]) == 4
+    err = capsys.readouterr().err
+    assert "rounds" in err and "6/6" in err
 
 
 def test_ratio_ci_pairs_by_round():

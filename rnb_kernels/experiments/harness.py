@@ -13,7 +13,7 @@ Used by ``rnb bench mixing``, ``rnb bench overhead`` and the scripts in ``benchm
 * :func:`median_ms` — ``triton.testing.do_bench`` on CUDA (L2 flushed between runs, CUDA
   events), a ``perf_counter`` loop on the CPU (:func:`cpu_time_ms`).
 * :func:`time_interleaved` — every variant once per round, in a fresh seeded random order each
-  round, so load from other processes, clock drift and whatever one variant leaves behind for
+  round (:func:`round_orders`), so load from other processes, clock drift and whatever one variant leaves behind for
   the next hit every variant alike; :func:`summarize` (median, IQR, bootstrap CI of the
   median) and :func:`ratio_ci` (median of the per-round ratios, bootstrap CI over rounds) turn
   the samples into numbers that can be compared.
@@ -35,10 +35,10 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ __all__ = [
     "median_ms_group",
     "paired_t",
     "ratio_ci",
+    "round_orders",
     "results_csv",
     "results_dir",
     "summarize",
@@ -66,6 +67,8 @@ __all__ = [
     "time_interleaved",
     "write_csv",
 ]
+
+T = TypeVar("T")
 
 # The repository root when the package runs from a source checkout (editable install or
 # PYTHONPATH); an installed wheel has no benchmarks/ beside it.
@@ -264,22 +267,39 @@ def median_ms(
     return cpu_time_ms(fn, warmup_ms=warmup_ms, rep_ms=rep_ms)
 
 
+def round_orders(names: Sequence[T], rounds: int, seed: int = 0) -> Iterator[list[T]]:
+    """The order of ``names`` in each of ``rounds`` rounds: a fresh random permutation every
+    round, seeded (the same ``seed`` gives the same orders).
+
+    Shuffling each round keeps any cost of a position in the round (running first) *and* of a
+    predecessor (running right after a variant that leaves the caches or the allocator in some
+    state) from landing on one variant every time; a fixed rotation (A B C, B C A, ...)
+    balances positions but puts C before A in two rounds of three.
+
+    Example:
+        >>> orders = list(round_orders("abc", 4))
+        >>> len(orders), all(sorted(o) == list("abc") for o in orders)
+        (4, True)
+    """
+    rng = np.random.default_rng(seed)
+    for _ in range(rounds):
+        yield [names[i] for i in rng.permutation(len(names))]
+
+
 def time_interleaved(
     fns: Mapping[str, Callable[[], object]],
     repeats: int,
     warmup: int = 1,
     sync: Callable[[], None] | None = None,
     seed: int = 0,
+    progress: str | None = None,
 ) -> dict[str, list[float]]:
-    """Time whole steps of several variants in rounds: every variant once per round, in a
-    fresh random order each round (seeded: the same ``seed`` gives the same orders).
+    """Time whole steps of several variants in rounds: every variant once per round, in the
+    order :func:`round_orders` gives (shuffled every round).
 
     Every variant runs ``warmup`` untimed rounds, then ``repeats`` timed ones; sample ``i`` of
     every variant comes from round ``i``, so samples are paired by round (see
-    :func:`ratio_ci`). Shuffling each round keeps any cost of a position in the round (running
-    first) *and* of a predecessor (running right after a variant that leaves the caches or the
-    allocator in some state) from landing on one variant every time; a fixed rotation
-    (A B C, B C A, ...) balances positions but puts C before A in two rounds of three.
+    :func:`ratio_ci`).
 
     Args:
         fns: ``{name: fn}``; each ``fn()`` is one unit of work (a step, a round of steps).
@@ -288,6 +308,7 @@ def time_interleaved(
         sync: called before each clock read (e.g. ``torch.cuda.synchronize``) so the time of
             asynchronous work lands in its own variant.
         seed: seed of the orders.
+        progress: a description: show a progress bar over the rounds (tqdm, on stderr).
 
     Returns:
         ``{name: [seconds] * repeats}``.
@@ -296,24 +317,24 @@ def time_interleaved(
         raise ValueError(f"repeats must be >= 1; got {repeats}")
     if not fns:
         raise ValueError("fns is empty")
+    from tqdm.auto import tqdm
+
     sync = sync or (lambda: None)
-    names = list(fns)
-    rng = np.random.default_rng(seed)
-
-    def order() -> list[str]:
-        return [names[i] for i in rng.permutation(len(names))]
-
-    for _ in range(warmup):
-        for name in order():
-            fns[name]()
-    sync()
+    orders = round_orders(list(fns), warmup + repeats, seed)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name in order():
-            t0 = time.perf_counter()
-            fns[name]()
-            sync()
-            times[name].append(time.perf_counter() - t0)
+    with tqdm(total=warmup + repeats, desc=progress, disable=progress is None) as bar:
+        for _ in range(warmup):
+            for name in next(orders):
+                fns[name]()
+            bar.update()
+        sync()
+        for order in orders:
+            for name in order:
+                t0 = time.perf_counter()
+                fns[name]()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+            bar.update()
     return times
 
 

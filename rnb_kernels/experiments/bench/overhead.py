@@ -74,6 +74,8 @@ MODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sketch-summed": ("sketch", {"bitwise_grad": False}),
 }
 DEFAULT_MODES = (*_tracker_modes(), *MODE_VARIANTS)
+# What the ratio column holds (rows before git 93bdbd2 have no such column: ratio of medians).
+RATIO_STAT = "median of per-round ratios"
 
 
 @dataclass(frozen=True)
@@ -305,6 +307,7 @@ def run_overhead(
             cfg.warmup,
             sync,
             seed=seed,
+            progress="overhead rounds",
         )
     finally:
         for v in variants.values():
@@ -323,7 +326,7 @@ def run_overhead(
                 "ms_per_step": round(s.median, 4),
                 "ms_q25": round(s.q25, 4), "ms_q75": round(s.q75, 4),
                 "ms_ci_low": round(s.ci_low, 4), "ms_ci_high": round(s.ci_high, 4),
-                "ratio": round(ratio, 4),
+                "ratio": round(ratio, 4), "ratio_stat": RATIO_STAT,
                 "ratio_ci_low": round(lo, 4), "ratio_ci_high": round(hi, 4),
                 "overhead_pct": round(100 * (ratio - 1), 2),
                 **asdict(cfg),
