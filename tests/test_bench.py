@@ -17,6 +17,7 @@ def test_overhead_tiny_reports_ratios(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ratio" in printed and "untracked" in printed
+    assert "A/A: a second untracked copy reads" in printed
     with open(out) as f:
         rows = {r["variant"]: r for r in csv.DictReader(f)}
     expected = {

@@ -74,7 +74,8 @@ MODE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sketch-summed": ("sketch", {"bitwise_grad": False}),
 }
 DEFAULT_MODES = (*_tracker_modes(), *MODE_VARIANTS)
-# What the ratio column holds (rows before git 93bdbd2 have no such column: ratio of medians).
+# What the ratio column holds, written in every row. Rows without the column: before git
+# 93bdbd2 the ratio of the medians; at 93bdbd2 (overhead_cpu.md runs 9-10) already this.
 RATIO_STAT = "median of per-round ratios"
 
 
@@ -406,6 +407,14 @@ def run(args: argparse.Namespace) -> int:
         "median over rounds of the variant's time / untracked's in the same round"
     )
     print(format_rows(rows))
+    aa = next((r for r in rows if r["variant"] == "untracked-copy"), None)
+    if aa is not None:
+        spread = max(abs(aa["ratio_ci_low"] - 1), abs(aa["ratio_ci_high"] - 1))
+        print(
+            f"A/A: a second untracked copy reads {aa['ratio']:.3f} "
+            f"[{aa['ratio_ci_low']:.3f}, {aa['ratio_ci_high']:.3f}]; differences under "
+            f"~{100 * spread:.1f}% are within this run's noise"
+        )
     if not args.no_save:
         path = Path(args.csv) if args.csv else results_csv("overhead", cfg.device, args.out)
         append_csv(path, rows)
