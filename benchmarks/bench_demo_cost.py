@@ -6,9 +6,10 @@ variant trains the demo's model on the demo's data (``rnb demo``'s corpus, model
 hyper-parameters, evaluation off) for ``--steps`` steps, and the variants take turns, in a
 fresh random order every repetition (``harness.round_orders``), so drift and load hit all of
 them alike. Each variant's time is the training loop only (mixing, tracking, target batches
-and extra passes included; model build and evaluation excluded), in CPU time of the process and in wall time; the ratio to stratified is
-the median over repetitions of the variant's time over stratified's in the same repetition,
-with a bootstrap interval (``harness.ratio_ci``).
+and extra passes included; model build and evaluation excluded), in CPU time of the process
+and in wall time; the ratio to stratified is the median over repetitions of the variant's
+time over stratified's in the same repetition, with a bootstrap interval
+(``harness.ratio_ci``).
 
 Usage::
 

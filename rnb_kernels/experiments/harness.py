@@ -13,10 +13,10 @@ Used by ``rnb bench mixing``, ``rnb bench overhead`` and the scripts in ``benchm
 * :func:`median_ms` — ``triton.testing.do_bench`` on CUDA (L2 flushed between runs, CUDA
   events), a ``perf_counter`` loop on the CPU (:func:`cpu_time_ms`).
 * :func:`time_interleaved` — every variant once per round, in a fresh seeded random order each
-  round (:func:`round_orders`), so load from other processes, clock drift and whatever one variant leaves behind for
-  the next hit every variant alike; :func:`summarize` (median, IQR, bootstrap CI of the
-  median) and :func:`ratio_ci` (median of the per-round ratios, bootstrap CI over rounds) turn
-  the samples into numbers that can be compared.
+  round (:func:`round_orders`), so load from other processes, clock drift and whatever one
+  variant leaves behind for the next hit every variant alike; :func:`summarize` (median, IQR,
+  bootstrap CI of the median) and :func:`ratio_ci` (median of the per-round ratios, bootstrap
+  CI over rounds) turn the samples into numbers that can be compared.
 * :func:`t_interval` and :func:`paired_t` — mean and Student-t confidence interval of a few
   per-seed values, or of per-seed differences (paired by seed), for learning-quality results.
 
